@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use authz::{Connection, Engine, Labels, Selector, Verdict};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -218,19 +219,26 @@ fn mesh(total: usize) -> Mesh {
     }
 }
 
+fn connection(mesh: &Mesh) -> Connection<'_> {
+    Connection {
+        source: Some(&mesh.source),
+        source_ip: "10.42.0.5".parse().unwrap(),
+        destination_ip: "10.42.1.9".parse().unwrap(),
+        destination_port: 8080,
+        destination_namespace: "default",
+        destination_labels: Some(&mesh.labels),
+        destination_policies: &mesh.attached,
+    }
+}
+
+const SIZES: [usize; 3] = [10, 1_000, 100_000];
+
 fn decisions(c: &mut Criterion) {
+    let meshes: Vec<Mesh> = SIZES.iter().map(|&total| mesh(total)).collect();
     let mut group = c.benchmark_group("decision");
-    for total in [10, 1_000, 100_000] {
-        let mesh = mesh(total);
-        let connection = Connection {
-            source: Some(&mesh.source),
-            source_ip: "10.42.0.5".parse().unwrap(),
-            destination_ip: "10.42.1.9".parse().unwrap(),
-            destination_port: 8080,
-            destination_namespace: "default",
-            destination_labels: Some(&mesh.labels),
-            destination_policies: &mesh.attached,
-        };
+    group.measurement_time(Duration::from_secs(8));
+    for (total, mesh) in SIZES.iter().zip(&meshes) {
+        let connection = connection(mesh);
         let decision = mesh.engine.evaluate(&connection);
         assert_eq!(decision.verdict, Verdict::Allow);
         assert_eq!(decision.policy.as_deref(), Some("default/echo-allow"));
@@ -239,6 +247,44 @@ fn decisions(c: &mut Criterion) {
         });
     }
     group.finish();
+    interleaved(&meshes);
+}
+
+/// The three sizes measured in alternation (31 rounds of 20,000 decisions each),
+/// so that drift in machine speed affects them alike; medians and the ratio of
+/// the largest mesh to the smallest.
+#[allow(clippy::print_stdout)]
+fn interleaved(meshes: &[Mesh]) {
+    const ROUNDS: usize = 31;
+    const DECISIONS: u32 = 20_000;
+    let mut samples = vec![Vec::with_capacity(ROUNDS); meshes.len()];
+    for _ in 0..ROUNDS {
+        for (mesh, samples) in meshes.iter().zip(&mut samples) {
+            let connection = connection(mesh);
+            let start = Instant::now();
+            for _ in 0..DECISIONS {
+                black_box(mesh.engine.evaluate(black_box(&connection)));
+            }
+            samples.push(start.elapsed().as_secs_f64() * 1e9 / f64::from(DECISIONS));
+        }
+    }
+    let medians: Vec<f64> = samples
+        .iter_mut()
+        .map(|s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect();
+    for (total, median) in SIZES.iter().zip(&medians) {
+        println!(
+            "interleaved: {total} policies: {median:.0} ns/decision (median of {ROUNDS} rounds)"
+        );
+    }
+    println!(
+        "interleaved: ratio 100000/10 = {:.2}, 1000/10 = {:.2}",
+        medians[2] / medians[0],
+        medians[1] / medians[0]
+    );
 }
 
 criterion_group!(benches, decisions);

@@ -106,7 +106,7 @@ pub struct Conversion {
     pub warnings: Vec<Warning>,
 }
 
-/// Converts a policy that passed [`crate::validate`] into its wire form.
+/// Converts a policy that passed [`validate`](fn@crate::validate) into its wire form.
 /// `default_namespace` stands in for a missing `metadata.namespace`.
 pub fn convert(
     policy: &AuthorizationPolicy,

@@ -4,8 +4,8 @@
 //!
 //! - [`model`]: the `AuthorizationPolicy` resource as written in YAML.
 //! - [`parse`]: reading policies from multi-document Kubernetes YAML.
-//! - [`validate`]: Istio's validation rules, with precise errors.
-//! - [`convert`]: conversion to the wire `istio.security.Authorization`.
+//! - [`validate`](mod@validate): Istio's validation rules, with precise errors.
+//! - [`convert`](mod@convert): conversion to the wire `istio.security.Authorization`.
 //! - [`engine`]: the indexed evaluation engine over wire policies.
 
 pub mod convert;

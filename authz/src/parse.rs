@@ -60,11 +60,14 @@ pub fn load_policies(
     yaml: &str,
     default_namespace: &str,
 ) -> Result<Vec<AuthorizationPolicy>, LoadError> {
-    let policies = parse_policies(yaml, default_namespace)?;
-    let problems: Vec<ValidationError> = policies
-        .iter()
-        .flat_map(|policy| validate(policy, default_namespace))
-        .collect();
+    let (policies, mut problems) = read_documents(yaml, default_namespace)?;
+    // Policies that parsed are validated even when others did not parse, so that
+    // every problem in the file is reported at once.
+    problems.extend(
+        policies
+            .iter()
+            .flat_map(|policy| validate(policy, default_namespace)),
+    );
     if problems.is_empty() {
         Ok(policies)
     } else {
@@ -73,11 +76,24 @@ pub fn load_policies(
 }
 
 /// Parses every AuthorizationPolicy in `yaml` without the semantic checks of
-/// [`validate`]: only syntax, field names and types.
+/// [`validate`](fn@validate): only syntax, field names and types.
 pub fn parse_policies(
     yaml: &str,
     default_namespace: &str,
 ) -> Result<Vec<AuthorizationPolicy>, LoadError> {
+    let (policies, problems) = read_documents(yaml, default_namespace)?;
+    if problems.is_empty() {
+        Ok(policies)
+    } else {
+        Err(LoadError::Invalid(problems))
+    }
+}
+
+/// The policies that parsed, and the problems of those that did not.
+fn read_documents(
+    yaml: &str,
+    default_namespace: &str,
+) -> Result<(Vec<AuthorizationPolicy>, Vec<ValidationError>), LoadError> {
     let documents: Vec<Value> =
         serde_saphyr::from_multiple(yaml).map_err(|err| LoadError::Yaml(err.to_string()))?;
     let mut policies = Vec::new();
@@ -85,11 +101,7 @@ pub fn parse_policies(
     for document in documents {
         collect(document, default_namespace, &mut policies, &mut problems);
     }
-    if problems.is_empty() {
-        Ok(policies)
-    } else {
-        Err(LoadError::Invalid(problems))
-    }
+    Ok((policies, problems))
 }
 
 fn collect(

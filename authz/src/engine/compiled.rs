@@ -208,7 +208,8 @@ impl CompiledMatch {
     }
 }
 
-type FieldError = (&'static str, String);
+/// Where in a match (e.g. `source_ips[2]`) and what is wrong there.
+type FieldError = (String, String);
 
 fn compile_match(wire: &security::Match) -> Result<CompiledMatch, FieldError> {
     Ok(CompiledMatch {
@@ -274,7 +275,7 @@ fn field<W, T>(
             .iter()
             .enumerate()
             .map(|(index, value)| {
-                compile(value).map_err(|problem| (name, format!("[{index}]: {problem}")))
+                compile(value).map_err(|problem| (format!("{name}[{index}]"), problem))
             })
             .collect()
     };

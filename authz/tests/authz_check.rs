@@ -1,0 +1,208 @@
+//! The `authz-check` example, run as a user runs it: a policy directory and a
+//! JSONL request file in, one JSON decision per line out.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The example binary cargo built next to this test's `deps/` directory.
+fn authz_check() -> PathBuf {
+    let test_exe = std::env::current_exe().unwrap();
+    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("examples").join("authz-check");
+    assert!(binary.exists(), "{} not built", binary.display());
+    binary
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(label: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "authz-check-{label}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(args: &[&Path], extra: &[&str]) -> Output {
+    let mut command = Command::new(authz_check());
+    command
+        .arg("--policies")
+        .arg(args[0])
+        .arg("--requests")
+        .arg(args[1])
+        .args(extra);
+    command.output().unwrap()
+}
+
+const ALLOW_SHELL: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-shell, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/shell"]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: unrelated}
+"#;
+
+const DENY_PLAINTEXT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-plaintext, namespace: mesh-root}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {notPrincipals: ["*"]}
+"#;
+
+fn request(principal: Option<&str>, app: &str) -> String {
+    serde_json::json!({
+        "source_principal": principal,
+        "source_ip": "10.0.0.1",
+        "destination_ip": "10.0.0.2",
+        "destination_port": 8080,
+        "destination_namespace": "default",
+        "destination_labels": {"app": app},
+    })
+    .to_string()
+}
+
+#[test]
+fn decides_each_request_line() {
+    let scratch = Scratch::new("ok");
+    let policies = scratch.0.join("policies");
+    scratch.write("policies/10-allow.yaml", ALLOW_SHELL);
+    scratch.write("policies/20-deny.yml", DENY_PLAINTEXT);
+    scratch.write("policies/README.txt", "not yaml: ignored");
+    let requests = scratch.write(
+        "requests.jsonl",
+        &[
+            request(Some("cluster.local/ns/default/sa/shell"), "echo"),
+            request(Some("cluster.local/ns/other/sa/shell"), "echo"),
+            String::new(),
+            request(None, "echo"),
+            request(Some("spiffe://cluster.local/ns/other/sa/shell"), "db"),
+        ]
+        .join("\n"),
+    );
+    let output = run(&[&policies, &requests], &["--root-namespace", "mesh-root"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let summary: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .map(|l| (l["decision"].as_str().unwrap(), l["policy"].as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("allow", Some("default/allow-shell")),
+            ("deny", None),
+            ("deny", Some("mesh-root/deny-plaintext")),
+            ("allow", None),
+        ]
+    );
+    assert_eq!(
+        lines[1]["reason"],
+        "ALLOW policies apply to the destination and none matched"
+    );
+    assert_eq!(
+        lines[2]["reason"],
+        "denied by DENY policy mesh-root/deny-plaintext"
+    );
+    assert_eq!(
+        lines.iter().map(|l| l.as_object().unwrap().len()).max(),
+        Some(3)
+    );
+}
+
+#[test]
+fn invalid_policies_exit_non_zero_with_every_error() {
+    let scratch = Scratch::new("invalid");
+    let policies = scratch.write(
+        "bad.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad}\nspec:\n  rules:\n  \
+         - from:\n    - source: {namespace: other}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: bad-port}\nspec:\n  rules:\n  - to:\n    - operation: {ports: [\"99999\"]}\n",
+    );
+    let requests = scratch.write("requests.jsonl", &request(None, "echo"));
+    let output = run(&[&policies, &requests], &[]);
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(
+            "policy default/bad: spec.rules[0].from[0].source.namespace: unknown field `namespace`"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Istio has `namespaces`"), "{stderr}");
+    assert!(
+        stderr.contains("policy default/bad-port: spec.rules[0].to[0].operation.ports[0]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unreadable_request_lines_are_denied_and_reported() {
+    let scratch = Scratch::new("requests");
+    let policies = scratch.write("p.yaml", ALLOW_SHELL);
+    let requests = scratch.write(
+        "requests.jsonl",
+        &format!(
+            "{{\"source_ip\": \"nope\"}}\n{}\n",
+            request(Some("not a principal"), "echo")
+        ),
+    );
+    let output = run(&[&policies, &requests], &[]);
+    assert!(!output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2);
+    assert!(
+        stdout.lines().all(|l| l.contains("\"decision\":\"deny\"")),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("requests.jsonl:1: invalid request"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("requests.jsonl:2: invalid request: invalid SPIFFE identity"),
+        "{stderr}"
+    );
+}
