@@ -1,0 +1,297 @@
+//! The certificate authority proper: signs workload certificates for
+//! authenticated identities and serving certificates for the CA's own TLS.
+//!
+//! A workload certificate has an empty subject, exactly one URI SAN (the
+//! identity the caller was authenticated as, never what the CSR asked for, and
+//! always in the CA's trust domain), key usage digitalSignature and
+//! keyEncipherment, extended key usage serverAuth and clientAuth, and a validity
+//! of `min(requested, max_ttl)` (the default TTL when none is asked), starting a
+//! little in the past for clock skew and never outliving the signing certificate.
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use mesh_api::Identity;
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber, SubjectPublicKeyInfo,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::csr::VerifiedCsr;
+use crate::store::CaMaterial;
+
+/// How long certificates live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SigningPolicy {
+    /// Validity when the request names none (Istio: 24 h).
+    pub default_ttl: Duration,
+    /// The longest validity granted, whatever is asked (Istio: 90 days).
+    pub max_ttl: Duration,
+    /// How far before "now" validity starts, for clock skew.
+    pub backdate: Duration,
+}
+
+impl Default for SigningPolicy {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(24 * 3600),
+            max_ttl: Duration::from_secs(90 * 24 * 3600),
+            backdate: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// A signed certificate with its chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// PEM certificates, each ending in a newline: leaf first, root last.
+    pub chain_pem: Vec<String>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+/// Why a certificate was not issued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// The identity is in another trust domain than the CA's.
+    #[error("identity {identity} is not in this CA's trust domain {trust_domain:?}")]
+    WrongTrustDomain {
+        /// The identity asked for.
+        identity: Identity,
+        /// The CA's trust domain.
+        trust_domain: String,
+    },
+    /// The requested key could not be used.
+    #[error("the CSR's public key is unusable: {0}")]
+    BadKey(rcgen::Error),
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Sign(rcgen::Error),
+}
+
+/// Why the CA material could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthorityError {
+    /// The signing key or certificate is unusable.
+    #[error("unusable CA material: {0}")]
+    Material(String),
+}
+
+/// The current signing key and chain.
+struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    /// Signing certificate up to the root, PEM.
+    chain_pem: Vec<String>,
+    not_after: OffsetDateTime,
+}
+
+/// The certificate authority. Cheap to share (`Arc`); signing is thread-safe.
+pub struct Authority {
+    trust_domain: String,
+    policy: SigningPolicy,
+    signer: RwLock<Arc<Signer>>,
+    roots: RwLock<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A random positive 128-bit serial number.
+pub(crate) fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // aws-lc's generator only fails if the system has no entropy source at all.
+    aws_lc_rs::rand::fill(&mut bytes).unwrap_or_default();
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// PEM of one certificate, with `\n` line endings as Istio's CA API expects.
+pub(crate) fn pem_of(der: &CertificateDer<'_>) -> String {
+    let block = pem::Pem::new("CERTIFICATE", der.as_ref());
+    pem::encode_config(
+        &block,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+impl Signer {
+    fn new(material: &CaMaterial) -> Result<Self, AuthorityError> {
+        let key = KeyPair::from_pem(&material.key_pem)
+            .map_err(|err| AuthorityError::Material(format!("signing key: {err}")))?;
+        let signing_cert = material
+            .chain
+            .first()
+            .ok_or_else(|| AuthorityError::Material("no signing certificate".into()))?;
+        let (_, parsed) = X509Certificate::from_der(signing_cert)
+            .map_err(|err| AuthorityError::Material(format!("signing certificate: {err}")))?;
+        let not_after = OffsetDateTime::from_unix_timestamp(
+            parsed.validity().not_after.timestamp(),
+        )
+        .map_err(|err| AuthorityError::Material(format!("signing certificate validity: {err}")))?;
+        let issuer = Issuer::from_ca_cert_der(signing_cert, key)
+            .map_err(|err| AuthorityError::Material(format!("signing certificate: {err}")))?;
+        Ok(Self {
+            issuer,
+            chain_pem: material.chain.iter().map(pem_of).collect(),
+            not_after,
+        })
+    }
+}
+
+impl Authority {
+    /// A CA over loaded or created material (see [`crate::store`]).
+    pub fn new(
+        material: &CaMaterial,
+        trust_domain: impl Into<String>,
+        policy: SigningPolicy,
+    ) -> Result<Self, AuthorityError> {
+        Ok(Self {
+            trust_domain: trust_domain.into(),
+            policy,
+            signer: RwLock::new(Arc::new(Signer::new(material)?)),
+            roots: RwLock::new(Arc::new(material.roots.clone())),
+        })
+    }
+
+    /// The trust domain identities are issued in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The signing policy.
+    pub fn policy(&self) -> SigningPolicy {
+        self.policy
+    }
+
+    /// The roots workloads should trust (more than one during a root rotation).
+    pub fn roots(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        self.roots.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The roots as concatenated PEM.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.roots().iter().map(pem_of).collect()
+    }
+
+    fn signer(&self) -> Arc<Signer> {
+        match self.signer.read() {
+            Ok(signer) => signer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Signs a workload certificate for `identity` with the key of `csr`, valid
+    /// for `requested` (clamped to the policy's maximum; `None` for the default).
+    pub fn issue(
+        &self,
+        csr: &VerifiedCsr,
+        identity: &Identity,
+        requested: Option<Duration>,
+    ) -> Result<IssuedCertificate, IssueError> {
+        if identity.trust_domain() != self.trust_domain {
+            return Err(IssueError::WrongTrustDomain {
+                identity: identity.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let public_key =
+            SubjectPublicKeyInfo::from_der(&csr.public_key_der).map_err(IssueError::BadKey)?;
+        let ttl = requested
+            .filter(|ttl| !ttl.is_zero())
+            .unwrap_or(self.policy.default_ttl)
+            .min(self.policy.max_ttl);
+        let uri = identity.as_uri().try_into().map_err(IssueError::Sign)?;
+        let mut params = self.leaf_params(ttl);
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        self.sign(&params, &public_key)
+    }
+
+    /// Signs a serving certificate (with a fresh key) for the CA's own TLS
+    /// endpoint, with the DNS names and IPs clients dial.
+    pub fn issue_serving_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), IssueError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(IssueError::Sign)?;
+        let mut params = self.leaf_params(validity);
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                name.as_str().try_into().map_err(IssueError::Sign)?,
+            ));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let issued = self.sign(&params, &key)?;
+        let chain = issued
+            .chain_pem
+            .iter()
+            .filter_map(|pem| {
+                use rustls_pki_types::pem::PemObject;
+                CertificateDer::from_pem_slice(pem.as_bytes()).ok()
+            })
+            .collect();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((chain, key))
+    }
+
+    fn leaf_params(&self, ttl: Duration) -> CertificateParams {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - self.policy.backdate;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params
+    }
+
+    fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let signer = self.signer();
+        let mut params = params.clone();
+        // Never outlive the signing certificate.
+        params.not_after = params.not_after.min(signer.not_after);
+        let leaf = params
+            .signed_by(public_key, &signer.issuer)
+            .map_err(IssueError::Sign)?;
+        let mut chain_pem = Vec::with_capacity(signer.chain_pem.len() + 1);
+        chain_pem.push(leaf.pem());
+        chain_pem.extend(signer.chain_pem.iter().cloned());
+        Ok(IssuedCertificate {
+            chain_pem,
+            not_before: params.not_before,
+            not_after: params.not_after,
+        })
+    }
+}
