@@ -1,9 +1,30 @@
-//! The podless mesh certificate authority (work in progress).
+#![doc = include_str!("../README.md")]
+//!
+//! # Modules
+//!
+//! - [`store`]: the CA's keys and certificates on disk (Istio's plug-in layout).
+//! - [`authority`]: signing workload and serving certificates.
+//! - [`csr`]: reading and checking certificate signing requests.
+//! - [`auth`]: authenticating callers and authorizing impersonation.
+//! - [`service`]: the `CreateCertificate` gRPC service.
+//! - [`server`]: serving it over TLS on a caller-bound listener.
+//! - [`client`]: obtaining certificates from a CA.
 
+pub mod auth;
 pub mod authority;
+pub mod client;
 pub mod csr;
+pub mod server;
+pub mod service;
 pub mod store;
 
+pub use auth::{
+    Authenticated, Authenticator, ClientCertificate, NodeAuthorizer, StaticNodeAuthorizer,
+    StaticTokens,
+};
 pub use authority::{Authority, IssueError, IssuedCertificate, SigningPolicy};
+pub use client::{CaClient, ClientError, WorkloadCertificate};
 pub use csr::{CsrError, VerifiedCsr, verify_csr};
+pub use server::{CaHandle, CaServer, ServingNames};
+pub use service::{CaService, PeerInfo};
 pub use store::{CaMaterial, StoreError, load, load_or_create};

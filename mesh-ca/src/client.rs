@@ -1,0 +1,338 @@
+//! A client of Istio's CA API: makes a P-256 key and CSR, calls
+//! `CreateCertificate` over TLS (optionally on behalf of a workload), and checks
+//! what comes back: a chain that verifies against the mesh roots, for our key,
+//! with exactly the identity asked for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioIo;
+use mesh_api::Identity;
+use mesh_api::ca::IstioCertificateRequest;
+use mesh_api::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use prost_types::{Struct, Value, value::Kind};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::auth::spiffe_identity;
+use crate::service::IMPERSONATED_IDENTITY;
+
+/// A workload certificate with its key.
+#[derive(Debug)]
+pub struct WorkloadCertificate {
+    /// Whose certificate it is.
+    pub identity: Identity,
+    /// Leaf first, root last.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key (PKCS#8), generated here and never sent.
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+impl Clone for WorkloadCertificate {
+    fn clone(&self) -> Self {
+        Self {
+            identity: self.identity.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            not_before: self.not_before,
+            not_after: self.not_after,
+        }
+    }
+}
+
+impl WorkloadCertificate {
+    /// The private key as rustls takes it.
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// The moment half of the validity has passed: when to renew.
+    pub fn half_life(&self) -> SystemTime {
+        let lifetime = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + lifetime / 2
+    }
+}
+
+/// Why a certificate could not be obtained.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The CA refused or could not be reached.
+    #[error("the CA answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// Making the key or CSR failed.
+    #[error("could not make a key or CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    /// The answer is not a usable certificate for the request.
+    #[error("the CA's answer is unusable: {0}")]
+    BadChain(String),
+    /// TLS setup failed.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Builds a [`CaClient`].
+#[derive(Debug)]
+pub struct CaClientBuilder {
+    address: Option<SocketAddr>,
+    server_name: String,
+    roots: Vec<CertificateDer<'static>>,
+    token: Option<String>,
+    client_certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    provider: Option<Arc<CryptoProvider>>,
+    timeout: Duration,
+}
+
+impl Default for CaClientBuilder {
+    fn default() -> Self {
+        Self {
+            address: None,
+            server_name: "istiod.istio-system.svc".into(),
+            roots: Vec::new(),
+            token: None,
+            client_certificate: None,
+            provider: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CaClientBuilder {
+    /// Where the CA listens.
+    pub fn address(mut self, address: SocketAddr) -> Self {
+        self.address = Some(address);
+        self
+    }
+
+    /// The name the CA's serving certificate must carry (default
+    /// `istiod.istio-system.svc`).
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = name.into();
+        self
+    }
+
+    /// The mesh roots: the CA's serving certificate and issued chains must chain to one.
+    pub fn roots(mut self, roots: impl IntoIterator<Item = CertificateDer<'static>>) -> Self {
+        self.roots.extend(roots);
+        self
+    }
+
+    /// A bearer token sent with every request.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// A mesh certificate to present in TLS (renewal without a token).
+    pub fn client_certificate(
+        mut self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Self {
+        self.client_certificate = Some((chain, key));
+        self
+    }
+
+    /// The rustls crypto provider (default: aws-lc-rs).
+    pub fn crypto_provider(mut self, provider: Arc<CryptoProvider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Per-call timeout (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Assembles the client; the connection is made on first use.
+    pub fn build(self) -> Result<CaClient, ClientError> {
+        let address = self
+            .address
+            .ok_or_else(|| ClientError::Tls("no CA address given".into()))?;
+        let provider = self
+            .provider
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let mut roots = RootCertStore::empty();
+        for root in &self.roots {
+            roots
+                .add(root.clone())
+                .map_err(|err| ClientError::Tls(err.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Tls("no mesh roots given".into()));
+        }
+        let roots = Arc::new(roots);
+        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| ClientError::Tls(err.to_string()))?
+            .with_root_certificates(roots.clone());
+        let mut tls = match self.client_certificate {
+            Some((chain, key)) => tls
+                .with_client_auth_cert(chain, key)
+                .map_err(|err| ClientError::Tls(err.to_string()))?,
+            None => tls.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = ServerName::try_from(self.server_name.clone()).map_err(|err| {
+            ClientError::Tls(format!("server name {:?}: {err}", self.server_name))
+        })?;
+        let connector = TlsConnector::from(Arc::new(tls));
+        let connect = tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            let server_name = server_name.clone();
+            async move {
+                let tcp = TcpStream::connect(address).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        });
+        let endpoint = Endpoint::from_shared(format!("https://{}", self.server_name))
+            .map_err(|err| ClientError::Tls(err.to_string()))?
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout);
+        let channel = endpoint.connect_with_connector_lazy(connect);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|err| ClientError::Tls(err.to_string()))?;
+        Ok(CaClient {
+            grpc: IstioCertificateServiceClient::new(channel),
+            token: self.token,
+            verifier,
+        })
+    }
+}
+
+/// A client of the CA. Cheap to clone; calls may run concurrently.
+#[derive(Clone)]
+pub struct CaClient {
+    grpc: IstioCertificateServiceClient<Channel>,
+    token: Option<String>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaClient").finish_non_exhaustive()
+    }
+}
+
+impl CaClient {
+    /// A builder.
+    pub fn builder() -> CaClientBuilder {
+        CaClientBuilder::default()
+    }
+
+    /// The raw gRPC client, for requests this type does not make.
+    pub fn grpc(&self) -> IstioCertificateServiceClient<Channel> {
+        self.grpc.clone()
+    }
+
+    /// Obtains a certificate for `identity`: the caller's own, or, with
+    /// `impersonate`, a workload's on whose behalf a node agent asks. `ttl` is
+    /// the validity asked for (the CA may grant less).
+    pub async fn certificate(
+        &self,
+        identity: &Identity,
+        impersonate: bool,
+        ttl: Option<Duration>,
+    ) -> Result<WorkloadCertificate, ClientError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(identity.as_uri().try_into()?)];
+        let csr = params.serialize_request(&key)?.pem()?;
+        let metadata = impersonate.then(|| Struct {
+            fields: [(
+                IMPERSONATED_IDENTITY.to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(identity.as_uri().to_owned())),
+                },
+            )]
+            .into(),
+        });
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: ttl
+                .map_or(0, |ttl| i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+            metadata,
+        });
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::Tls("the token is not a valid header value".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = self
+            .grpc
+            .clone()
+            .create_certificate(request)
+            .await?
+            .into_inner();
+        self.check(identity, &key, &response.cert_chain)
+    }
+
+    /// Checks an answer: PEM chain, our key, the identity asked for, trusted.
+    fn check(
+        &self,
+        identity: &Identity,
+        key: &KeyPair,
+        chain_pem: &[String],
+    ) -> Result<WorkloadCertificate, ClientError> {
+        let bad = |problem: String| ClientError::BadChain(problem);
+        let chain = chain_pem
+            .iter()
+            .map(|pem| {
+                CertificateDer::from_pem_slice(pem.as_bytes()).map(CertificateDer::into_owned)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| bad(format!("not PEM certificates: {err}")))?;
+        let [leaf, rest @ ..] = chain.as_slice() else {
+            return Err(bad("an empty chain".into()));
+        };
+        let (_, parsed) = X509Certificate::from_der(leaf)
+            .map_err(|err| bad(format!("unreadable leaf: {err}")))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad("the leaf is not for the key we sent".into()));
+        }
+        let granted = spiffe_identity(leaf).map_err(bad)?;
+        if &granted != identity {
+            return Err(bad(format!("asked for {identity}, got {granted}")));
+        }
+        let intermediates = &rest[..rest.len().saturating_sub(1)];
+        self.verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|err| {
+                bad(format!(
+                    "the chain does not verify against the mesh roots: {err}"
+                ))
+            })?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+        };
+        Ok(WorkloadCertificate {
+            identity: granted,
+            not_before: time(parsed.validity().not_before),
+            not_after: time(parsed.validity().not_after),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+}

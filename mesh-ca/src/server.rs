@@ -1,0 +1,400 @@
+//! Serving the CA over gRPC and TLS on a listener the caller bound.
+//!
+//! The serving certificate is signed by the mesh CA itself, with the DNS names
+//! and IPs clients dial (a real ztunnel checks, e.g., `istiod.istio-system.svc`
+//! against the root it was given). Client certificates are optional at the TLS
+//! layer: a workload renewing with its mesh certificate presents one, a new
+//! workload presents a token instead.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mesh_api::Identity;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Authenticator, NodeAuthorizer};
+use crate::authority::Authority;
+use crate::service::{CaService, PeerInfo};
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The names the CA's serving certificate carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServingNames {
+    /// DNS names clients dial (default: Istio's `istiod.istio-system.svc`).
+    pub dns_names: Vec<String>,
+    /// IP addresses clients dial.
+    pub ips: Vec<IpAddr>,
+    /// Validity of the serving certificate.
+    pub validity: Duration,
+}
+
+impl Default for ServingNames {
+    fn default() -> Self {
+        Self {
+            dns_names: vec![
+                "istiod.istio-system.svc".into(),
+                "istiod.istio-system.svc.cluster.local".into(),
+                "localhost".into(),
+            ],
+            ips: vec![IpAddr::from([127, 0, 0, 1])],
+            validity: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// Why a CA server could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No [`Authority`] was given.
+    #[error("a CA server needs an authority")]
+    NoAuthority,
+    /// No authenticator was given: nobody could ever get a certificate.
+    #[error("a CA server needs at least one authenticator")]
+    NoAuthenticator,
+    /// Node agents were named but no node authorizer can check their requests.
+    #[error("trusted node agents were given without a node authorizer")]
+    NodeAgentsWithoutAuthorizer,
+    /// The serving certificate or TLS configuration failed.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Listener(io::Error),
+}
+
+/// Builds a [`CaServer`].
+#[derive(Default)]
+pub struct CaServerBuilder {
+    authority: Option<Arc<Authority>>,
+    authenticators: Vec<Arc<dyn Authenticator>>,
+    node_agents: HashSet<Identity>,
+    node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
+    serving: ServingNames,
+    provider: Option<Arc<CryptoProvider>>,
+}
+
+impl std::fmt::Debug for CaServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaServerBuilder")
+            .field("authority", &self.authority)
+            .field("serving", &self.serving)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaServerBuilder {
+    /// The authority that signs.
+    pub fn authority(mut self, authority: Arc<Authority>) -> Self {
+        self.authority = Some(authority);
+        self
+    }
+
+    /// Adds an authenticator; they are tried in the order added.
+    pub fn authenticator(mut self, authenticator: impl Authenticator) -> Self {
+        self.authenticators.push(Arc::new(authenticator));
+        self
+    }
+
+    /// Trusts `identity` as a node agent that may ask for workload certificates
+    /// (impersonation), subject to the node authorizer.
+    pub fn node_agent(mut self, identity: Identity) -> Self {
+        self.node_agents.insert(identity);
+        self
+    }
+
+    /// The check for impersonation requests.
+    pub fn node_authorizer(mut self, authorizer: impl NodeAuthorizer) -> Self {
+        self.node_authorizer = Some(Arc::new(authorizer));
+        self
+    }
+
+    /// Names on the serving certificate.
+    pub fn serving_names(mut self, serving: ServingNames) -> Self {
+        self.serving = serving;
+        self
+    }
+
+    /// The rustls crypto provider (default: aws-lc-rs).
+    pub fn crypto_provider(mut self, provider: Arc<CryptoProvider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Validates and assembles: issues the serving certificate; binds nothing.
+    pub fn build(self) -> Result<CaServer, BuildError> {
+        let authority = self.authority.ok_or(BuildError::NoAuthority)?;
+        if self.authenticators.is_empty() {
+            return Err(BuildError::NoAuthenticator);
+        }
+        if !self.node_agents.is_empty() && self.node_authorizer.is_none() {
+            return Err(BuildError::NodeAgentsWithoutAuthorizer);
+        }
+        let provider = self
+            .provider
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let tls = tls_config(&authority, &self.serving, provider)?;
+        Ok(CaServer {
+            service: CaService::new(
+                authority,
+                self.authenticators,
+                self.node_agents,
+                self.node_authorizer,
+            ),
+            tls,
+        })
+    }
+}
+
+fn tls_config(
+    authority: &Authority,
+    serving: &ServingNames,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>, BuildError> {
+    let tls = |err: &dyn std::fmt::Display| BuildError::Tls(err.to_string());
+    let (chain, key) = authority
+        .issue_serving_certificate(&serving.dns_names, &serving.ips, serving.validity)
+        .map_err(|err| tls(&err))?;
+    let mut roots = RootCertStore::empty();
+    for root in authority.roots().iter() {
+        roots.add(root.clone()).map_err(|err| tls(&err))?;
+    }
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|err| tls(&err))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|err| tls(&err))?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)
+        .map_err(|err| tls(&err))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A CA ready to serve: the service plus its TLS configuration.
+#[derive(Debug)]
+pub struct CaServer {
+    service: CaService,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+impl CaServer {
+    /// A builder.
+    pub fn builder() -> CaServerBuilder {
+        CaServerBuilder::default()
+    }
+
+    /// The service alone, to mount on a shared gRPC server.
+    pub fn into_service(
+        self,
+    ) -> mesh_api::ca::istio_certificate_service_server::IstioCertificateServiceServer<CaService>
+    {
+        self.service.into_service()
+    }
+
+    /// The TLS configuration (serving certificate, optional client certificates,
+    /// ALPN h2), for a shared server.
+    pub fn tls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.tls.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then lets in-flight
+    /// calls finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let (connections, incoming) = mpsc::channel::<io::Result<TlsConnection>>(64);
+        let acceptor = TlsAcceptor::from(self.tls);
+        let handshakes = TaskTracker::new();
+        let accept = {
+            let shutdown = shutdown.clone();
+            let handshakes = handshakes.clone();
+            async move {
+                loop {
+                    let (tcp, remote) = tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok(accepted) => accepted,
+                            Err(err) => {
+                                // Out of file descriptors and the like: back off, keep serving.
+                                tracing::warn!(error = %err, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        },
+                    };
+                    let acceptor = acceptor.clone();
+                    let connections = connections.clone();
+                    handshakes.spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let _ =
+                                    connections.send(Ok(TlsConnection { stream, remote })).await;
+                            }
+                            Ok(Err(err)) => {
+                                tracing::debug!(%remote, error = %err, "TLS handshake failed");
+                            }
+                            Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                        }
+                    });
+                }
+                handshakes.close();
+            }
+        };
+        let server = tonic::transport::Server::builder()
+            .add_service(self.service.into_service())
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(incoming),
+                shutdown.cancelled_owned(),
+            );
+        let ((), served) = tokio::join!(accept, server);
+        handshakes.wait().await;
+        served.map_err(ServeError::from)
+    }
+
+    /// Spawns [`CaServer::serve`] on the current runtime.
+    pub fn spawn(self, listener: TcpListener) -> Result<CaHandle, ServeError> {
+        let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.serve(listener, shutdown.clone()));
+        Ok(CaHandle {
+            local_addr,
+            shutdown,
+            task,
+        })
+    }
+}
+
+/// A running CA server.
+#[derive(Debug)]
+pub struct CaHandle {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl CaHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Ready as soon as spawned: the listener was bound by the caller.
+    pub async fn ready(&self) {}
+
+    /// Stops accepting; in-flight calls finish.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Stops accepting and waits up to `deadline` for in-flight calls.
+    pub async fn drain(self, deadline: Duration) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(deadline, self.join()).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Waits for the server to stop.
+    pub async fn join(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(ServeError::Listener(io::Error::other(join.to_string()))),
+        }
+    }
+}
+
+/// A TLS connection with the facts the service needs about it.
+struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    remote: SocketAddr,
+}
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        let certificates = self
+            .stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+        PeerInfo {
+            remote_addr: Some(self.remote),
+            certificates,
+        }
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

@@ -1,0 +1,310 @@
+//! The CA over real gRPC and TLS on loopback: who gets which certificate, and
+//! what is refused with which status.
+
+use std::time::Duration;
+
+use mesh_api::Identity;
+use mesh_api::ca::IstioCertificateRequest;
+use mesh_ca::auth::Authenticated;
+use mesh_ca::{
+    Authority, CaClient, CaHandle, CaServer, ClientCertificate, ClientError, SigningPolicy,
+    StaticNodeAuthorizer, StaticTokens, load_or_create,
+};
+use rcgen::{
+    CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
+};
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tonic::Code;
+
+const SHELL_TOKEN: &str = "shell-token";
+const NODE_TOKEN: &str = "node-a-token";
+
+fn id(uri: &str) -> Identity {
+    uri.parse().unwrap()
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    handle: CaHandle,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+async fn start() -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let material = load_or_create(
+        dir.path(),
+        "cluster.local",
+        Duration::from_secs(3650 * 86400),
+    )
+    .unwrap();
+    let authority = std::sync::Arc::new(
+        Authority::new(&material, "cluster.local", SigningPolicy::default()).unwrap(),
+    );
+    let ztunnel = id("spiffe://cluster.local/ns/istio-system/sa/ztunnel");
+    let tokens = StaticTokens::new()
+        .token(
+            SHELL_TOKEN,
+            id("spiffe://cluster.local/ns/default/sa/shell"),
+        )
+        .caller(
+            NODE_TOKEN,
+            Authenticated {
+                identity: ztunnel.clone(),
+                node: Some("node-a".into()),
+                pod: None,
+            },
+        );
+    let server = CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(tokens)
+        .authenticator(ClientCertificate::new(&authority.roots(), "cluster.local").unwrap())
+        .node_agent(ztunnel)
+        .node_authorizer(
+            StaticNodeAuthorizer::new()
+                .workload("node-a", id("spiffe://cluster.local/ns/default/sa/echo"))
+                .workload("node-b", id("spiffe://cluster.local/ns/default/sa/db")),
+        )
+        .build()
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handle = server.spawn(listener).unwrap();
+    handle.ready().await;
+    Mesh {
+        _dir: dir,
+        roots: authority.roots().to_vec(),
+        handle,
+    }
+}
+
+impl Mesh {
+    fn client(&self) -> mesh_ca::client::CaClientBuilder {
+        CaClient::builder()
+            .address(self.handle.local_addr())
+            .roots(self.roots.clone())
+    }
+}
+
+fn status(err: ClientError) -> tonic::Status {
+    match err {
+        ClientError::Status(status) => status,
+        other => panic!("expected a gRPC status, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_token_gets_a_certificate_for_its_own_identity() {
+    let mesh = start().await;
+    let client = mesh.client().token(SHELL_TOKEN).build().unwrap();
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    let cert = client
+        .certificate(&shell, false, Some(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(cert.identity, shell);
+    assert_eq!(cert.chain.len(), 2);
+    let lifetime = cert.not_after.duration_since(cert.not_before).unwrap();
+    assert!(lifetime <= Duration::from_secs(3600 + 300), "{lifetime:?}");
+    assert!(cert.half_life() > cert.not_before && cert.half_life() < cert.not_after);
+
+    // Asking for someone else's identity yields a certificate for our own: the
+    // CA ignores the CSR's SAN, and the client notices the mismatch.
+    let err = client
+        .certificate(
+            &id("spiffe://cluster.local/ns/default/sa/admin"),
+            false,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("got spiffe://cluster.local/ns/default/sa/shell"),
+        "{err}"
+    );
+    mesh.handle.drain(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_and_wrong_credentials_are_unauthenticated() {
+    let mesh = start().await;
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    let err = status(
+        mesh.client()
+            .build()
+            .unwrap()
+            .certificate(&shell, false, None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("no credentials"),
+        "{}",
+        err.message()
+    );
+
+    let err = status(
+        mesh.client()
+            .token("guessed")
+            .build()
+            .unwrap()
+            .certificate(&shell, false, None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("the bearer token is not known"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn node_agents_impersonate_only_workloads_on_their_node() {
+    let mesh = start().await;
+    let node_agent = mesh.client().token(NODE_TOKEN).build().unwrap();
+    let echo = id("spiffe://cluster.local/ns/default/sa/echo");
+    let cert = node_agent.certificate(&echo, true, None).await.unwrap();
+    assert_eq!(cert.identity, echo);
+
+    // db runs on node-b, not on this agent's node.
+    let db = id("spiffe://cluster.local/ns/default/sa/db");
+    let err = status(node_agent.certificate(&db, true, None).await.unwrap_err());
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("no workload with identity"),
+        "{}",
+        err.message()
+    );
+
+    // A workload token is not a node agent.
+    let workload = mesh.client().token(SHELL_TOKEN).build().unwrap();
+    let err = status(workload.certificate(&echo, true, None).await.unwrap_err());
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("not a trusted node agent"),
+        "{}",
+        err.message()
+    );
+
+    // An identity from another trust domain is never issued.
+    let foreign = id("spiffe://example.org/ns/default/sa/echo");
+    let err = status(
+        node_agent
+            .certificate(&foreign, true, None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_workload_renews_with_its_mesh_certificate() {
+    let mesh = start().await;
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    let first = mesh
+        .client()
+        .token(SHELL_TOKEN)
+        .build()
+        .unwrap()
+        .certificate(&shell, false, None)
+        .await
+        .unwrap();
+    let renewing = mesh
+        .client()
+        .client_certificate(first.chain.clone(), first.private_key())
+        .build()
+        .unwrap();
+    let second = renewing.certificate(&shell, false, None).await.unwrap();
+    assert_eq!(second.identity, shell);
+    assert_ne!(second.chain[0], first.chain[0]);
+}
+
+/// Sends a raw CSR with the shell token.
+async fn raw(mesh: &Mesh, csr: String) -> tonic::Status {
+    let client = mesh.client().build().unwrap();
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {SHELL_TOKEN}").parse().unwrap(),
+    );
+    client.grpc().create_certificate(request).await.unwrap_err()
+}
+
+fn csr_pem(key: &KeyPair) -> String {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.serialize_request(key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn malformed_csrs_are_invalid_arguments_with_a_reason() {
+    let mesh = start().await;
+    let p256 = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
+    // A valid request whose last signature byte is flipped.
+    let tampered = {
+        let mut der = pem::parse(csr_pem(&p256)).unwrap().into_contents();
+        *der.last_mut().unwrap() ^= 0x01;
+        pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der))
+    };
+    let cases = [
+        ("not a csr at all".to_owned(), "not PEM"),
+        (String::new(), "the CSR is empty"),
+        (csr_pem(&p384), "must be EC P-256"),
+        (tampered, "signature does not verify"),
+        ("A".repeat(100 * 1024), "at most 16384 are accepted"),
+    ];
+    for (csr, needle) in cases {
+        let status = raw(&mesh, csr).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            status.message()
+        );
+    }
+    // Beyond the message limit the transport refuses before any parsing.
+    let status = raw(&mesh, "A".repeat(2 * 1024 * 1024)).await;
+    assert_ne!(status.code(), Code::Ok);
+    // The CA still serves.
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    mesh.client()
+        .token(SHELL_TOKEN)
+        .build()
+        .unwrap()
+        .certificate(&shell, false, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_serving_certificate_names_what_clients_dial() {
+    let mesh = start().await;
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    let err = mesh
+        .client()
+        .server_name("ca.example.com")
+        .token(SHELL_TOKEN)
+        .build()
+        .unwrap()
+        .certificate(&shell, false, None)
+        .await
+        .unwrap_err();
+    assert_eq!(status(err).code(), Code::Unavailable);
+    // By IP works too (127.0.0.1 is on the default serving certificate).
+    mesh.client()
+        .server_name("127.0.0.1")
+        .token(SHELL_TOKEN)
+        .build()
+        .unwrap()
+        .certificate(&shell, false, None)
+        .await
+        .unwrap();
+}
