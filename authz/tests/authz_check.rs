@@ -4,11 +4,26 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The example binary cargo built next to this test's `deps/` directory.
+/// The example binary, next to this test's `deps/` directory; built through
+/// cargo if this run did not build examples (e.g. with a `--test` filter).
 fn authz_check() -> PathBuf {
     let test_exe = std::env::current_exe().unwrap();
     let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
     let binary = profile_dir.join("examples").join("authz-check");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "authz",
+                "--example",
+                "authz-check",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the authz-check example failed");
+    }
     assert!(binary.exists(), "{} not built", binary.display());
     binary
 }

@@ -1,0 +1,105 @@
+//! The `ca-server` example, run as a user runs it: it prints where the root is
+//! once ready, and a client with one of its tokens gets a certificate.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use mesh_ca::CaClient;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+/// The example binary, next to this test's `deps/` directory; built through
+/// cargo if this run did not build examples (e.g. with a `--test` filter).
+fn ca_server() -> PathBuf {
+    let test_exe = std::env::current_exe().unwrap();
+    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("examples").join("ca-server");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mesh-ca",
+                "--example",
+                "ca-server",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the ca-server example failed");
+    }
+    assert!(binary.exists(), "{} not built", binary.display());
+    binary
+}
+
+/// Kills the server when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn serves_certificates_to_token_holders() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Running(
+        Command::new(ca_server())
+            .args(["--dir".as_ref(), dir.path().as_os_str()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args([
+                "--token",
+                "t0ken=spiffe://cluster.local/ns/default/sa/shell",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let root_line = lines.next().unwrap().unwrap();
+    let root_path = root_line.strip_prefix("root certificate: ").unwrap();
+    assert_eq!(Path::new(root_path), dir.path().join("root-cert.pem"));
+    let address = lines.next().unwrap().unwrap();
+    let address = address
+        .strip_prefix("listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let roots = CertificateDer::pem_file_iter(root_path)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let client = CaClient::builder()
+        .address(address)
+        .roots(roots)
+        .token("t0ken")
+        .build()
+        .unwrap();
+    let shell = "spiffe://cluster.local/ns/default/sa/shell"
+        .parse()
+        .unwrap();
+    let certificate = client.certificate(&shell, false, None).await.unwrap();
+    assert_eq!(certificate.identity, shell);
+}
+
+#[test]
+fn bad_arguments_are_explained() {
+    let output = Command::new(ca_server())
+        .args([
+            "--dir",
+            "/nonexistent",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "no-equals-sign",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("expected <token>=<spiffe-id>"), "{stderr}");
+}
