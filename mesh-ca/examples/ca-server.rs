@@ -106,10 +106,7 @@ async fn run() -> Result<(), String> {
     let server = CaServer::builder()
         .authority(authority.clone())
         .authenticator(tokens)
-        .authenticator(ClientCertificate::new(
-            &authority.roots(),
-            &args.trust_domain,
-        )?)
+        .authenticator(ClientCertificate::new(authority.clone())?)
         .serving_names(serving)
         .build()
         .map_err(|err| err.to_string())?;

@@ -10,15 +10,20 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use mesh_api::Identity;
-use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::metadata::MetadataMap;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::authority::Authority;
 
 /// A boxed future, for object-safe async traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -152,32 +157,148 @@ impl Authenticator for StaticTokens {
     }
 }
 
+/// Verifies TLS client certificates against the authority's current roots. The
+/// webpki verifier is rebuilt when the roots change (root rotation), so
+/// certificates from either root verify during an overlap.
+pub struct MeshRootsVerifier {
+    authority: Arc<Authority>,
+    provider: Arc<CryptoProvider>,
+    allow_unauthenticated: bool,
+    current: RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl std::fmt::Debug for MeshRootsVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshRootsVerifier")
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshRootsVerifier {
+    /// A verifier over `authority`'s roots; `allow_unauthenticated` lets clients
+    /// without a certificate through (they then authenticate otherwise).
+    pub fn new(
+        authority: Arc<Authority>,
+        provider: Arc<CryptoProvider>,
+        allow_unauthenticated: bool,
+    ) -> Result<Self, String> {
+        let generation = authority.generation();
+        let verifier = build_verifier(&authority, &provider, allow_unauthenticated)?;
+        Ok(Self {
+            authority,
+            provider,
+            allow_unauthenticated,
+            current: RwLock::new((generation, verifier)),
+        })
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        let generation = self.authority.generation();
+        if let Ok(current) = self.current.read()
+            && current.0 == generation
+        {
+            return current.1.clone();
+        }
+        match build_verifier(&self.authority, &self.provider, self.allow_unauthenticated) {
+            Ok(verifier) => {
+                if let Ok(mut current) = self.current.write() {
+                    *current = (generation, verifier.clone());
+                }
+                verifier
+            }
+            // Keep the previous roots rather than trusting nothing or everything.
+            Err(err) => {
+                tracing::error!(error = %err, "could not rebuild the client verifier");
+                match self.current.read() {
+                    Ok(current) => current.1.clone(),
+                    Err(poisoned) => poisoned.into_inner().1.clone(),
+                }
+            }
+        }
+    }
+}
+
+fn build_verifier(
+    authority: &Authority,
+    provider: &Arc<CryptoProvider>,
+    allow_unauthenticated: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut store = RootCertStore::empty();
+    for root in authority.roots().iter() {
+        store.add(root.clone()).map_err(|err| err.to_string())?;
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone());
+    let builder = if allow_unauthenticated {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder.build().map_err(|err| err.to_string())
+}
+
+impl ClientCertVerifier for MeshRootsVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.allow_unauthenticated
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // Hints are optional; mesh clients know which certificate to send.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
 /// The TLS client certificate of a workload that already has a mesh
-/// certificate (renewal): verified against the mesh roots, identity from its
-/// SPIFFE URI SAN.
-#[derive(Clone, Debug)]
+/// certificate (renewal): verified against the mesh roots (all of them during a
+/// root rotation), identity from its SPIFFE URI SAN.
+#[derive(Debug)]
 pub struct ClientCertificate {
-    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    trust_domain: String,
+    verifier: MeshRootsVerifier,
 }
 
 impl ClientCertificate {
-    /// Trusts certificates chaining to `roots` with identities in `trust_domain`.
-    pub fn new(
-        roots: &[CertificateDer<'static>],
-        trust_domain: impl Into<String>,
-    ) -> Result<Self, String> {
-        let mut store = RootCertStore::empty();
-        for root in roots {
-            store.add(root.clone()).map_err(|err| err.to_string())?;
-        }
+    /// Trusts certificates chaining to `authority`'s roots, with identities in
+    /// its trust domain.
+    pub fn new(authority: Arc<Authority>) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
-            .build()
-            .map_err(|err| err.to_string())?;
         Ok(Self {
-            verifier,
-            trust_domain: trust_domain.into(),
+            verifier: MeshRootsVerifier::new(authority, provider, false)?,
         })
     }
 }
@@ -225,10 +346,10 @@ impl Authenticator for ClientCertificate {
                 .verify_client_cert(leaf, intermediates, UnixTime::now())
                 .map_err(|err| format!("the client certificate is not trusted: {err}"))?;
             let identity = spiffe_identity(leaf)?;
-            if identity.trust_domain() != self.trust_domain {
+            let trust_domain = self.verifier.authority.trust_domain();
+            if identity.trust_domain() != trust_domain {
                 return Err(format!(
-                    "{identity} is not in trust domain {:?}",
-                    self.trust_domain
+                    "{identity} is not in trust domain {trust_domain:?}"
                 ));
             }
             Ok(Some(Authenticated::identity(identity)))

@@ -9,6 +9,7 @@
 //! little in the past for clock skew and never outliving the signing certificate.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -94,11 +95,14 @@ struct Signer {
 }
 
 /// The certificate authority. Cheap to share (`Arc`); signing is thread-safe.
+/// [`Authority::reload`] swaps the signing key and trust bundle in place (root
+/// rotation); [`Authority::generation`] tells dependents when to refresh.
 pub struct Authority {
     trust_domain: String,
     policy: SigningPolicy,
     signer: RwLock<Arc<Signer>>,
     roots: RwLock<Arc<Vec<CertificateDer<'static>>>>,
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Authority {
@@ -165,7 +169,33 @@ impl Authority {
             policy,
             signer: RwLock::new(Arc::new(Signer::new(material)?)),
             roots: RwLock::new(Arc::new(material.roots.clone())),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    /// Replaces the signing key, chain and trust bundle (each step of a root
+    /// rotation). Certificates already issued stay valid while their root is in
+    /// the bundle.
+    pub fn reload(&self, material: &CaMaterial) -> Result<(), AuthorityError> {
+        let signer = Arc::new(Signer::new(material)?);
+        let roots = Arc::new(material.roots.clone());
+        // Bundle first: a certificate from the new signer is never handed out
+        // before its root is trusted.
+        match self.roots.write() {
+            Ok(mut current) => *current = roots,
+            Err(poisoned) => *poisoned.into_inner() = roots,
+        }
+        match self.signer.write() {
+            Ok(mut current) => *current = signer,
+            Err(poisoned) => *poisoned.into_inner() = signer,
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes on every [`Authority::reload`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The trust domain identities are issued in.
@@ -180,7 +210,10 @@ impl Authority {
 
     /// The roots workloads should trust (more than one during a root rotation).
     pub fn roots(&self) -> Arc<Vec<CertificateDer<'static>>> {
-        self.roots.read().map(|r| r.clone()).unwrap_or_default()
+        match self.roots.read() {
+            Ok(roots) => roots.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The roots as concatenated PEM.

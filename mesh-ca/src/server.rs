@@ -10,14 +10,14 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use mesh_api::Identity;
-use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Authenticator, NodeAuthorizer};
+use crate::auth::{Authenticator, MeshRootsVerifier, NodeAuthorizer};
 use crate::authority::Authority;
 use crate::service::{CaService, PeerInfo};
 
@@ -173,31 +173,106 @@ impl CaServerBuilder {
 }
 
 fn tls_config(
-    authority: &Authority,
+    authority: &Arc<Authority>,
     serving: &ServingNames,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<rustls::ServerConfig>, BuildError> {
-    let tls = |err: &dyn std::fmt::Display| BuildError::Tls(err.to_string());
-    let (chain, key) = authority
-        .issue_serving_certificate(&serving.dns_names, &serving.ips, serving.validity)
-        .map_err(|err| tls(&err))?;
-    let mut roots = RootCertStore::empty();
-    for root in authority.roots().iter() {
-        roots.add(root.clone()).map_err(|err| tls(&err))?;
-    }
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|err| tls(&err))?;
+    let client_verifier = MeshRootsVerifier::new(authority.clone(), provider.clone(), true)
+        .map_err(BuildError::Tls)?;
+    let resolver = ServingCertificate::new(authority.clone(), serving.clone(), provider.clone())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|err| tls(&err))?
-        .with_client_cert_verifier(client_verifier)
-        .with_single_cert(chain, key)
-        .map_err(|err| tls(&err))?;
+        .map_err(|err| BuildError::Tls(err.to_string()))?
+        .with_client_cert_verifier(Arc::new(client_verifier))
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The CA's own serving certificate, re-issued when the authority's signer
+/// changes (root rotation) or when it is past half its life.
+struct ServingCertificate {
+    authority: Arc<Authority>,
+    names: ServingNames,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Current>,
+}
+
+struct Current {
+    generation: u64,
+    renew_after: SystemTime,
+    key: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for ServingCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCertificate")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServingCertificate {
+    fn new(
+        authority: Arc<Authority>,
+        names: ServingNames,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, BuildError> {
+        let current = issue_serving(&authority, &names, &provider)?;
+        Ok(Self {
+            authority,
+            names,
+            provider,
+            current: RwLock::new(current),
+        })
+    }
+}
+
+fn issue_serving(
+    authority: &Authority,
+    names: &ServingNames,
+    provider: &CryptoProvider,
+) -> Result<Current, BuildError> {
+    let generation = authority.generation();
+    let (chain, key) = authority
+        .issue_serving_certificate(&names.dns_names, &names.ips, names.validity)
+        .map_err(|err| BuildError::Tls(err.to_string()))?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|err| BuildError::Tls(err.to_string()))?;
+    Ok(Current {
+        generation,
+        renew_after: SystemTime::now() + names.validity / 2,
+        key: Arc::new(CertifiedKey::new(chain, signing_key)),
+    })
+}
+
+impl ResolvesServerCert for ServingCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let fresh = |current: &Current| {
+            current.generation == self.authority.generation()
+                && SystemTime::now() < current.renew_after
+        };
+        if let Ok(current) = self.current.read()
+            && fresh(&current)
+        {
+            return Some(current.key.clone());
+        }
+        match issue_serving(&self.authority, &self.names, &self.provider) {
+            Ok(renewed) => {
+                let key = renewed.key.clone();
+                if let Ok(mut current) = self.current.write() {
+                    *current = renewed;
+                }
+                Some(key)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "could not re-issue the serving certificate");
+                self.current.read().ok().map(|current| current.key.clone())
+            }
+        }
+    }
 }
 
 /// A CA ready to serve: the service plus its TLS configuration.

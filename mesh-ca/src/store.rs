@@ -7,6 +7,13 @@
 //! | `cert-chain.pem` | the signing certificate up to the root |
 //! | `root-cert.pem` | the root(s) workloads trust |
 //!
+//! A root rotation goes through three steps, each persisted before it takes
+//! effect, so a restart resumes where it stopped: [`stage_new_root`] creates a
+//! new root in `next/` and adds it to `root-cert.pem` (workloads learn to trust
+//! it); [`promote_new_root`] makes it the signer (the old key and certificate are
+//! kept in `previous/`); [`retire_old_roots`] leaves only the signer's root in
+//! `root-cert.pem`. Reload the [`crate::Authority`] with what each step returns.
+//!
 //! An operator may put these files in place (the CA then runs as an
 //! intermediate under their root). Otherwise the first start creates a
 //! self-signed root and writes the same files, and every later start loads them:
@@ -35,6 +42,10 @@ pub const CA_CERT_FILE: &str = "ca-cert.pem";
 pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
 /// File of the trusted root(s).
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// Folder of the root staged by a rotation.
+pub const NEXT_DIR: &str = "next";
+/// Folder of the signing files a rotation replaced.
+pub const PREVIOUS_DIR: &str = "previous";
 
 /// The signing material, loaded or created.
 #[derive(Clone, Debug)]
@@ -239,4 +250,95 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))?;
     Ok(())
+}
+
+/// Rotation step 1: creates a new self-signed root in `next/` (or keeps the one
+/// already staged) and adds it to the trust bundle. Signing is unchanged.
+pub fn stage_new_root(
+    dir: &Path,
+    trust_domain: &str,
+    validity: Duration,
+) -> Result<CaMaterial, StoreError> {
+    let current = load(dir)?;
+    let next = dir.join(NEXT_DIR);
+    let next_key = next.join(CA_KEY_FILE);
+    let next_cert = next.join(CA_CERT_FILE);
+    if !(next_key.exists() && next_cert.exists()) {
+        fs::create_dir_all(&next).map_err(io(&next))?;
+        fs::set_permissions(&next, fs::Permissions::from_mode(0o700)).map_err(io(&next))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root = root_params(trust_domain, validity).self_signed(&key)?;
+        write_atomic(&next_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&next_cert, root.pem().as_bytes(), 0o644)?;
+    }
+    let new_root = read_certs(&next_cert)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid(&next_cert, "holds no certificate"))?;
+    let mut bundle = current.roots;
+    if !bundle.contains(&new_root) {
+        bundle.push(new_root);
+    }
+    write_certs(&dir.join(ROOT_CERT_FILE), &bundle)?;
+    load(dir)
+}
+
+/// Rotation step 2: the staged root becomes the signer. The trust bundle keeps
+/// both roots, so certificates from either verify.
+pub fn promote_new_root(dir: &Path) -> Result<CaMaterial, StoreError> {
+    let current = load(dir)?;
+    let next = dir.join(NEXT_DIR);
+    let (next_key, next_cert) = (next.join(CA_KEY_FILE), next.join(CA_CERT_FILE));
+    if !(next_key.exists() && next_cert.exists()) {
+        return Err(StoreError::Incomplete {
+            dir: dir.to_owned(),
+            problem: "no staged root in next/: stage a new root first".into(),
+        });
+    }
+    let new_root = read_certs(&next_cert)?;
+    if !new_root.iter().all(|root| current.roots.contains(root)) {
+        return Err(invalid(
+            &dir.join(ROOT_CERT_FILE),
+            "does not trust the staged root yet",
+        ));
+    }
+    let previous = dir.join(PREVIOUS_DIR);
+    fs::create_dir_all(&previous).map_err(io(&previous))?;
+    fs::set_permissions(&previous, fs::Permissions::from_mode(0o700)).map_err(io(&previous))?;
+    write_atomic(
+        &previous.join(CA_KEY_FILE),
+        current.key_pem.as_bytes(),
+        0o600,
+    )?;
+    write_certs(&previous.join(CERT_CHAIN_FILE), &current.chain)?;
+    let key_pem = fs::read(&next_key).map_err(io(&next_key))?;
+    write_certs(&dir.join(CERT_CHAIN_FILE), &new_root)?;
+    write_atomic(&dir.join(CA_KEY_FILE), &key_pem, 0o600)?;
+    write_certs(&dir.join(CA_CERT_FILE), &new_root)?;
+    fs::remove_dir_all(&next).map_err(io(&next))?;
+    load(dir)
+}
+
+/// Rotation step 3: only the signer's root stays in the trust bundle.
+pub fn retire_old_roots(dir: &Path) -> Result<CaMaterial, StoreError> {
+    let current = load(dir)?;
+    if dir.join(NEXT_DIR).exists() {
+        return Err(StoreError::Incomplete {
+            dir: dir.to_owned(),
+            problem: "a staged root in next/ is not promoted yet".into(),
+        });
+    }
+    let signer_root = current
+        .chain
+        .last()
+        .cloned()
+        .into_iter()
+        .collect::<Vec<_>>();
+    write_certs(&dir.join(ROOT_CERT_FILE), &signer_root)?;
+    load(dir)
+}
+
+fn write_certs(path: &Path, certs: &[CertificateDer<'_>]) -> Result<(), StoreError> {
+    let pem: String = certs.iter().map(crate::authority::pem_of).collect();
+    write_atomic(path, pem.as_bytes(), 0o644)
 }

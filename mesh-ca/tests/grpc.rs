@@ -58,7 +58,7 @@ async fn start() -> Mesh {
     let server = CaServer::builder()
         .authority(authority.clone())
         .authenticator(tokens)
-        .authenticator(ClientCertificate::new(&authority.roots(), "cluster.local").unwrap())
+        .authenticator(ClientCertificate::new(authority.clone()).unwrap())
         .node_agent(ztunnel)
         .node_authorizer(
             StaticNodeAuthorizer::new()
