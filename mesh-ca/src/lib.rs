@@ -9,11 +9,13 @@
 //! - [`service`]: the `CreateCertificate` gRPC service.
 //! - [`server`]: serving it over TLS on a caller-bound listener.
 //! - [`client`]: obtaining certificates from a CA.
+//! - [`renewal`]: keeping a certificate fresh.
 
 pub mod auth;
 pub mod authority;
 pub mod client;
 pub mod csr;
+pub mod renewal;
 pub mod server;
 pub mod service;
 pub mod store;
@@ -25,6 +27,7 @@ pub use auth::{
 pub use authority::{Authority, IssueError, IssuedCertificate, SigningPolicy};
 pub use client::{CaClient, ClientError, WorkloadCertificate};
 pub use csr::{CsrError, VerifiedCsr, verify_csr};
+pub use renewal::{Renewal, RenewalConfig};
 pub use server::{CaHandle, CaServer, ServingNames};
 pub use service::{CaService, PeerInfo};
 pub use store::{CaMaterial, StoreError, load, load_or_create};

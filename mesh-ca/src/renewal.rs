@@ -1,0 +1,183 @@
+//! Keeping a workload certificate fresh: fetch it, renew at half-life, and on
+//! failure retry with exponential backoff (capped at 150 s, as Istio's agents do)
+//! while the old certificate stays in use until it expires.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mesh_api::Identity;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{CaClient, WorkloadCertificate};
+
+/// How a [`Renewal`] behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenewalConfig {
+    /// Validity to ask for (`None`: the CA's default).
+    pub ttl: Option<Duration>,
+    /// First retry delay after a failure.
+    pub initial_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        Self {
+            ttl: None,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(150),
+        }
+    }
+}
+
+/// Exponential backoff: `initial`, doubling, never above `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at `initial`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            next: initial.min(max),
+            max,
+        }
+    }
+
+    /// The delay before the next retry.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        delay
+    }
+}
+
+/// A certificate kept fresh by a background task on the caller's runtime.
+#[derive(Debug)]
+pub struct Renewal {
+    current: watch::Receiver<Option<Arc<WorkloadCertificate>>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewal {
+    /// Starts fetching and renewing `identity`'s certificate (impersonating it
+    /// with `impersonate`) until `shutdown` is cancelled or the renewal is dropped.
+    pub fn spawn(
+        client: CaClient,
+        identity: Identity,
+        impersonate: bool,
+        config: RenewalConfig,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let (publish, current) = watch::channel(None);
+        let shutdown = shutdown.child_token();
+        let task = tokio::spawn(renew(
+            client,
+            identity,
+            impersonate,
+            config,
+            publish,
+            shutdown.clone(),
+        ));
+        Self {
+            current,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The certificate in use: `None` before the first one, and after the last
+    /// one expired without a successful renewal.
+    pub fn current(&self) -> Option<Arc<WorkloadCertificate>> {
+        self.current.borrow().clone()
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<WorkloadCertificate>>> {
+        self.current.clone()
+    }
+
+    /// Stops renewing and waits for the task.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Time from now until `at` (zero if past).
+fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+async fn renew(
+    client: CaClient,
+    identity: Identity,
+    impersonate: bool,
+    config: RenewalConfig,
+    publish: watch::Sender<Option<Arc<WorkloadCertificate>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+    loop {
+        let delay = match client.certificate(&identity, impersonate, config.ttl).await {
+            Ok(certificate) => {
+                backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+                let renew_in = until(certificate.half_life());
+                tracing::debug!(%identity, ?renew_in, "certificate renewed");
+                publish.send_replace(Some(Arc::new(certificate)));
+                renew_in
+            }
+            Err(err) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%identity, error = %err, retry_in = ?delay, "certificate renewal failed");
+                delay
+            }
+        };
+        // Wait for the next attempt; drop the certificate if it expires meanwhile.
+        let expiry = publish
+            .borrow()
+            .as_ref()
+            .map(|certificate| until(certificate.not_after));
+        let expired = async {
+            match expiry {
+                Some(expiry) if expiry < delay => tokio::time::sleep(expiry).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+            () = expired => {
+                tracing::warn!(%identity, "certificate expired before it could be renewed");
+                publish.send_replace(None);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay.saturating_sub(expiry.unwrap_or_default())) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(150));
+        let delays: Vec<u64> = (0..10).map(|_| backoff.next_delay().as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 150, 150]);
+    }
+}
