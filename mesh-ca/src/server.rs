@@ -329,6 +329,10 @@ impl CaServer {
                             }
                         },
                     };
+                    // Small gRPC messages must not wait for delayed ACKs.
+                    if let Err(err) = tcp.set_nodelay(true) {
+                        tracing::debug!(%remote, error = %err, "could not set TCP_NODELAY");
+                    }
                     let acceptor = acceptor.clone();
                     let connections = connections.clone();
                     handshakes.spawn(async move {
