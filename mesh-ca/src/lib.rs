@@ -6,6 +6,7 @@
 //! - [`authority`]: signing workload and serving certificates.
 //! - [`csr`]: reading and checking certificate signing requests.
 //! - [`auth`]: authenticating callers and authorizing impersonation.
+//! - [`jwt`]: Kubernetes service-account tokens as credentials.
 //! - [`service`]: the `CreateCertificate` gRPC service.
 //! - [`server`]: serving it over TLS on a caller-bound listener.
 //! - [`client`]: obtaining certificates from a CA.
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod authority;
 pub mod client;
 pub mod csr;
+pub mod jwt;
 pub mod renewal;
 pub mod server;
 pub mod service;
@@ -27,6 +29,7 @@ pub use auth::{
 pub use authority::{Authority, IssueError, IssuedCertificate, SigningPolicy};
 pub use client::{CaClient, ClientError, WorkloadCertificate};
 pub use csr::{CsrError, VerifiedCsr, verify_csr};
+pub use jwt::JwtAuthenticator;
 pub use renewal::{Renewal, RenewalConfig};
 pub use server::{CaHandle, CaServer, ServingNames};
 pub use service::{CaService, PeerInfo};
