@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The example binary, next to this test's `deps/` directory; built through
-/// cargo if this run did not build examples (e.g. with a `--test` filter).
+/// The example binary, next to this test's `deps/` directory. Cargo is asked to
+/// build it every time (a no-op when it is current), so a run with a `--test`
+/// filter never uses a stale binary.
 fn authz_check() -> PathBuf {
     let test_exe = std::env::current_exe().unwrap();
     let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
     let binary = profile_dir.join("examples").join("authz-check");
-    if !binary.exists() {
+    {
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",

@@ -9,13 +9,14 @@ use mesh_ca::CaClient;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The example binary, next to this test's `deps/` directory; built through
-/// cargo if this run did not build examples (e.g. with a `--test` filter).
+/// The example binary, next to this test's `deps/` directory. Cargo is asked to
+/// build it every time (a no-op when it is current), so a run with a `--test`
+/// filter never uses a stale binary.
 fn ca_server() -> PathBuf {
     let test_exe = std::env::current_exe().unwrap();
     let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
     let binary = profile_dir.join("examples").join("ca-server");
-    if !binary.exists() {
+    {
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
@@ -51,6 +52,14 @@ async fn serves_certificates_to_token_holders() {
             .args(["--dir".as_ref(), dir.path().as_os_str()])
             .args(["--listen", "127.0.0.1:0"])
             .args([
+                "--node-agent",
+                "node-token=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a",
+            ])
+            .args([
+                "--workload",
+                "node-a=spiffe://cluster.local/ns/default/sa/echo",
+            ])
+            .args([
                 "--token",
                 "t0ken=spiffe://cluster.local/ns/default/sa/shell",
             ])
@@ -69,13 +78,13 @@ async fn serves_certificates_to_token_holders() {
         .parse()
         .unwrap();
 
-    let roots = CertificateDer::pem_file_iter(root_path)
+    let roots: Vec<_> = CertificateDer::pem_file_iter(root_path)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     let client = CaClient::builder()
         .address(address)
-        .roots(roots)
+        .roots(roots.clone())
         .token("t0ken")
         .build()
         .unwrap();
@@ -84,6 +93,24 @@ async fn serves_certificates_to_token_holders() {
         .unwrap();
     let certificate = client.certificate(&shell, false, None).await.unwrap();
     assert_eq!(certificate.identity, shell);
+
+    // The node agent gets the certificate of a workload on its node, and only that.
+    let node_agent = CaClient::builder()
+        .address(address)
+        .roots(roots)
+        .token("node-token")
+        .build()
+        .unwrap();
+    let echo = "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap();
+    assert_eq!(
+        node_agent
+            .certificate(&echo, true, None)
+            .await
+            .unwrap()
+            .identity,
+        echo
+    );
+    assert!(node_agent.certificate(&shell, true, None).await.is_err());
 }
 
 #[test]
