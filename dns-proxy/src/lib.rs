@@ -1,0 +1,18 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Modules
+//!
+//! - [`lookup`]: the mesh state the proxy answers from.
+//! - [`resolve`](mod@resolve): the decision for one question, free of I/O.
+//! - [`upstream`]: forwarding with a cache.
+//! - [`server`]: serving on caller-bound sockets.
+
+pub mod lookup;
+pub mod resolve;
+pub mod server;
+pub mod upstream;
+
+pub use lookup::{InMemoryMeshDns, MeshDns, ServiceRecord};
+pub use resolve::{Resolution, resolve};
+pub use server::{DnsHandle, DnsProxy, DnsProxyBuilder};
+pub use upstream::{Upstream, UpstreamConfig};

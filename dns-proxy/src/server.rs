@@ -1,0 +1,336 @@
+//! The DNS server: hickory's server on caller-bound UDP and TCP sockets, with a
+//! handler that answers from the mesh (see [`resolve`](mod@crate::resolve)) or forwards.
+//!
+//! Malformed questions get FORMERR (hickory answers unparseable bodies itself
+//! and drops what cannot even be read as a header); questions larger than
+//! [`MAX_QUERY_BYTES`] are refused with FORMERR before any work.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::lookup::MeshDns;
+use crate::resolve::{Resolution, resolve};
+use crate::upstream::{Relayed, Upstream, UpstreamConfig};
+
+/// The largest question accepted, in bytes.
+pub const MAX_QUERY_BYTES: usize = 4096;
+
+/// How long an idle TCP connection stays open.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Why a proxy could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No mesh state was given.
+    #[error("a DNS proxy needs mesh state (MeshDns)")]
+    NoMesh,
+    /// The upstream configuration is unusable.
+    #[error("upstream: {0}")]
+    Upstream(String),
+}
+
+/// Builds a [`DnsProxy`].
+#[derive(Default)]
+pub struct DnsProxyBuilder {
+    mesh: Option<Arc<dyn MeshDns>>,
+    domain: Option<String>,
+    ttl: Option<u32>,
+    upstream: UpstreamConfig,
+}
+
+impl std::fmt::Debug for DnsProxyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsProxyBuilder")
+            .field("domain", &self.domain)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsProxyBuilder {
+    /// The mesh state to answer from.
+    pub fn mesh(mut self, mesh: Arc<dyn MeshDns>) -> Self {
+        self.mesh = Some(mesh);
+        self
+    }
+
+    /// The cluster domain (default `cluster.local`).
+    pub fn domain(mut self, domain: impl Into<String>) -> Self {
+        self.domain = Some(domain.into());
+        self
+    }
+
+    /// TTL of mesh answers in seconds (default 30).
+    pub fn ttl(mut self, seconds: u32) -> Self {
+        self.ttl = Some(seconds);
+        self
+    }
+
+    /// Upstream resolvers and their behaviour; with none, unknown names get SERVFAIL.
+    pub fn upstream(mut self, upstream: UpstreamConfig) -> Self {
+        self.upstream = upstream;
+        self
+    }
+
+    /// Validates and assembles; binds nothing.
+    pub fn build(self) -> Result<DnsProxy, BuildError> {
+        let mesh = self.mesh.ok_or(BuildError::NoMesh)?;
+        let upstream = if self.upstream.servers.is_empty() {
+            None
+        } else {
+            Some(Upstream::new(&self.upstream).map_err(BuildError::Upstream)?)
+        };
+        let domain = self.domain.unwrap_or_else(|| "cluster.local".into());
+        Ok(DnsProxy {
+            handler: Handler {
+                mesh,
+                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+                ttl: self.ttl.unwrap_or(30),
+                upstream,
+            },
+        })
+    }
+}
+
+/// A DNS proxy ready to serve.
+#[derive(Clone)]
+pub struct DnsProxy {
+    handler: Handler,
+}
+
+impl std::fmt::Debug for DnsProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsProxy")
+            .field("domain", &self.handler.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsProxy {
+    /// A builder.
+    pub fn builder() -> DnsProxyBuilder {
+        DnsProxyBuilder::default()
+    }
+
+    /// Serves on the caller's sockets until `shutdown` is cancelled.
+    pub async fn serve(
+        self,
+        udp: UdpSocket,
+        tcp: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), std::io::Error> {
+        let mut server = Server::new(self.handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, 32);
+        shutdown.cancelled().await;
+        server
+            .shutdown_gracefully()
+            .await
+            .map_err(|err| std::io::Error::other(err.to_string()))
+    }
+
+    /// Spawns [`DnsProxy::serve`] on the current runtime.
+    pub fn spawn(self, udp: UdpSocket, tcp: TcpListener) -> std::io::Result<DnsHandle> {
+        let udp_addr = udp.local_addr()?;
+        let tcp_addr = tcp.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.serve(udp, tcp, shutdown.clone()));
+        Ok(DnsHandle {
+            udp_addr,
+            tcp_addr,
+            shutdown,
+            task,
+        })
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct DnsHandle {
+    udp_addr: SocketAddr,
+    tcp_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl DnsHandle {
+    /// The UDP address served.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
+    /// The TCP address served.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// Stops serving.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Stops serving and waits for the server to finish.
+    pub async fn join(self) -> std::io::Result<()> {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .map_err(|err| std::io::Error::other(err.to_string()))?
+    }
+}
+
+#[derive(Clone)]
+struct Handler {
+    mesh: Arc<dyn MeshDns>,
+    domain: String,
+    ttl: u32,
+    upstream: Option<Upstream>,
+}
+
+/// What the handler sends back.
+struct Reply {
+    code: ResponseCode,
+    authoritative: bool,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+}
+
+impl Reply {
+    fn code(code: ResponseCode) -> Self {
+        Self {
+            code,
+            authoritative: false,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+        }
+    }
+}
+
+impl Handler {
+    async fn reply(&self, request: &Request) -> Reply {
+        if request.as_slice().len() > MAX_QUERY_BYTES {
+            return Reply::code(ResponseCode::FormErr);
+        }
+        let Ok(info) = request.request_info() else {
+            return Reply::code(ResponseCode::FormErr);
+        };
+        let question: Name = info.query.name().clone().into();
+        let record_type = info.query.query_type();
+        if info.query.query_class() != DNSClass::IN {
+            return self.forward(&question, record_type).await;
+        }
+        let name = question
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let namespace = self.mesh.client_namespace(request.src().ip());
+        match resolve(
+            self.mesh.as_ref(),
+            &self.domain,
+            namespace.as_deref(),
+            &name,
+            record_type,
+        ) {
+            Resolution::Answer {
+                alias_of,
+                addresses,
+            } => {
+                let mut answers = Vec::with_capacity(addresses.len() + 1);
+                let mut owner = question.clone();
+                if let Some(target) = alias_of {
+                    let Ok(target) = Name::from_ascii(format!("{target}.")) else {
+                        return Reply::code(ResponseCode::ServFail);
+                    };
+                    answers.push(Record::from_rdata(
+                        question,
+                        self.ttl,
+                        RData::CNAME(CNAME(target.clone())),
+                    ));
+                    owner = target;
+                }
+                answers.extend(addresses.into_iter().map(|ip| {
+                    let rdata = match ip {
+                        std::net::IpAddr::V4(v4) => RData::A(A(v4)),
+                        std::net::IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+                    };
+                    Record::from_rdata(owner.clone(), self.ttl, rdata)
+                }));
+                Reply {
+                    code: ResponseCode::NoError,
+                    authoritative: true,
+                    answers,
+                    authorities: Vec::new(),
+                }
+            }
+            Resolution::Forward => self.forward(&question, record_type).await,
+        }
+    }
+
+    async fn forward(&self, name: &Name, record_type: RecordType) -> Reply {
+        let Some(upstream) = &self.upstream else {
+            return Reply::code(ResponseCode::ServFail);
+        };
+        let Relayed {
+            code,
+            answers,
+            authorities,
+        } = upstream.query(name, record_type).await;
+        Reply {
+            code,
+            authoritative: false,
+            answers,
+            authorities,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let reply = self.reply(request).await;
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        let mut edns = Edns::new();
+        if let Some(asked) = &request.edns {
+            edns.set_max_payload(asked.max_payload().clamp(512, 1232));
+            builder.edns(&edns);
+        }
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = reply.authoritative;
+        metadata.recursion_available = true;
+        metadata.response_code = reply.code;
+        let response = builder.build(
+            metadata,
+            reply.answers.iter(),
+            reply.authorities.iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(err) => {
+                tracing::debug!(error = %err, "could not send a DNS response");
+                let mut header = Metadata::response_from_request(&request.metadata);
+                header.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header {
+                    metadata: header,
+                    counts: HeaderCounts::default(),
+                })
+            }
+        }
+    }
+}
