@@ -1,0 +1,173 @@
+//! `dns-serve`: run the DNS proxy from a records file.
+//!
+//! ```sh
+//! cargo run -p dns-proxy --example dns-serve -- --listen 127.0.0.1:15053 \
+//!     --records records.yaml --upstream 127.0.0.1:53 [--domain cluster.local]
+//! ```
+//!
+//! The records file lists services and which namespace each client IP is in:
+//!
+//! ```yaml
+//! services:
+//! - name: echo                # hostname echo.default.svc.cluster.local
+//!   namespace: default
+//!   vips: [10.96.0.10, fd00::10]
+//! - name: db                  # headless: answered with its endpoints
+//!   namespace: default
+//!   endpoints: [10.42.0.7, 10.42.0.8]
+//! - hostname: api.example.com # an external host
+//!   namespace: default
+//!   vips: [240.0.0.1]
+//! clients:
+//!   10.42.0.5: default
+//! ```
+//!
+//! It prints `listening on <addr>` once serving UDP and TCP; Ctrl-C stops it.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use dns_proxy::{DnsProxy, InMemoryMeshDns, ServiceRecord, UpstreamConfig};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Records {
+    #[serde(default)]
+    services: Vec<Service>,
+    #[serde(default)]
+    clients: BTreeMap<IpAddr, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Service {
+    #[serde(default)]
+    name: Option<String>,
+    namespace: String,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    vips: Vec<IpAddr>,
+    #[serde(default)]
+    endpoints: Vec<IpAddr>,
+    #[serde(default)]
+    canonical: bool,
+}
+
+struct Args {
+    listen: SocketAddr,
+    records: PathBuf,
+    upstreams: Vec<SocketAddr>,
+    domain: String,
+}
+
+const USAGE: &str = "usage: dns-serve --listen <addr> --records <file.yaml> [--upstream <addr>] ... [--domain <domain>]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut listen = None;
+    let mut records = None;
+    let mut upstreams = Vec::new();
+    let mut domain = "cluster.local".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--listen" => {
+                listen = Some(value()?.parse().map_err(|err| format!("--listen: {err}"))?);
+            }
+            "--records" => records = Some(PathBuf::from(value()?)),
+            "--upstream" => upstreams.push(
+                value()?
+                    .parse()
+                    .map_err(|err| format!("--upstream: {err}"))?,
+            ),
+            "--domain" => domain = value()?,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(Args {
+        listen: listen.ok_or(format!("--listen is required\n{USAGE}"))?,
+        records: records.ok_or(format!("--records is required\n{USAGE}"))?,
+        upstreams,
+        domain,
+    })
+}
+
+fn load(args: &Args) -> Result<InMemoryMeshDns, String> {
+    let text = std::fs::read_to_string(&args.records)
+        .map_err(|err| format!("{}: {err}", args.records.display()))?;
+    let records: Records = serde_saphyr::from_str(&text)
+        .map_err(|err| format!("{}: {err}", args.records.display()))?;
+    let mesh = InMemoryMeshDns::new();
+    for (index, service) in records.services.into_iter().enumerate() {
+        let hostname = match (service.hostname, service.name) {
+            (Some(hostname), _) => hostname,
+            (None, Some(name)) => format!("{name}.{}.svc.{}", service.namespace, args.domain),
+            (None, None) => return Err(format!("services[{index}]: give a name or a hostname")),
+        };
+        mesh.upsert_service(ServiceRecord {
+            namespace: service.namespace,
+            hostname,
+            vips: service.vips,
+            endpoints: service.endpoints,
+            canonical: service.canonical,
+        });
+    }
+    for (ip, namespace) in records.clients {
+        mesh.set_client_namespace(ip, Some(namespace));
+    }
+    Ok(mesh)
+}
+
+async fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let mesh = load(&args)?;
+    let proxy = DnsProxy::builder()
+        .mesh(Arc::new(mesh))
+        .domain(&args.domain)
+        .upstream(UpstreamConfig {
+            servers: args.upstreams.clone(),
+            ..UpstreamConfig::default()
+        })
+        .build()
+        .map_err(|err| err.to_string())?;
+    let udp = tokio::net::UdpSocket::bind(args.listen)
+        .await
+        .map_err(|err| format!("--listen {} (udp): {err}", args.listen))?;
+    let tcp = tokio::net::TcpListener::bind(udp.local_addr().map_err(|err| err.to_string())?)
+        .await
+        .map_err(|err| format!("--listen {} (tcp): {err}", args.listen))?;
+    let handle = proxy.spawn(udp, tcp).map_err(|err| err.to_string())?;
+    println!("listening on {}", handle.udp_addr());
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(|err| err.to_string())?;
+    handle.join().await.map_err(|err| err.to_string())
+}
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("dns-serve: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("dns-serve: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

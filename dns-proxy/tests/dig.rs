@@ -1,0 +1,167 @@
+//! The `dns-serve` example queried with `dig` (Debian's bind9-dnsutils), as a
+//! person would: from clients in two namespaces, over UDP and TCP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The example binary, next to this test's `deps/` directory. Cargo is asked to
+/// build it every time (a no-op when it is current).
+fn dns_serve() -> PathBuf {
+    let test_exe = std::env::current_exe().unwrap();
+    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "dns-proxy",
+            "--example",
+            "dns-serve",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the dns-serve example failed");
+    profile_dir.join("examples").join("dns-serve")
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const RECORDS: &str = "
+services:
+- name: echo
+  namespace: default
+  vips: [10.96.0.10, fd00::10]
+- name: echo
+  namespace: other
+  vips: [10.96.0.20]
+- name: db
+  namespace: default
+  endpoints: [10.42.0.7, 10.42.0.8]
+- hostname: api.example.com
+  namespace: default
+  vips: [240.0.0.1]
+clients:
+  127.0.0.1: default
+  127.0.0.2: other
+";
+
+fn dig(port: u16, from: &str, args: &[&str]) -> Vec<String> {
+    let output = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-b",
+            from,
+            "+short",
+            "+time=5",
+            "+tries=1",
+        ])
+        .args(args)
+        .output()
+        .expect("dig is installed (Debian bind9-dnsutils)");
+    assert!(
+        output.status.success(),
+        "dig {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn dig_gets_mesh_answers_by_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records.yaml");
+    std::fs::write(&records, RECORDS).unwrap();
+    let mut child = Running(
+        Command::new(dns_serve())
+            .args(["--listen", "127.0.0.1:0", "--records"])
+            .arg(&records)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = BufReader::new(child.0.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+
+    assert_eq!(
+        dig(port, "127.0.0.1", &["echo.default.svc.cluster.local", "A"]),
+        ["10.96.0.10"]
+    );
+    assert_eq!(
+        dig(
+            port,
+            "127.0.0.1",
+            &["echo.default.svc.cluster.local", "AAAA"]
+        ),
+        ["fd00::10"]
+    );
+    assert_eq!(
+        dig(
+            port,
+            "127.0.0.1",
+            &["+tcp", "echo.default.svc.cluster.local", "A"]
+        ),
+        ["10.96.0.10"]
+    );
+    // The same short name in two namespaces.
+    assert_eq!(
+        dig(port, "127.0.0.1", &["echo", "A"]),
+        ["echo.default.svc.cluster.local.", "10.96.0.10"]
+    );
+    assert_eq!(
+        dig(port, "127.0.0.2", &["echo", "A"]),
+        ["echo.other.svc.cluster.local.", "10.96.0.20"]
+    );
+    assert_eq!(
+        dig(
+            port,
+            "127.0.0.2",
+            &["echo.default.other.svc.cluster.local", "A"]
+        ),
+        ["echo.default.svc.cluster.local.", "10.96.0.10"]
+    );
+    // Headless, external host, no records of the family.
+    let mut db = dig(port, "127.0.0.1", &["db.default.svc.cluster.local", "A"]);
+    db.sort();
+    assert_eq!(db, ["10.42.0.7", "10.42.0.8"]);
+    assert_eq!(
+        dig(port, "127.0.0.1", &["api.example.com", "A"]),
+        ["240.0.0.1"]
+    );
+    assert!(dig(port, "127.0.0.2", &["echo.other.svc.cluster.local", "AAAA"]).is_empty());
+    // dig's full answer shows the authoritative flag and NOERROR.
+    let full = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "+time=5",
+            "+tries=1",
+            "+edns=0",
+            "echo.default.svc.cluster.local",
+            "A",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(full.stdout).unwrap();
+    assert!(text.contains("status: NOERROR"), "{text}");
+    assert!(text.contains("flags: qr aa rd ra"), "{text}");
+    assert!(text.contains("OPT PSEUDOSECTION"), "EDNS answered: {text}");
+}
