@@ -515,3 +515,88 @@ async fn edns_is_answered_with_edns() {
     assert!(edns.max_payload() >= 512);
     let _: IpAddr = "10.96.0.10".parse().unwrap();
 }
+
+#[tokio::test]
+async fn hickory_client_over_udp_and_tcp() {
+    use futures::StreamExt;
+    use hickory_proto::op::{DnsRequest, DnsRequestOptions};
+    use hickory_server::net::runtime::TokioRuntimeProvider;
+    use hickory_server::net::tcp::TcpClientStream;
+    use hickory_server::net::udp::UdpClientStream;
+    use hickory_server::net::xfer::DnsHandle as _;
+
+    let setup = start().await;
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii("echo.default.svc.cluster.local.").unwrap(),
+        RecordType::A,
+    ));
+    let provider = TokioRuntimeProvider::default();
+
+    let udp = UdpClientStream::builder(setup.proxy.udp_addr(), provider.clone())
+        .with_timeout(Some(Duration::from_secs(5)))
+        .exchange();
+    let response = udp
+        .send(DnsRequest::new(query.clone(), DnsRequestOptions::default()))
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_message();
+    assert_eq!(
+        answers(&response),
+        ["A echo.default.svc.cluster.local. 10.96.0.10"]
+    );
+
+    let tcp = TcpClientStream::exchange(
+        setup.proxy.tcp_addr(),
+        None,
+        Duration::from_secs(5),
+        None,
+        provider,
+    )
+    .await
+    .unwrap();
+    let response = tcp
+        .send(DnsRequest::new(query, DnsRequestOptions::default()))
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_message();
+    assert_eq!(
+        answers(&response),
+        ["A echo.default.svc.cluster.local. 10.96.0.10"]
+    );
+}
+
+#[tokio::test]
+async fn oversized_tcp_questions_are_refused() {
+    let setup = start().await;
+    // A valid question padded with 8 KiB of additional records.
+    let mut message = Message::query();
+    message.add_query(Query::query(
+        Name::from_ascii("echo.default.svc.cluster.local.").unwrap(),
+        RecordType::A,
+    ));
+    for i in 0..400u16 {
+        let name = Name::from_ascii(format!("pad{i}.example.")).unwrap();
+        message.add_additional(Record::from_rdata(name, 0, RData::A(A::new(10, 0, 0, 1))));
+    }
+    let packet = message.to_vec().unwrap();
+    assert!(packet.len() > 8 * 1024);
+    let mut stream = TcpStream::connect(setup.proxy.tcp_addr()).await.unwrap();
+    stream
+        .write_all(&u16::try_from(packet.len()).unwrap().to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&packet).await.unwrap();
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut body).await.unwrap();
+    let response = Message::from_vec(&body).unwrap();
+    assert_eq!(response.metadata.response_code, ResponseCode::FormErr);
+    assert!(response.answers.is_empty());
+}
