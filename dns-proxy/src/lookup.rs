@@ -35,20 +35,23 @@ impl ServiceRecord {
     }
 }
 
+/// The services sharing one hostname, shared without copying.
+pub type Services = Arc<[Arc<ServiceRecord>]>;
+
 /// Mesh state for DNS. Implementations must be cheap to query: every DNS
-/// question calls them.
+/// question calls them, so they hand out shared data rather than copies.
 pub trait MeshDns: Send + Sync + 'static {
     /// Every service with this hostname (lowercase, no trailing dot).
-    fn services(&self, hostname: &str) -> Vec<Arc<ServiceRecord>>;
+    fn services(&self, hostname: &str) -> Option<Services>;
 
     /// The namespace of the workload at `client`, if it is known.
-    fn client_namespace(&self, client: IpAddr) -> Option<String>;
+    fn client_namespace(&self, client: IpAddr) -> Option<Arc<str>>;
 }
 
 #[derive(Debug, Default)]
 struct State {
-    by_hostname: HashMap<String, Vec<Arc<ServiceRecord>>>,
-    namespaces: HashMap<IpAddr, String>,
+    by_hostname: HashMap<String, Services>,
+    namespaces: HashMap<IpAddr, Arc<str>>,
 }
 
 /// Mesh state held in memory, updated service by service.
@@ -67,26 +70,39 @@ impl InMemoryMeshDns {
     pub fn upsert_service(&self, mut service: ServiceRecord) {
         service.hostname = normalize(&service.hostname);
         let mut state = self.write();
-        let entries = state
+        let hostname = service.hostname.clone();
+        let mut entries: Vec<Arc<ServiceRecord>> = state
             .by_hostname
-            .entry(service.hostname.clone())
-            .or_default();
-        entries.retain(|existing| existing.namespace != service.namespace);
+            .get(&hostname)
+            .map(|existing| {
+                existing
+                    .iter()
+                    .filter(|e| e.namespace != service.namespace)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         entries.push(Arc::new(service));
+        state.by_hostname.insert(hostname, entries.into());
     }
 
     /// Removes a service; `false` if it was not there.
     pub fn remove_service(&self, namespace: &str, hostname: &str) -> bool {
         let hostname = normalize(hostname);
         let mut state = self.write();
-        let Some(entries) = state.by_hostname.get_mut(&hostname) else {
+        let Some(existing) = state.by_hostname.get(&hostname) else {
             return false;
         };
-        let before = entries.len();
-        entries.retain(|existing| existing.namespace != namespace);
-        let removed = entries.len() != before;
-        if entries.is_empty() {
+        let remaining: Vec<Arc<ServiceRecord>> = existing
+            .iter()
+            .filter(|e| e.namespace != namespace)
+            .cloned()
+            .collect();
+        let removed = remaining.len() != existing.len();
+        if remaining.is_empty() {
             state.by_hostname.remove(&hostname);
+        } else {
+            state.by_hostname.insert(hostname, remaining.into());
         }
         removed
     }
@@ -95,7 +111,7 @@ impl InMemoryMeshDns {
     pub fn set_client_namespace(&self, ip: IpAddr, namespace: Option<String>) {
         let mut state = self.write();
         match namespace {
-            Some(namespace) => state.namespaces.insert(ip.to_canonical(), namespace),
+            Some(namespace) => state.namespaces.insert(ip.to_canonical(), namespace.into()),
             None => state.namespaces.remove(&ip.to_canonical()),
         };
     }
@@ -121,15 +137,11 @@ pub(crate) fn normalize(hostname: &str) -> String {
 }
 
 impl MeshDns for InMemoryMeshDns {
-    fn services(&self, hostname: &str) -> Vec<Arc<ServiceRecord>> {
-        self.read()
-            .by_hostname
-            .get(hostname)
-            .cloned()
-            .unwrap_or_default()
+    fn services(&self, hostname: &str) -> Option<Services> {
+        self.read().by_hostname.get(hostname).cloned()
     }
 
-    fn client_namespace(&self, client: IpAddr) -> Option<String> {
+    fn client_namespace(&self, client: IpAddr) -> Option<Arc<str>> {
         self.read().namespaces.get(&client.to_canonical()).cloned()
     }
 }

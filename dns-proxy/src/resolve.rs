@@ -49,23 +49,28 @@ pub fn resolve(
         RecordType::AAAA => false,
         _ => return Resolution::Forward,
     };
-    for hostname in candidates(domain, namespace, name) {
-        let services = mesh.services(&hostname);
-        let Some(service) = preferred(&services, namespace) else {
-            continue;
-        };
+    let answer = |hostname: &str| {
+        let services = mesh.services(hostname)?;
+        let service = preferred(&services, namespace)?;
         let addresses = service
             .addresses()
             .iter()
             .copied()
             .filter(|ip| ip.is_ipv4() == want_v4)
             .collect();
-        return Resolution::Answer {
-            alias_of: (hostname != name).then_some(hostname),
+        Some(Resolution::Answer {
+            alias_of: (hostname != name).then(|| hostname.to_owned()),
             addresses,
-        };
+        })
+    };
+    // The name as asked first: the common case allocates nothing more.
+    if let Some(found) = answer(name) {
+        return found;
     }
-    Resolution::Forward
+    candidates(domain, namespace, name)
+        .iter()
+        .find_map(|hostname| answer(hostname))
+        .unwrap_or(Resolution::Forward)
 }
 
 /// The client's namespace first, then a canonical service, then any.
@@ -80,9 +85,9 @@ fn preferred<'a>(
         .or_else(|| services.first())
 }
 
-/// Hostnames to try, in order.
+/// Hostnames to try after the name itself, in order.
 fn candidates(domain: &str, namespace: Option<&str>, name: &str) -> Vec<String> {
-    let mut out = vec![name.to_owned()];
+    let mut out = Vec::new();
     if let Some(namespace) = namespace {
         for suffix in [
             format!("{namespace}.svc.{domain}"),
