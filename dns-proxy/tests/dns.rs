@@ -523,7 +523,7 @@ async fn hickory_client_over_udp_and_tcp() {
     use hickory_server::net::runtime::TokioRuntimeProvider;
     use hickory_server::net::tcp::TcpClientStream;
     use hickory_server::net::udp::UdpClientStream;
-    use hickory_server::net::xfer::DnsHandle as _;
+    use hickory_server::net::xfer::DnsHandle;
 
     let setup = start().await;
     let mut query = Message::query();
@@ -534,16 +534,21 @@ async fn hickory_client_over_udp_and_tcp() {
     ));
     let provider = TokioRuntimeProvider::default();
 
+    /// One question through hickory's client, UDP or TCP alike.
+    async fn exchange(client: &impl DnsHandle, query: Message) -> Message {
+        client
+            .send(DnsRequest::new(query, DnsRequestOptions::default()))
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_message()
+    }
+
     let udp = UdpClientStream::builder(setup.proxy.udp_addr(), provider.clone())
         .with_timeout(Some(Duration::from_secs(5)))
         .exchange();
-    let response = udp
-        .send(DnsRequest::new(query.clone(), DnsRequestOptions::default()))
-        .next()
-        .await
-        .unwrap()
-        .unwrap()
-        .into_message();
+    let response = exchange(&udp, query.clone()).await;
     assert_eq!(
         answers(&response),
         ["A echo.default.svc.cluster.local. 10.96.0.10"]
@@ -558,13 +563,7 @@ async fn hickory_client_over_udp_and_tcp() {
     )
     .await
     .unwrap();
-    let response = tcp
-        .send(DnsRequest::new(query, DnsRequestOptions::default()))
-        .next()
-        .await
-        .unwrap()
-        .unwrap()
-        .into_message();
+    let response = exchange(&tcp, query).await;
     assert_eq!(
         answers(&response),
         ["A echo.default.svc.cluster.local. 10.96.0.10"]

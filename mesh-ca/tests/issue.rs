@@ -1,20 +1,20 @@
 //! Issuing certificates: what a workload gets, checked with rustls' own webpki
 //! verifier (as a TLS peer would), and the CA's files across restarts.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::verify_as_client_cert;
 use mesh_api::Identity;
 use mesh_ca::{Authority, IssueError, SigningPolicy, load_or_create, store, verify_csr};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256,
 };
-use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -45,26 +45,6 @@ fn ders(chain_pem: &[String]) -> Vec<CertificateDer<'static>> {
         .iter()
         .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
         .collect()
-}
-
-/// Verifies `chain` as a TLS client certificate against `roots`, as an HBONE
-/// server does.
-fn verify_as_client_cert(
-    roots: &[CertificateDer<'static>],
-    chain: &[CertificateDer<'static>],
-) -> Result<(), rustls::Error> {
-    let mut store = RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
-        .build()
-        .unwrap();
-    let intermediates = &chain[1..chain.len().saturating_sub(1)];
-    verifier
-        .verify_client_cert(&chain[0], intermediates, UnixTime::now())
-        .map(|_| ())
 }
 
 fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {

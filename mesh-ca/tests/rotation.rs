@@ -3,6 +3,8 @@
 //! overlap certificates from both roots verify; the trust bundle is there at
 //! every step; a restart in the middle resumes; the CA's own TLS follows.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,26 +13,13 @@ use mesh_ca::{
     Authority, CaClient, CaServer, ClientCertificate, SigningPolicy, StaticTokens,
     WorkloadCertificate, load, load_or_create, store,
 };
-use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 
 const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86400);
 
 fn verifies(roots: &[CertificateDer<'static>], cert: &WorkloadCertificate) -> bool {
-    let mut store = RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
-        .build()
-        .unwrap();
-    let intermediates = &cert.chain[1..cert.chain.len() - 1];
-    verifier
-        .verify_client_cert(&cert.chain[0], intermediates, UnixTime::now())
-        .is_ok()
+    common::verify_as_client_cert(roots, &cert.chain).is_ok()
 }
 
 #[tokio::test]
