@@ -21,7 +21,7 @@ pub use engine::{
     Verdict, WirePolicyError,
 };
 pub use model::AuthorizationPolicy;
-pub use parse::{LoadError, load_policies, parse_policies};
+pub use parse::{LoadError, load_policies, parse_policies, policy_from_document};
 pub use validate::{ValidationError, validate};
 
 /// Istio's default root namespace: policies there apply mesh-wide.

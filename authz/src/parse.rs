@@ -132,26 +132,63 @@ fn collect(
     if kind != KIND || !api_version.starts_with(API_GROUP) {
         return;
     }
-    let name = fields
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>");
-    let namespace = fields
-        .get("metadata")
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or(default_namespace);
+    match parse_document(document, default_namespace) {
+        Ok(policy) => policies.push(policy),
+        Err(problem) => problems.push(problem),
+    }
+}
+
+/// Parses and validates one Kubernetes object that is an AuthorizationPolicy (for
+/// callers that dispatch on `kind` themselves, e.g. a manifest reader or a
+/// Kubernetes watch). A missing namespace becomes `default_namespace`. Every
+/// problem is returned, each naming the policy and the path to the field.
+pub fn policy_from_document(
+    document: Value,
+    default_namespace: &str,
+) -> Result<AuthorizationPolicy, Vec<ValidationError>> {
+    let policy = parse_document(document, default_namespace).map_err(|problem| vec![problem])?;
+    let problems = validate(&policy, default_namespace);
+    if problems.is_empty() {
+        Ok(policy)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Parses one AuthorizationPolicy document (syntax, field names and types).
+fn parse_document(
+    document: Value,
+    default_namespace: &str,
+) -> Result<AuthorizationPolicy, ValidationError> {
+    let field = |name: &str| document.get(name).and_then(Value::as_str);
+    let api_version = field("apiVersion").unwrap_or_default().to_owned();
+    let metadata = |name: &str| {
+        document
+            .get("metadata")
+            .and_then(|m| m.get(name))
+            .and_then(Value::as_str)
+    };
+    let name = metadata("name").unwrap_or("<unnamed>");
+    let namespace = metadata("namespace").unwrap_or(default_namespace);
     let policy_key = format!("{namespace}/{name}");
-    if !API_VERSIONS.contains(&api_version) {
-        problems.push(ValidationError {
+    if field("kind") != Some(KIND) {
+        return Err(ValidationError {
+            policy: policy_key,
+            path: "kind".into(),
+            message: format!(
+                "expected kind {KIND}, found {:?}",
+                field("kind").unwrap_or("")
+            ),
+        });
+    }
+    if !API_VERSIONS.contains(&api_version.as_str()) {
+        return Err(ValidationError {
             policy: policy_key,
             path: "apiVersion".into(),
             message: format!(
                 "unsupported version {api_version:?}: use security.istio.io/v1 (or v1beta1)"
             ),
         });
-        return;
     }
     let mut body = document;
     if let Value::Object(fields) = &mut body {
@@ -166,20 +203,20 @@ fn collect(
                 .metadata
                 .namespace
                 .get_or_insert_with(|| default_namespace.to_owned());
-            policies.push(policy);
+            Ok(policy)
         }
         Err(err) => {
             let path = err.path().to_string();
             let message = err.inner().to_string();
             let hint = hint_for(&path, &message);
-            problems.push(ValidationError {
+            Err(ValidationError {
                 policy: policy_key,
                 path,
                 message: match hint {
                     Some(hint) => format!("{message} ({hint})"),
                     None => message,
                 },
-            });
+            })
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod renewal;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod transport;
 
 pub use auth::{
     Authenticated, Authenticator, ClientCertificate, NodeAuthorizer, StaticNodeAuthorizer,

@@ -9,30 +9,19 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use mesh_api::Identity;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, MeshRootsVerifier, NodeAuthorizer};
 use crate::authority::Authority;
-use crate::service::{CaService, PeerInfo};
-
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::service::CaService;
 
 /// The names the CA's serving certificate carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -309,57 +298,10 @@ impl CaServer {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
-        let (connections, incoming) = mpsc::channel::<io::Result<TlsConnection>>(64);
-        let acceptor = TlsAcceptor::from(self.tls);
-        let handshakes = TaskTracker::new();
-        let accept = {
-            let shutdown = shutdown.clone();
-            let handshakes = handshakes.clone();
-            async move {
-                loop {
-                    let (tcp, remote) = tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok(accepted) => accepted,
-                            Err(err) => {
-                                // Out of file descriptors and the like: back off, keep serving.
-                                tracing::warn!(error = %err, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        },
-                    };
-                    // Small gRPC messages must not wait for delayed ACKs.
-                    if let Err(err) = tcp.set_nodelay(true) {
-                        tracing::debug!(%remote, error = %err, "could not set TCP_NODELAY");
-                    }
-                    let acceptor = acceptor.clone();
-                    let connections = connections.clone();
-                    handshakes.spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let _ =
-                                    connections.send(Ok(TlsConnection { stream, remote })).await;
-                            }
-                            Ok(Err(err)) => {
-                                tracing::debug!(%remote, error = %err, "TLS handshake failed");
-                            }
-                            Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                        }
-                    });
-                }
-                handshakes.close();
-            }
-        };
-        let server = tonic::transport::Server::builder()
-            .add_service(self.service.into_service())
-            .serve_with_incoming_shutdown(
-                ReceiverStream::new(incoming),
-                shutdown.cancelled_owned(),
-            );
-        let ((), served) = tokio::join!(accept, server);
-        handshakes.wait().await;
-        served.map_err(ServeError::from)
+        let router = tonic::transport::Server::builder().add_service(self.service.into_service());
+        crate::transport::serve_router(router, listener, Some(self.tls), shutdown)
+            .await
+            .map_err(ServeError::from)
     }
 
     /// Spawns [`CaServer::serve`] on the current runtime.
@@ -412,68 +354,5 @@ impl CaHandle {
             Ok(result) => result,
             Err(join) => Err(ServeError::Listener(io::Error::other(join.to_string()))),
         }
-    }
-}
-
-/// A TLS connection with the facts the service needs about it.
-struct TlsConnection {
-    stream: TlsStream<TcpStream>,
-    remote: SocketAddr,
-}
-
-impl tonic::transport::server::Connected for TlsConnection {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        let certificates = self
-            .stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
-        PeerInfo {
-            remote_addr: Some(self.remote),
-            certificates,
-        }
-    }
-}
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
     }
 }

@@ -1,0 +1,196 @@
+//! Serving gRPC services on a listener the caller bound, with or without TLS,
+//! telling each request which peer it came from ([`PeerInfo`]: address and TLS
+//! client certificates).
+//!
+//! [`crate::CaServer`] serves through this, and so can any binary that mounts
+//! several services (the CA and xDS, say) on one port.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::Router;
+
+use crate::service::PeerInfo;
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections accepted but not yet taken by the gRPC server.
+const ACCEPT_BACKLOG: usize = 64;
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets
+/// in-flight calls finish. With `tls`, connections are TLS (its ALPN should
+/// include `h2`); without, plaintext HTTP/2.
+pub async fn serve_router(
+    router: Router,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (connections, incoming) = mpsc::channel::<io::Result<Connection>>(ACCEPT_BACKLOG);
+    let accept = accept_loop(
+        listener,
+        tls.map(TlsAcceptor::from),
+        connections,
+        shutdown.clone(),
+    );
+    let server = router
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown.cancelled_owned());
+    let ((), served) = tokio::join!(accept, server);
+    served
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    connections: mpsc::Sender<io::Result<Connection>>,
+    shutdown: CancellationToken,
+) {
+    let handshakes = TaskTracker::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small gRPC messages must not wait for delayed ACKs.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%remote, error = %err, "could not set TCP_NODELAY");
+        }
+        let Some(acceptor) = acceptor.clone() else {
+            let connection = Connection {
+                stream: Stream::Plain(tcp),
+                remote,
+            };
+            if connections.send(Ok(connection)).await.is_err() {
+                break;
+            }
+            continue;
+        };
+        let connections = connections.clone();
+        handshakes.spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let connection = Connection {
+                        stream: Stream::Tls(Box::new(stream)),
+                        remote,
+                    };
+                    let _ = connections.send(Ok(connection)).await;
+                }
+                Ok(Err(err)) => tracing::debug!(%remote, error = %err, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+            }
+        });
+    }
+    handshakes.close();
+    handshakes.wait().await;
+}
+
+/// An accepted connection with the facts services need about it.
+#[derive(Debug)]
+pub struct Connection {
+    stream: Stream,
+    remote: SocketAddr,
+}
+
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        let certificates = match &self.stream {
+            Stream::Plain(_) => None,
+            Stream::Tls(stream) => stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect()),
+        };
+        PeerInfo {
+            remote_addr: Some(self.remote),
+            certificates,
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $stream:ident => $body:expr) => {
+        match &mut $self.get_mut().stream {
+            Stream::Plain($stream) => {
+                let $stream = Pin::new($stream);
+                $body
+            }
+            Stream::Tls($stream) => {
+                let $stream = Pin::new(&mut **$stream);
+                $body
+            }
+        }
+    };
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        both!(self, stream => stream.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, stream => stream.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, stream => stream.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, stream => stream.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, stream => stream.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(stream) => stream.is_write_vectored(),
+            Stream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! One client's delta ADS session, without I/O: what it subscribed to, what it
+//! has been sent, and the next response to send. The stream task feeds it
+//! requests and asks it for responses when the client can take one, so changes
+//! that pile up while a client is slow coalesce (only the latest version of a
+//! resource is ever sent) and memory stays bounded by the store's size.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mesh_api::ResourceType;
+use mesh_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use mesh_api::prost::Message;
+use tonic::Status;
+
+use super::codec::EncodedResponse;
+use crate::store::State;
+use crate::store::table::Entry;
+
+/// The subscription name meaning "everything".
+const WILDCARD: &str = "*";
+
+/// How a request ended the session.
+pub(crate) type SessionError = Status;
+
+/// The session fell so far behind that the store forgot changes it needed; the
+/// client must reconnect (its `initial_resource_versions` then resync it).
+#[derive(Debug)]
+pub(crate) struct FellBehind;
+
+/// What a request did, for logging by the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// A subscription request (initial or later).
+    Subscribed,
+    /// An ACK of a response built at `revision`.
+    Ack { kind: ResourceType, revision: u64 },
+    /// A NACK, with the client's error.
+    Nack {
+        kind: ResourceType,
+        nonce: String,
+        error: String,
+    },
+    /// A response to a nonce this session never sent (or already answered).
+    Stale,
+}
+
+/// One client's session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    types: [Option<TypeState>; 2],
+    next_nonce: u64,
+    /// Which type the last response was for: types take turns.
+    last_served: usize,
+}
+
+/// A client's state for one resource type.
+#[derive(Debug)]
+struct TypeState {
+    kind: ResourceType,
+    wildcard: bool,
+    /// Names subscribed explicitly, as the client wrote them.
+    names: BTreeSet<String>,
+    /// A full pass over the table in progress (wildcard).
+    full_sync: Option<FullSync>,
+    /// Every change up to this revision has been taken into `pending`.
+    synced_revision: u64,
+    /// Resource names to (re)send or withdraw (wildcard).
+    pending: BTreeSet<Arc<str>>,
+    /// What explicit names resolved to when last sent: the resource's hash, or
+    /// `None` when the client was told the name does not exist.
+    sent: HashMap<String, Option<u64>>,
+    /// Explicit names whose state must be re-checked.
+    names_dirty: bool,
+    /// Responses sent and not yet answered: nonce and the revision built at.
+    in_flight: VecDeque<(String, u64)>,
+    /// The revision of the last response the client accepted.
+    acked_revision: Option<u64>,
+}
+
+/// A pass over a whole table: resources after `cursor` are still to be sent,
+/// except those the client says it has (`known`).
+#[derive(Debug, Default)]
+struct FullSync {
+    cursor: Option<Arc<str>>,
+    known: BTreeMap<String, String>,
+}
+
+impl Session {
+    pub(crate) fn new() -> Self {
+        Self {
+            types: [None, None],
+            next_nonce: 0,
+            last_served: 1,
+        }
+    }
+
+    fn index(kind: ResourceType) -> usize {
+        match kind {
+            ResourceType::Address => 0,
+            ResourceType::Authorization => 1,
+        }
+    }
+
+    /// Applies a request from the client.
+    pub(crate) fn handle(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        store: &State,
+    ) -> Result<Outcome, SessionError> {
+        let kind: ResourceType = request.type_url.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "unknown type URL {:?}: this server serves {} and {}",
+                request.type_url,
+                mesh_api::type_url::ADDRESS,
+                mesh_api::type_url::AUTHORIZATION
+            ))
+        })?;
+        let slot = &mut self.types[Self::index(kind)];
+
+        // (A nonce for a type not yet subscribed on this stream is from an
+        // earlier stream: the request is read as a first request.)
+        if !request.response_nonce.is_empty()
+            && let Some(state) = slot.as_mut()
+        {
+            let outcome = state.answer(request);
+            let subscribes = !request.resource_names_subscribe.is_empty()
+                || !request.resource_names_unsubscribe.is_empty();
+            if subscribes {
+                state.subscribe(request, store);
+            }
+            return Ok(outcome);
+        }
+
+        match slot {
+            Some(state) => state.subscribe(request, store),
+            None => {
+                // The first request for this type: empty subscriptions mean wildcard.
+                let mut state = TypeState {
+                    kind,
+                    wildcard: request.resource_names_subscribe.is_empty(),
+                    names: BTreeSet::new(),
+                    full_sync: None,
+                    synced_revision: store.revision,
+                    pending: BTreeSet::new(),
+                    sent: HashMap::new(),
+                    names_dirty: false,
+                    in_flight: VecDeque::new(),
+                    acked_revision: None,
+                };
+                state.subscribe(request, store);
+                if state.wildcard {
+                    state.full_sync = Some(FullSync {
+                        cursor: None,
+                        known: request.initial_resource_versions.clone(),
+                    });
+                } else {
+                    state.remember_initial(&request.initial_resource_versions, store);
+                }
+                *slot = Some(state);
+            }
+        }
+        Ok(Outcome::Subscribed)
+    }
+
+    /// The next response, at most about `max_bytes` (a single larger resource is
+    /// still sent), or `None` when the client is up to date.
+    pub(crate) fn next_response(
+        &mut self,
+        store: &State,
+        max_bytes: usize,
+    ) -> Result<Option<EncodedResponse>, FellBehind> {
+        for turn in 1..=self.types.len() {
+            let index = (self.last_served + turn) % self.types.len();
+            let Some(state) = self.types[index].as_mut() else {
+                continue;
+            };
+            let Some(mut body) = state.build(store, max_bytes)? else {
+                continue;
+            };
+            self.last_served = index;
+            self.next_nonce += 1;
+            let nonce = self.next_nonce.to_string();
+            state.in_flight.push_back((nonce.clone(), store.revision));
+            body.head = DeltaDiscoveryResponse {
+                system_version_info: store.revision.to_string(),
+                type_url: state.kind.type_url().to_owned(),
+                nonce,
+                removed_resources: std::mem::take(&mut body.removed),
+                resources: Vec::new(),
+            }
+            .encode_to_vec();
+            return Ok(Some(EncodedResponse {
+                head: body.head,
+                resources: body.resources,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+/// A response being assembled.
+#[derive(Default)]
+struct Body {
+    head: Vec<u8>,
+    resources: Vec<Bytes>,
+    removed: Vec<String>,
+    bytes: usize,
+}
+
+impl Body {
+    fn full(&self, max_bytes: usize) -> bool {
+        self.bytes >= max_bytes
+    }
+
+    fn add(&mut self, entry: &Entry) {
+        self.bytes += entry.framed.len();
+        self.resources.push(entry.framed.clone());
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.bytes += name.len() + 2;
+        self.removed.push(name.to_owned());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.resources.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl TypeState {
+    /// An ACK or NACK.
+    fn answer(&mut self, request: &DeltaDiscoveryRequest) -> Outcome {
+        let Some(position) = self
+            .in_flight
+            .iter()
+            .position(|(nonce, _)| *nonce == request.response_nonce)
+        else {
+            return Outcome::Stale;
+        };
+        // Responses are answered in order; earlier unanswered ones are superseded.
+        let (_, revision) = self
+            .in_flight
+            .drain(..=position)
+            .next_back()
+            .unwrap_or_default();
+        match &request.error_detail {
+            Some(error) => Outcome::Nack {
+                kind: self.kind,
+                nonce: request.response_nonce.clone(),
+                error: error.message.clone(),
+            },
+            None => {
+                self.acked_revision = Some(revision);
+                Outcome::Ack {
+                    kind: self.kind,
+                    revision,
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, request: &DeltaDiscoveryRequest, store: &State) {
+        for name in &request.resource_names_subscribe {
+            if name == WILDCARD {
+                if !self.wildcard {
+                    self.wildcard = true;
+                    self.full_sync = Some(FullSync::default());
+                    self.pending.clear();
+                    self.synced_revision = store.revision;
+                }
+            } else if self.names.insert(name.clone()) {
+                self.names_dirty = true;
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == WILDCARD {
+                self.wildcard = false;
+                self.full_sync = None;
+                self.pending.clear();
+            } else {
+                self.names.remove(name);
+                self.sent.remove(name);
+            }
+        }
+    }
+
+    /// On-demand reconnect: what the client says it has.
+    /// On-demand reconnect: the resources the client kept stay subscribed; those
+    /// it has at the current version are not sent again, those gone are removed.
+    fn remember_initial(&mut self, initial: &BTreeMap<String, String>, store: &State) {
+        let table = store.table(self.kind);
+        for (name, version) in initial {
+            self.names.insert(name.clone());
+            if let Some((_, entry)) = table.lookup(name)
+                && entry.version() == *version
+            {
+                self.sent.insert(name.clone(), Some(entry.hash));
+            }
+        }
+        self.names_dirty = true;
+    }
+
+    fn build(&mut self, store: &State, max_bytes: usize) -> Result<Option<Body>, FellBehind> {
+        let table = store.table(self.kind);
+        let mut body = Body::default();
+
+        // Take in what changed since the last look.
+        if self.synced_revision < store.revision {
+            let changes = store
+                .changes_since(self.synced_revision)
+                .ok_or(FellBehind)?;
+            let mut names_touched = false;
+            for change in changes.filter(|change| change.kind == self.kind) {
+                if self.wildcard {
+                    self.pending.insert(change.name.clone());
+                }
+                names_touched = true;
+            }
+            if names_touched && !self.names.is_empty() {
+                self.names_dirty = true;
+            }
+            self.synced_revision = store.revision;
+        }
+
+        if let Some(sync) = &mut self.full_sync {
+            let mut last = None;
+            for (name, entry) in table.after(sync.cursor.as_deref()) {
+                last = Some(name.clone());
+                if !sync.known.is_empty()
+                    && sync.known.remove(name.as_ref()).as_deref() == Some(&entry.version())
+                {
+                    continue;
+                }
+                body.add(entry);
+                if body.full(max_bytes) {
+                    break;
+                }
+            }
+            match last {
+                Some(name) if body.full(max_bytes) => sync.cursor = Some(name),
+                _ => {
+                    // The pass is over: what the client has and the store does
+                    // not is gone.
+                    let gone = std::mem::take(&mut sync.known).into_keys();
+                    for name in gone {
+                        body.remove(&name);
+                    }
+                    self.full_sync = None;
+                }
+            }
+        }
+
+        // Changes are sent once a full pass is over (the pass sends current
+        // versions anyway).
+        while self.full_sync.is_none() && !body.full(max_bytes) {
+            let Some(name) = self.pending.pop_first() else {
+                break;
+            };
+            match table.get(&name) {
+                Some(entry) => body.add(entry),
+                None => body.remove(&name),
+            }
+        }
+
+        if self.names_dirty && !body.full(max_bytes) {
+            self.names_dirty = false;
+            for name in &self.names {
+                let now = table.lookup(name);
+                let before = self.sent.get(name).copied();
+                match (now, before) {
+                    (Some((_, entry)), Some(Some(hash))) if hash == entry.hash => {}
+                    (Some((_, entry)), _) => {
+                        if !self.wildcard {
+                            body.add(entry);
+                        }
+                        self.sent.insert(name.clone(), Some(entry.hash));
+                    }
+                    (None, Some(None)) => {}
+                    (None, _) => {
+                        if !self.wildcard || before.is_none() {
+                            body.remove(name);
+                        }
+                        self.sent.insert(name.clone(), None);
+                    }
+                }
+            }
+        }
+
+        Ok((!body.is_empty()).then_some(body))
+    }
+}

@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Modules
+//!
+//! - [`object`]: the Kubernetes objects read, and reading them from YAML.
+//! - [`store`]: the versioned resource store.
+//! - [`ads`]: the delta ADS service.
+//! - [`source`]: config sources (manifest directory, Kubernetes).
+//! - [`auth`]: who may connect, and impersonation checks for `mesh-ca`.
+//! - [`server`]: serving on a caller-bound listener.
+
+pub mod ads;
+pub mod auth;
+pub mod object;
+pub mod server;
+pub mod source;
+pub mod store;
+mod translate;
+
+pub use ads::AdsService;
+pub use auth::{ClientAuth, StoreNodeAuthorizer};
+pub use object::{Kind, Manifest, Object, ObjectError, ObjectKey, parse_manifest};
+pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder};
+pub use source::{ConfigSource, ManifestDir, SourceError};
+pub use store::{Batch, Store, StoreStats};
+pub use translate::{DATAPLANE_MODE_LABEL, MeshConfig};

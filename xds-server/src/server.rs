@@ -1,0 +1,211 @@
+//! Serving xDS on a listener the caller bound: plaintext (local testing) or TLS
+//! with a certificate the caller gives (the CA can issue it).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::ads::{AdsService, DEFAULT_MAX_RESPONSE_BYTES};
+use crate::auth::ClientAuth;
+use crate::store::Store;
+
+/// How often an idle connection is pinged, to find clients that vanished.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a server could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No store was given.
+    #[error("no store: call XdsServer::builder().store(..)")]
+    NoStore,
+    /// No client authentication was chosen.
+    #[error(
+        "no client authentication: add an authenticator, or choose ClientAuth::anonymous() \
+         for local testing"
+    )]
+    NoClientAuth,
+    /// `max_response_bytes` is zero.
+    #[error("max_response_bytes must be at least 1")]
+    ZeroResponseSize,
+}
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Listener(#[source] io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// A builder of [`XdsServer`].
+#[derive(Debug)]
+pub struct XdsServerBuilder {
+    store: Option<Store>,
+    auth: ClientAuth,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_response_bytes: usize,
+}
+
+impl Default for XdsServerBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            auth: ClientAuth::new(),
+            tls: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+impl XdsServerBuilder {
+    /// The store to serve.
+    pub fn store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How clients authenticate (required).
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Serve TLS with this configuration (its ALPN should offer `h2`; for mesh
+    /// client certificates, a client verifier such as
+    /// [`mesh_ca::auth::MeshRootsVerifier`]). Without it, plaintext.
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Responses larger than this are split in several (default 1 MiB).
+    pub fn max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// Validates and assembles; binds nothing.
+    pub fn build(self) -> Result<XdsServer, BuildError> {
+        let store = self.store.ok_or(BuildError::NoStore)?;
+        if !self.auth.is_configured() {
+            return Err(BuildError::NoClientAuth);
+        }
+        if self.max_response_bytes == 0 {
+            return Err(BuildError::ZeroResponseSize);
+        }
+        Ok(XdsServer {
+            service: AdsService::new(
+                store,
+                self.auth,
+                self.max_response_bytes,
+                CancellationToken::new(),
+            ),
+            tls: self.tls,
+        })
+    }
+}
+
+/// An xDS server ready to serve.
+#[derive(Debug)]
+pub struct XdsServer {
+    service: AdsService,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl XdsServer {
+    /// A builder.
+    pub fn builder() -> XdsServerBuilder {
+        XdsServerBuilder::default()
+    }
+
+    /// The service alone, to mount on a shared gRPC server (e.g. with the CA's).
+    /// Call [`AdsService::close_streams`] when shutting that server down.
+    pub fn into_service(self) -> AdsService {
+        self.service
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled; then open streams are
+    /// ended (clients reconnect elsewhere) and the server stops.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let service = self.service;
+        let closer = service.clone();
+        let watcher = shutdown.clone();
+        tokio::spawn(async move {
+            watcher.cancelled().await;
+            closer.close_streams();
+        });
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_service(service);
+        mesh_ca::transport::serve_router(router, listener, self.tls, shutdown)
+            .await
+            .map_err(ServeError::from)
+    }
+
+    /// Spawns [`XdsServer::serve`] on the current runtime.
+    pub fn spawn(self, listener: TcpListener) -> Result<XdsHandle, ServeError> {
+        let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.serve(listener, shutdown.clone()));
+        Ok(XdsHandle {
+            local_addr,
+            shutdown,
+            task,
+        })
+    }
+}
+
+/// A running xDS server.
+#[derive(Debug)]
+pub struct XdsHandle {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl XdsHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Ready as soon as spawned: the listener was bound by the caller.
+    pub async fn ready(&self) {}
+
+    /// Ends open streams and stops accepting.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and waits up to `deadline` for the server to stop.
+    pub async fn drain(self, deadline: Duration) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(deadline, self.join()).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Waits for the server to stop.
+    pub async fn join(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(ServeError::Listener(io::Error::other(join.to_string()))),
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! The cluster as the control plane knows it (facts extracted from objects,
+//! indexed by namespace) and the resources derived from it, kept consistent on
+//! every change: a change recomputes exactly the resources it can affect.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use authz::Selector;
+use mesh_api::prost::Message;
+use mesh_api::workload::{Address, address};
+use mesh_api::{Identity, NetworkIp, ResourceType};
+
+use super::table::{Table, Upserted};
+use crate::object::{Kind, Object, ObjectError, ObjectKey};
+use crate::translate::pod::{PodFacts, WorkloadContext, pod_facts, uid, workload};
+use crate::translate::service::{ServiceFacts, service_facts};
+use crate::translate::{Labels, MeshConfig};
+
+/// One resource that changed, at a revision.
+#[derive(Clone, Debug)]
+pub(crate) struct Change {
+    pub(crate) revision: u64,
+    pub(crate) kind: ResourceType,
+    pub(crate) name: Arc<str>,
+}
+
+/// A namespace's pods, services and selector policies.
+#[derive(Debug, Default)]
+struct NamespaceState {
+    labels: Option<Labels>,
+    pods: BTreeMap<Box<str>, PodFacts>,
+    services: BTreeMap<Box<str>, ServiceFacts>,
+    /// Selector policies by name.
+    selector_policies: BTreeMap<Box<str>, Selector>,
+}
+
+/// Everything the store holds.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) config: MeshConfig,
+    pub(crate) revision: u64,
+    namespaces: HashMap<Arc<str>, NamespaceState>,
+    nodes: HashMap<Arc<str>, NodeState>,
+    pub(crate) addresses: Table,
+    pub(crate) authorizations: Table,
+    log: VecDeque<Change>,
+    log_capacity: usize,
+    /// Every change after this revision is in the log.
+    log_start: u64,
+}
+
+/// The workload identities on a node, counted, for impersonation checks.
+#[derive(Debug, Default)]
+struct NodeState {
+    identities: HashMap<(Arc<str>, Box<str>), u32>,
+}
+
+impl State {
+    pub(crate) fn new(config: MeshConfig, log_capacity: usize) -> Self {
+        Self {
+            config,
+            revision: 0,
+            namespaces: HashMap::new(),
+            nodes: HashMap::new(),
+            addresses: Table::new(mesh_api::type_url::ADDRESS),
+            authorizations: Table::new(mesh_api::type_url::AUTHORIZATION),
+            log: VecDeque::new(),
+            log_capacity: log_capacity.max(1),
+            log_start: 0,
+        }
+    }
+
+    pub(crate) fn table(&self, kind: ResourceType) -> &Table {
+        match kind {
+            ResourceType::Address => &self.addresses,
+            ResourceType::Authorization => &self.authorizations,
+        }
+    }
+
+    /// Changes after `revision`, or `None` if some were dropped from the log
+    /// (the caller fell too far behind).
+    pub(crate) fn changes_since(&self, revision: u64) -> Option<impl Iterator<Item = &Change>> {
+        if revision < self.log_start {
+            return None;
+        }
+        let start = self
+            .log
+            .partition_point(|change| change.revision <= revision);
+        Some(self.log.range(start..))
+    }
+
+    /// Starts a batch of changes: they share the next revision.
+    pub(crate) fn begin(&mut self) -> Batch<'_> {
+        let revision = self.revision + 1;
+        Batch {
+            state: self,
+            revision,
+            changed: false,
+        }
+    }
+
+    /// Whether a workload with `identity` runs on `node`.
+    pub(crate) fn has_identity_on_node(&self, node: &str, identity: &Identity) -> bool {
+        if identity.trust_domain() != self.config.trust_domain {
+            return false;
+        }
+        self.nodes.get(node).is_some_and(|state| {
+            state.identities.contains_key(&(
+                Arc::from(identity.namespace()),
+                Box::from(identity.service_account()),
+            ))
+        })
+    }
+
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        let pods = self.namespaces.values().map(|ns| ns.pods.len()).sum();
+        let services = self.namespaces.values().map(|ns| ns.services.len()).sum();
+        (pods, services, self.authorizations.len())
+    }
+}
+
+/// Changes applied under one revision.
+pub(crate) struct Batch<'a> {
+    state: &'a mut State,
+    revision: u64,
+    changed: bool,
+}
+
+impl Batch<'_> {
+    /// Ends the batch; the new revision if anything changed.
+    pub(crate) fn commit(self) -> Option<u64> {
+        if self.changed {
+            self.state.revision = self.revision;
+            Some(self.revision)
+        } else {
+            None
+        }
+    }
+
+    /// Applies (creates or replaces) an object.
+    pub(crate) fn apply(&mut self, object: Object) -> Result<(), ObjectError> {
+        let key = object.key();
+        let error = |(path, message): (String, String)| ObjectError {
+            document: None,
+            object: key.to_string(),
+            path,
+            message,
+        };
+        if key.name.is_empty() {
+            return Err(error(("metadata.name".into(), "missing".into())));
+        }
+        match object {
+            Object::Namespace(namespace) => {
+                let labels = namespace.metadata.labels.unwrap_or_default();
+                let name = self.namespace_name(&key.name);
+                let state = self.state.namespaces.entry(name.clone()).or_default();
+                if state.labels.as_ref() != Some(&labels) {
+                    state.labels = Some(labels);
+                    self.refresh_pods(&name, |_| true);
+                }
+            }
+            Object::Pod(pod) => {
+                let nodes = &mut self.state.nodes;
+                let facts = pod_facts(&pod, |node| intern_node(nodes, node)).map_err(error)?;
+                let namespace = self.namespace_name(&key.namespace);
+                self.remove_pod_facts(&namespace, &key.name);
+                if let Some(facts) = facts {
+                    self.add_node_identity(&namespace, &facts);
+                    self.state
+                        .namespaces
+                        .entry(namespace.clone())
+                        .or_default()
+                        .pods
+                        .insert(key.name.as_str().into(), facts);
+                }
+                self.refresh_pod(&namespace, &key.name);
+            }
+            Object::Service(service) => {
+                let facts =
+                    service_facts(&service, &key.namespace, &self.state.config).map_err(error)?;
+                let namespace = self.namespace_name(&key.namespace);
+                let old = self
+                    .state
+                    .namespaces
+                    .get_mut(&namespace)
+                    .and_then(|ns| ns.services.remove(key.name.as_str()));
+                let mut affected = Vec::new();
+                if let Some(old) = &old {
+                    self.remove_service_resource(&namespace, old);
+                    affected.push(old.selector.clone());
+                }
+                if let Some(facts) = facts {
+                    self.publish_service(&namespace, &facts);
+                    affected.push(facts.selector.clone());
+                    self.state
+                        .namespaces
+                        .entry(namespace.clone())
+                        .or_default()
+                        .services
+                        .insert(key.name.as_str().into(), facts);
+                }
+                self.refresh_selected(&namespace, false, &affected);
+            }
+            Object::AuthorizationPolicy(policy) => {
+                let problems = authz::validate(&policy, crate::object::DEFAULT_NAMESPACE);
+                if let Some(problem) = problems.into_iter().next() {
+                    return Err(error((problem.path, problem.message)));
+                }
+                let conversion = authz::convert(
+                    &policy,
+                    &self.state.config.root_namespace,
+                    crate::object::DEFAULT_NAMESPACE,
+                );
+                for warning in &conversion.warnings {
+                    tracing::warn!(policy = %key, %warning, "authorization policy");
+                }
+                let namespace = self.namespace_name(&key.namespace);
+                let old_selector = self.remove_policy(&namespace, &key.name);
+                let resource_name = format!("{}/{}", key.namespace, key.name);
+                match conversion.authorization {
+                    Some(authorization) => {
+                        self.upsert(
+                            ResourceType::Authorization,
+                            &resource_name,
+                            authorization.encode_to_vec(),
+                            Vec::new(),
+                        );
+                    }
+                    None => self.remove(ResourceType::Authorization, &resource_name),
+                }
+                let new_selector = conversion.selector.filter(|_| {
+                    // Only policies that reach data planes are attached to workloads.
+                    self.state.authorizations.get(&resource_name).is_some()
+                });
+                let affected = [old_selector.clone(), new_selector.clone()];
+                if let Some(selector) = new_selector {
+                    self.state
+                        .namespaces
+                        .entry(namespace.clone())
+                        .or_default()
+                        .selector_policies
+                        .insert(key.name.as_str().into(), selector);
+                }
+                self.refresh_policy_targets(&namespace, &affected);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an object; whether it was known.
+    pub(crate) fn delete(&mut self, key: &ObjectKey) -> bool {
+        match key.kind {
+            Kind::Namespace => {
+                let Some(state) = self.state.namespaces.get_mut(key.name.as_str()) else {
+                    return false;
+                };
+                if state.labels.take().is_none() {
+                    return false;
+                }
+                let name = self.namespace_name(&key.name);
+                self.refresh_pods(&name, |_| true);
+                true
+            }
+            Kind::Pod => {
+                let namespace = self.namespace_name(&key.namespace);
+                let known = self.remove_pod_facts(&namespace, &key.name);
+                self.refresh_pod(&namespace, &key.name);
+                known
+            }
+            Kind::Service => {
+                let namespace = self.namespace_name(&key.namespace);
+                let Some(old) = self
+                    .state
+                    .namespaces
+                    .get_mut(&namespace)
+                    .and_then(|ns| ns.services.remove(key.name.as_str()))
+                else {
+                    return false;
+                };
+                self.remove_service_resource(&namespace, &old);
+                self.refresh_selected(&namespace, false, &[old.selector]);
+                true
+            }
+            Kind::AuthorizationPolicy => {
+                let namespace = self.namespace_name(&key.namespace);
+                let resource_name = format!("{}/{}", key.namespace, key.name);
+                let published = self.state.authorizations.get(&resource_name).is_some();
+                let old_selector = self.remove_policy(&namespace, &key.name);
+                self.remove(ResourceType::Authorization, &resource_name);
+                self.refresh_policy_targets(&namespace, std::slice::from_ref(&old_selector));
+                published || old_selector.is_some()
+            }
+        }
+    }
+
+    fn namespace_name(&mut self, name: &str) -> Arc<str> {
+        match self.state.namespaces.get_key_value(name) {
+            Some((name, _)) => name.clone(),
+            None => {
+                let name: Arc<str> = name.into();
+                self.state
+                    .namespaces
+                    .insert(name.clone(), NamespaceState::default());
+                name
+            }
+        }
+    }
+
+    fn remove_pod_facts(&mut self, namespace: &Arc<str>, name: &str) -> bool {
+        let Some(old) = self
+            .state
+            .namespaces
+            .get_mut(namespace)
+            .and_then(|ns| ns.pods.remove(name))
+        else {
+            return false;
+        };
+        if let Some(node) = &old.node
+            && let Some(state) = self.state.nodes.get_mut(node)
+        {
+            let key = (namespace.clone(), old.service_account.clone());
+            if let Some(count) = state.identities.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    state.identities.remove(&key);
+                }
+            }
+        }
+        true
+    }
+
+    fn add_node_identity(&mut self, namespace: &Arc<str>, facts: &PodFacts) {
+        if let Some(node) = &facts.node {
+            *self
+                .state
+                .nodes
+                .entry(node.clone())
+                .or_default()
+                .identities
+                .entry((namespace.clone(), facts.service_account.clone()))
+                .or_default() += 1;
+        }
+    }
+
+    fn remove_policy(&mut self, namespace: &Arc<str>, name: &str) -> Option<Selector> {
+        self.state
+            .namespaces
+            .get_mut(namespace)
+            .and_then(|ns| ns.selector_policies.remove(name))
+    }
+
+    /// Re-publishes the workloads a selector policy did or does select.
+    fn refresh_policy_targets(&mut self, namespace: &Arc<str>, selectors: &[Option<Selector>]) {
+        let selectors: Vec<&Selector> = selectors.iter().flatten().collect();
+        if selectors.is_empty() {
+            return;
+        }
+        let root = selectors.iter().any(|selector| selector.root);
+        let namespaces: Vec<Arc<str>> = if root {
+            self.state.namespaces.keys().cloned().collect()
+        } else {
+            vec![namespace.clone()]
+        };
+        for namespace in namespaces {
+            self.refresh_pods(&namespace, |(ns, labels)| {
+                selectors
+                    .iter()
+                    .any(|selector| selector.selects(ns, labels))
+            });
+        }
+    }
+
+    /// Re-publishes the pods of `namespace` a service selector did or does select.
+    fn refresh_selected(
+        &mut self,
+        namespace: &Arc<str>,
+        _root: bool,
+        selectors: &[Option<Labels>],
+    ) {
+        let selectors: Vec<&Labels> = selectors.iter().flatten().collect();
+        if selectors.is_empty() {
+            return;
+        }
+        self.refresh_pods(namespace, |(_, labels)| {
+            selectors.iter().any(|selector| {
+                selector
+                    .iter()
+                    .all(|(key, value)| labels.get(key) == Some(value))
+            })
+        });
+    }
+
+    /// Re-publishes the pods of `namespace` whose labels pass `filter`.
+    fn refresh_pods(&mut self, namespace: &Arc<str>, filter: impl Fn((&str, &Labels)) -> bool) {
+        let names: Vec<Box<str>> = match self.state.namespaces.get(namespace) {
+            Some(ns) => ns
+                .pods
+                .iter()
+                .filter(|(_, pod)| filter((namespace, &pod.labels)))
+                .map(|(name, _)| name.clone())
+                .collect(),
+            None => return,
+        };
+        for name in names {
+            self.refresh_pod(namespace, &name);
+        }
+    }
+
+    /// Publishes (or withdraws) one pod's workload.
+    fn refresh_pod(&mut self, namespace: &Arc<str>, name: &str) {
+        let uid = uid(&self.state.config, namespace, name);
+        let state = &*self.state;
+        let Some(ns) = state.namespaces.get(namespace) else {
+            self.remove(ResourceType::Address, &uid);
+            return;
+        };
+        let Some(pod) = ns.pods.get(name) else {
+            self.remove(ResourceType::Address, &uid);
+            return;
+        };
+        let mut policies: Vec<String> = ns
+            .selector_policies
+            .iter()
+            .filter(|(_, selector)| selector.selects(namespace, &pod.labels))
+            .map(|(policy, _)| format!("{namespace}/{policy}"))
+            .collect();
+        let root = &state.config.root_namespace;
+        if **namespace != **root
+            && let Some(root_ns) = state.namespaces.get(root.as_str())
+        {
+            policies.extend(
+                root_ns
+                    .selector_policies
+                    .iter()
+                    .filter(|(_, selector)| selector.selects(namespace, &pod.labels))
+                    .map(|(policy, _)| format!("{root}/{policy}")),
+            );
+        }
+        policies.sort();
+        let context = WorkloadContext {
+            config: &state.config,
+            namespace,
+            namespace_labels: ns.labels.as_ref(),
+            services: ns
+                .services
+                .values()
+                .filter(|service| service.selects(&pod.labels))
+                .collect(),
+            policies,
+        };
+        let workload = workload(pod, &context);
+        let aliases = pod
+            .ips
+            .iter()
+            .map(|ip| {
+                NetworkIp {
+                    network: state.config.network.clone(),
+                    ip: *ip,
+                }
+                .to_string()
+            })
+            .collect();
+        let value = Address {
+            r#type: Some(address::Type::Workload(workload)),
+        }
+        .encode_to_vec();
+        self.upsert(ResourceType::Address, &uid, value, aliases);
+    }
+
+    fn publish_service(&mut self, _namespace: &Arc<str>, facts: &ServiceFacts) {
+        let name = format!("{}/{}", facts.wire.namespace, facts.hostname);
+        let aliases = facts
+            .wire
+            .addresses
+            .iter()
+            .filter_map(|address| {
+                let ip = mesh_api::names::ip_from_wire(&address.address).ok()?;
+                Some(
+                    NetworkIp {
+                        network: address.network.clone(),
+                        ip,
+                    }
+                    .to_string(),
+                )
+            })
+            .collect();
+        let value = Address {
+            r#type: Some(address::Type::Service(facts.wire.clone())),
+        }
+        .encode_to_vec();
+        self.upsert(ResourceType::Address, &name, value, aliases);
+    }
+
+    fn remove_service_resource(&mut self, _namespace: &Arc<str>, facts: &ServiceFacts) {
+        let name = format!("{}/{}", facts.wire.namespace, facts.hostname);
+        self.remove(ResourceType::Address, &name);
+    }
+
+    fn upsert(&mut self, kind: ResourceType, name: &str, value: Vec<u8>, aliases: Vec<String>) {
+        let table = match kind {
+            ResourceType::Address => &mut self.state.addresses,
+            ResourceType::Authorization => &mut self.state.authorizations,
+        };
+        if table.upsert(name, value, aliases) == Upserted::Changed {
+            let name = table.shared_name(name);
+            self.record(kind, name);
+        }
+    }
+
+    fn remove(&mut self, kind: ResourceType, name: &str) {
+        let table = match kind {
+            ResourceType::Address => &mut self.state.addresses,
+            ResourceType::Authorization => &mut self.state.authorizations,
+        };
+        if table.remove(name) {
+            self.record(kind, name.into());
+        }
+    }
+
+    fn record(&mut self, kind: ResourceType, name: Arc<str>) {
+        self.changed = true;
+        let state = &mut *self.state;
+        state.log.push_back(Change {
+            revision: self.revision,
+            kind,
+            name,
+        });
+        while state.log.len() > state.log_capacity {
+            if let Some(dropped) = state.log.pop_front() {
+                state.log_start = state.log_start.max(dropped.revision);
+            }
+        }
+    }
+}
+
+fn intern_node(nodes: &mut HashMap<Arc<str>, NodeState>, node: &str) -> Arc<str> {
+    match nodes.get_key_value(node) {
+        Some((node, _)) => node.clone(),
+        None => {
+            let node: Arc<str> = node.into();
+            nodes.insert(node.clone(), NodeState::default());
+            node
+        }
+    }
+}
