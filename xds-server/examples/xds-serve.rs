@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run -p xds-server --example xds-serve -- --manifests <dir> --listen 127.0.0.1:15010 \
 //!     [--tls-cert chain.pem --tls-key key.pem] [--token <token>=<spiffe-id>]... \
+//!     [--ca-dir <dir> [--node-agent <token>=<spiffe-id>@<node>]...] \
 //!     [--cluster-id Kubernetes] [--domain cluster.local] [--trust-domain cluster.local]
 //! ```
 //!
@@ -12,8 +13,17 @@
 //! plaintext (local testing). Without `--token` clients need no credentials;
 //! with tokens, each client must send `authorization: Bearer <token>`.
 //!
-//! It prints `listening on <addr>` once the directory is loaded and the server
-//! serves; Ctrl-C stops it.
+//! With `--ca-dir`, the mesh CA (`mesh-ca`, files created on first use) is
+//! served on the same port, over TLS with a serving certificate it signs: the
+//! control plane of a podless cluster, which a real ztunnel can use for both
+//! config and certificates. `--node-agent <token>=<spiffe-id>@<node>` gives a node
+//! agent (a ztunnel) a token bound to its node: it may then fetch certificates
+//! for the workloads the manifests place on that node. Clients may also
+//! authenticate with a mesh certificate.
+//!
+//! It prints `root certificate: <path>` (with `--ca-dir`) and then
+//! `listening on <addr>` once the directory is loaded and the server serves;
+//! Ctrl-C stops it.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -21,22 +31,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_api::Identity;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
-use xds_server::{ClientAuth, ConfigSource, ManifestDir, MeshConfig, Store, XdsServer};
+use xds_server::{
+    ClientAuth, ConfigSource, ManifestDir, MeshConfig, Store, StoreNodeAuthorizer, XdsServer,
+};
 
 const USAGE: &str = "usage: xds-serve --manifests <dir> --listen <addr> \
 [--tls-cert <chain.pem> --tls-key <key.pem>] [--token <token>=<spiffe-id>]... \
-[--cluster-id <id>] [--domain <domain>] [--trust-domain <domain>]";
+[--ca-dir <dir> [--node-agent <token>=<spiffe-id>@<node>]...] [--cluster-id <id>] [--domain <domain>] [--trust-domain <domain>]";
 
 struct Args {
     manifests: PathBuf,
     listen: SocketAddr,
     tls: Option<(PathBuf, PathBuf)>,
     tokens: Vec<(String, Identity)>,
+    ca_dir: Option<PathBuf>,
+    node_agents: Vec<(String, Identity, String)>,
     mesh: MeshConfig,
 }
 
@@ -46,6 +61,8 @@ fn parse_args() -> Result<Args, String> {
     let mut cert = None;
     let mut key = None;
     let mut tokens = Vec::new();
+    let mut ca_dir = None;
+    let mut node_agents = Vec::new();
     let mut mesh = MeshConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -66,6 +83,22 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|err| format!("--token {value:?}: {err}"))?;
                 tokens.push((token.to_owned(), identity));
             }
+            "--ca-dir" => ca_dir = Some(PathBuf::from(value()?)),
+            "--node-agent" => {
+                let value = value()?;
+                let parsed = value.split_once('=').and_then(|(token, rest)| {
+                    let (identity, node) = rest.rsplit_once('@')?;
+                    Some((token, identity, node))
+                });
+                let Some((token, identity, node)) = parsed else {
+                    return Err(format!(
+                        "--node-agent {value:?}: expected <token>=<spiffe-id>@<node>"
+                    ));
+                };
+                let identity = Identity::parse_uri(identity)
+                    .map_err(|err| format!("--node-agent {value:?}: {err}"))?;
+                node_agents.push((token.to_owned(), identity, node.to_owned()));
+            }
             "--cluster-id" => mesh.cluster_id = value()?,
             "--domain" => mesh.domain = value()?,
             "--trust-domain" => mesh.trust_domain = value()?,
@@ -78,11 +111,21 @@ fn parse_args() -> Result<Args, String> {
         (None, None) => None,
         _ => return Err(format!("--tls-cert and --tls-key go together\n{USAGE}")),
     };
+    if tls.is_some() && ca_dir.is_some() {
+        return Err(format!(
+            "--ca-dir serves TLS with a certificate the CA signs: drop --tls-cert\n{USAGE}"
+        ));
+    }
+    if !node_agents.is_empty() && ca_dir.is_none() {
+        return Err(format!("--node-agent needs --ca-dir\n{USAGE}"));
+    }
     Ok(Args {
         manifests: manifests.ok_or(format!("--manifests is required\n{USAGE}"))?,
         listen: listen.ok_or(format!("--listen is required\n{USAGE}"))?,
         tls,
         tokens,
+        ca_dir,
+        node_agents,
         mesh,
     })
 }
@@ -104,6 +147,51 @@ fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>
     Ok(Arc::new(config))
 }
 
+/// The mesh CA in `dir`, sharing the port; its TLS configuration, and the
+/// authenticators it adds (node agents' tokens, mesh client certificates).
+struct WithCa {
+    ca: mesh_ca::CaServer,
+    authority: Arc<mesh_ca::Authority>,
+    root: PathBuf,
+}
+
+fn ca(
+    args: &Args,
+    store: &Store,
+    tokens: &mesh_ca::StaticTokens,
+) -> Result<Option<WithCa>, String> {
+    let Some(dir) = &args.ca_dir else {
+        return Ok(None);
+    };
+    let trust_domain = &args.mesh.trust_domain;
+    let material =
+        mesh_ca::load_or_create(dir, trust_domain, Duration::from_secs(10 * 365 * 86400))
+            .map_err(|err| format!("--ca-dir {}: {err}", dir.display()))?;
+    let authority = Arc::new(
+        mesh_ca::Authority::new(&material, trust_domain, mesh_ca::SigningPolicy::default())
+            .map_err(|err| err.to_string())?,
+    );
+    let mut serving = mesh_ca::ServingNames::default();
+    if !args.listen.ip().is_unspecified() {
+        serving.ips.push(args.listen.ip());
+    }
+    let mut builder = mesh_ca::CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(tokens.clone())
+        .authenticator(mesh_ca::ClientCertificate::new(authority.clone())?)
+        .serving_names(serving)
+        .node_authorizer(StoreNodeAuthorizer::new(store.clone()));
+    for (_, identity, _) in &args.node_agents {
+        builder = builder.node_agent(identity.clone());
+    }
+    let ca = builder.build().map_err(|err| err.to_string())?;
+    Ok(Some(WithCa {
+        ca,
+        authority,
+        root: dir.join(mesh_ca::store::ROOT_CERT_FILE),
+    }))
+}
+
 async fn run() -> Result<(), String> {
     let args = parse_args()?;
     let store = Store::new(args.mesh.clone());
@@ -122,45 +210,86 @@ async fn run() -> Result<(), String> {
         stats.workloads, stats.services, stats.authorizations
     );
 
-    let auth = if args.tokens.is_empty() {
-        ClientAuth::anonymous()
-    } else {
-        let tokens = args
-            .tokens
-            .iter()
-            .fold(mesh_ca::StaticTokens::new(), |tokens, (token, identity)| {
-                tokens.token(token, identity.clone())
-            });
-        ClientAuth::new().with(tokens)
+    let mut tokens = mesh_ca::StaticTokens::new();
+    for (token, identity) in &args.tokens {
+        tokens = tokens.token(token, identity.clone());
+    }
+    for (token, identity, node) in &args.node_agents {
+        let caller = mesh_ca::Authenticated {
+            identity: identity.clone(),
+            node: Some(node.clone()),
+            pod: None,
+        };
+        tokens = tokens.caller(token, caller);
+    }
+    let with_ca = ca(&args, &store, &tokens)?;
+    let auth = match &with_ca {
+        Some(with_ca) => ClientAuth::new()
+            .with(tokens)
+            .with(mesh_ca::ClientCertificate::new(with_ca.authority.clone())?),
+        None if args.tokens.is_empty() => ClientAuth::anonymous(),
+        None => ClientAuth::new().with(tokens),
     };
     let mut builder = XdsServer::builder().store(store.clone()).client_auth(auth);
     if let Some((cert, key)) = &args.tls {
         builder = builder.tls(tls_config(cert, key)?);
     }
-    let server = builder.build().map_err(|err| err.to_string())?;
+    let xds = builder.build().map_err(|err| err.to_string())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|err| format!("--listen {}: {err}", args.listen))?;
-    let handle = server.spawn(listener).map_err(|err| err.to_string())?;
+    let local_addr = listener.local_addr().map_err(|err| err.to_string())?;
     let shutdown = CancellationToken::new();
+    let serving = match with_ca {
+        Some(WithCa { ca, root, .. }) => {
+            println!("root certificate: {}", root.display());
+            let tls = ca.tls_config();
+            let ads = xds.into_service();
+            let closer = ads.clone();
+            let router = tonic::transport::Server::builder()
+                .add_service(ca.into_service())
+                .add_service(ads);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                closer.close_streams();
+            });
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                mesh_ca::transport::serve_router(router, listener, Some(tls), stop)
+                    .await
+                    .map_err(|err| err.to_string())
+            })
+        }
+        None => {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                xds.serve(listener, stop)
+                    .await
+                    .map_err(|err| err.to_string())
+            })
+        }
+    };
     let watcher = tokio::spawn(Box::new(manifests).run(store, shutdown.clone()));
-    println!("listening on {}", handle.local_addr());
+    println!("listening on {local_addr}");
 
     tokio::signal::ctrl_c()
         .await
         .map_err(|err| err.to_string())?;
     shutdown.cancel();
     let _ = watcher.await;
-    handle
-        .drain(std::time::Duration::from_secs(5))
-        .await
-        .map_err(|err| err.to_string())
+    match tokio::time::timeout(Duration::from_secs(5), serving).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(join.to_string()),
+        Err(_) => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -76,6 +76,9 @@ struct TypeState {
     in_flight: VecDeque<(String, u64)>,
     /// The revision of the last response the client accepted.
     acked_revision: Option<u64>,
+    /// The first request of a type is answered even when there is nothing to
+    /// send (clients such as ztunnel wait for it to call themselves ready).
+    answer_owed: bool,
 }
 
 /// A pass over a whole table: resources after `cursor` are still to be sent,
@@ -147,6 +150,7 @@ impl Session {
                     names_dirty: false,
                     in_flight: VecDeque::new(),
                     acked_revision: None,
+                    answer_owed: true,
                 };
                 state.subscribe(request, store);
                 if state.wildcard {
@@ -387,6 +391,10 @@ impl TypeState {
             }
         }
 
-        Ok((!body.is_empty()).then_some(body))
+        if body.is_empty() && !std::mem::take(&mut self.answer_owed) {
+            return Ok(None);
+        }
+        self.answer_owed = false;
+        Ok(Some(body))
     }
 }
