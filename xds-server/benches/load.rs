@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
     ServiceSpec,
@@ -35,7 +35,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_api::prost::Message;
-use mesh_api::prost::encoding::{WireType, decode_key, decode_varint};
 use tokio::sync::mpsc;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
@@ -77,6 +76,22 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
+}
+
+/// CPU time (user + system) a process has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
 }
 
 fn raise_fd_limit() {
@@ -245,25 +260,47 @@ struct Skim {
     resources: usize,
 }
 
-fn skim(mut bytes: Bytes) -> Result<Skim, tonic::Status> {
+/// Reads a varint from the front of `bytes`.
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Reads the top-level fields of a `DeltaDiscoveryResponse`, counting resources
+/// without decoding them.
+fn skim(mut bytes: &[u8]) -> Result<Skim, tonic::Status> {
     let bad = |what: &str| tonic::Status::internal(format!("bad response: {what}"));
     let mut skim = Skim::default();
-    while bytes.has_remaining() {
-        let (field, wire) = decode_key(&mut bytes).map_err(|_| bad("key"))?;
-        if wire != WireType::LengthDelimited {
-            decode_varint(&mut bytes).map_err(|_| bad("varint"))?;
-            continue;
-        }
-        let len = decode_varint(&mut bytes).map_err(|_| bad("length"))? as usize;
-        if len > bytes.remaining() {
-            return Err(bad("truncated"));
-        }
-        let value = bytes.split_to(len);
-        match field {
-            2 => skim.resources += 1,
-            4 => skim.type_url = String::from_utf8_lossy(&value).into_owned(),
-            5 => skim.nonce = String::from_utf8_lossy(&value).into_owned(),
-            _ => {}
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes).ok_or_else(|| bad("key"))?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(&mut bytes).ok_or_else(|| bad("varint"))?;
+            }
+            2 => {
+                let len = varint(&mut bytes).ok_or_else(|| bad("length"))? as usize;
+                if len > bytes.len() {
+                    return Err(bad("truncated"));
+                }
+                let (value, rest) = bytes.split_at(len);
+                bytes = rest;
+                match field {
+                    2 => skim.resources += 1,
+                    4 => skim.type_url = String::from_utf8_lossy(value).into_owned(),
+                    5 => skim.nonce = String::from_utf8_lossy(value).into_owned(),
+                    _ => {}
+                }
+            }
+            _ => return Err(bad("wire type")),
         }
     }
     Ok(skim)
@@ -301,8 +338,11 @@ impl Decoder for SkimDecoder {
     type Item = Skim;
     type Error = tonic::Status;
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Skim>, Self::Error> {
+        // One message, contiguous in tonic's buffer.
         let len = src.remaining();
-        skim(src.copy_to_bytes(len)).map(Some)
+        let skimmed = skim(&src.chunk()[..len]);
+        src.advance(len);
+        skimmed.map(Some)
     }
 }
 
@@ -320,11 +360,21 @@ async fn client(
     updating: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let result: Result<(), String> = async {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|err| err.to_string())?
-            .connect()
-            .await
-            .map_err(|err| err.to_string())?;
+        let endpoint =
+            Channel::from_shared(format!("http://{addr}")).map_err(|err| err.to_string())?;
+        // A thousand clients at once can overflow the listen backlog: retry.
+        let mut attempts = 0;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(err) if attempts < 20 => {
+                    attempts += 1;
+                    tracing::debug!(%err, "connect failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => return Err(err.to_string()),
+            }
+        };
         let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(200 << 20);
         grpc.ready().await.map_err(|err| err.to_string())?;
         let (requests, rx) = mpsc::channel(16);
@@ -449,6 +499,7 @@ fn main() {
         let (events, mut received) = mpsc::unbounded_channel();
         let updating = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let expected = workloads + services;
+        let cpu_before = cpu_time(pid);
         let started = Instant::now();
         for id in 0..args.clients {
             tokio::spawn(client(id, addr, expected, events.clone(), updating.clone()));
@@ -461,16 +512,18 @@ fn main() {
                 Event::Updated(..) => {}
             }
         }
+        let server_cpu = cpu_time(pid) - cpu_before;
         synced.sort();
         let all_synced = *synced.last().expect("clients");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_synced = rss_kib(pid);
         println!(
-            "initial sync: {} clients x {} resources: all synced in {:.2} s \
-             (per client p50 {}, p99 {})",
+            "initial sync: {} clients x {} resources: all synced in {:.2} s, \
+             server CPU {:.2} s (per client p50 {}, p99 {})",
             args.clients,
             expected,
             all_synced.as_secs_f64(),
+            server_cpu.as_secs_f64(),
             millis(percentile(&synced, 0.5)),
             millis(percentile(&synced, 0.99)),
         );

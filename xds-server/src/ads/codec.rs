@@ -1,16 +1,31 @@
-//! The gRPC codec of the ADS stream: requests are decoded with prost; responses
-//! are assembled from resources encoded once in the store, so sending one costs
-//! a copy, not an encoding.
+//! The ADS stream's wire format: requests decoded with prost, and responses
+//! assembled from resources the store encoded once, written to HTTP/2 without
+//! copying them again.
+//!
+//! A response is a gRPC message (a 5-byte length prefix, then the
+//! `DeltaDiscoveryResponse`), and the message is its own fields (type URL, nonce,
+//! removals) followed by already-framed `resources` entries: protobuf allows
+//! fields in any order, so the concatenation is the message. Large pieces (the
+//! store's snapshot chunks) go to HTTP/2 as they are; small ones are gathered
+//! into one buffer.
 
-use bytes::{BufMut, Bytes};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::Frame;
 use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_api::prost::Message;
+use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{DecodeBuf, Decoder};
 
-/// A `DeltaDiscoveryResponse` in encoded form: its own fields (type URL, nonce,
-/// removals) followed by already-framed `resources` entries. Protobuf allows
-/// fields in any order, so the concatenation is the message.
+/// Pieces at least this large are sent without copying.
+const ZERO_COPY_THRESHOLD: usize = 16 << 10;
+
+/// A `DeltaDiscoveryResponse` in encoded form.
 #[derive(Clone, Debug, Default)]
 pub struct EncodedResponse {
     pub(crate) head: Vec<u8>,
@@ -37,44 +52,31 @@ impl EncodedResponse {
         }
         bytes
     }
-}
 
-/// Decodes `DeltaDiscoveryRequest`s, encodes [`EncodedResponse`]s.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct AdsCodec;
-
-impl Codec for AdsCodec {
-    type Encode = EncodedResponse;
-    type Decode = DeltaDiscoveryRequest;
-    type Encoder = ResponseEncoder;
-    type Decoder = RequestDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ResponseEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct ResponseEncoder;
-
-impl Encoder for ResponseEncoder {
-    type Item = EncodedResponse;
-    type Error = Status;
-
-    fn encode(&mut self, item: EncodedResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.len());
-        dst.put_slice(&item.head);
-        for resource in &item.resources {
-            dst.put_slice(resource);
+    /// The gRPC message as HTTP/2 data pieces.
+    fn into_pieces(self, pieces: &mut VecDeque<Bytes>) {
+        let len = self.len();
+        let mut small = BytesMut::with_capacity(5 + self.head.len());
+        small.put_u8(0); // not compressed
+        small.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        small.put_slice(&self.head);
+        for resource in self.resources {
+            if resource.len() >= ZERO_COPY_THRESHOLD {
+                if !small.is_empty() {
+                    pieces.push_back(small.split().freeze());
+                }
+                pieces.push_back(resource);
+            } else {
+                small.put_slice(&resource);
+            }
         }
-        Ok(())
+        if !small.is_empty() {
+            pieces.push_back(small.freeze());
+        }
     }
 }
 
+/// Decodes `DeltaDiscoveryRequest`s.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct RequestDecoder;
 
@@ -86,5 +88,64 @@ impl Decoder for RequestDecoder {
         DeltaDiscoveryRequest::decode(src).map(Some).map_err(|err| {
             Status::invalid_argument(format!("malformed DeltaDiscoveryRequest: {err}"))
         })
+    }
+}
+
+/// The response body of one stream: responses as they are produced, then the
+/// gRPC status in trailers.
+#[derive(Debug)]
+pub(crate) struct ResponseBody {
+    responses: mpsc::Receiver<Result<EncodedResponse, Status>>,
+    pieces: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl ResponseBody {
+    pub(crate) fn new(responses: mpsc::Receiver<Result<EncodedResponse, Status>>) -> Self {
+        Self {
+            responses,
+            pieces: VecDeque::new(),
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(piece) = self.pieces.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match self.responses.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(response))) => {
+                let this = &mut *self;
+                response.into_pieces(&mut this.pieces);
+                return match this.pieces.pop_front() {
+                    Some(piece) => Poll::Ready(Some(Ok(Frame::data(piece)))),
+                    None => Poll::Pending,
+                };
+            }
+            Poll::Ready(Some(Err(status))) => status,
+            Poll::Ready(None) => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = HeaderMap::new();
+        if let Err(err) = status.add_header(&mut trailers) {
+            tracing::debug!(error = %err, "could not encode the stream's final status");
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
     }
 }

@@ -21,16 +21,16 @@ use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_ca::PeerInfo;
 use mesh_ca::auth::Caller;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
+use tonic::{Status, Streaming};
 
 pub use codec::EncodedResponse;
 
 use crate::auth::ClientAuth;
 use crate::store::Store;
-use codec::AdsCodec;
+use codec::{RequestDecoder, ResponseBody};
 use session::{Outcome, Session};
 
 /// The gRPC path of the delta stream.
@@ -97,11 +97,12 @@ impl AdsService {
 
     async fn open(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ReceiverStream<Result<EncodedResponse, Status>>>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
+        metadata: &MetadataMap,
+        peer: Option<PeerInfo>,
+        requests: Streaming<DeltaDiscoveryRequest>,
+    ) -> Result<mpsc::Receiver<Result<EncodedResponse, Status>>, Status> {
         let caller = Caller {
-            metadata: request.metadata(),
+            metadata,
             peer_certificates: peer.as_ref().and_then(|p| p.certificates.as_deref()),
         };
         if self.inner.shutdown.is_cancelled() {
@@ -117,8 +118,8 @@ impl AdsService {
         };
         let (responses, stream) = mpsc::channel(1);
         let inner = self.inner.clone();
-        tokio::spawn(run_stream(inner, client, request.into_inner(), responses));
-        Ok(Response::new(ReceiverStream::new(stream)))
+        tokio::spawn(run_stream(inner, client, requests, responses));
+        Ok(stream)
     }
 }
 
@@ -224,19 +225,6 @@ impl NamedService for AdsService {
     const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 }
 
-struct DeltaMethod(AdsService);
-
-impl StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
-    type Response = EncodedResponse;
-    type ResponseStream = ReceiverStream<Result<EncodedResponse, Status>>;
-    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.open(request).await })
-    }
-}
-
 impl<B> tower::Service<http::Request<B>> for AdsService
 where
     B: Body<Data = bytes::Bytes> + Send + 'static,
@@ -260,9 +248,31 @@ where
                 ))
                 .into_http());
             }
-            let mut grpc = Grpc::new(AdsCodec)
-                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), Some(usize::MAX));
-            Ok(grpc.streaming(DeltaMethod(service), request).await)
+            let (parts, body) = request.into_parts();
+            if let Some(encoding) = parts.headers.get("grpc-encoding")
+                && encoding != "identity"
+            {
+                return Ok(Status::unimplemented(format!(
+                    "compressed requests ({encoding:?}) are not supported"
+                ))
+                .into_http());
+            }
+            let peer = parts.extensions.get::<PeerInfo>().cloned();
+            let metadata = MetadataMap::from_headers(parts.headers);
+            let requests =
+                Streaming::new_request(RequestDecoder, body, None, Some(MAX_REQUEST_BYTES));
+            Ok(match service.open(&metadata, peer, requests).await {
+                Ok(responses) => {
+                    let mut response =
+                        http::Response::new(tonic::body::Body::new(ResponseBody::new(responses)));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        tonic::metadata::GRPC_CONTENT_TYPE,
+                    );
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
         })
     }
 }

@@ -14,8 +14,8 @@ use mesh_api::prost::Message;
 use tonic::Status;
 
 use super::codec::EncodedResponse;
-use crate::store::State;
 use crate::store::table::Entry;
+use crate::store::{Snapshot, State};
 
 /// The subscription name meaning "everything".
 const WILDCARD: &str = "*";
@@ -87,6 +87,9 @@ struct TypeState {
 struct FullSync {
     cursor: Option<Arc<str>>,
     known: BTreeMap<String, String>,
+    /// A client that has nothing is sent the store's shared snapshot, chunk by
+    /// chunk (the next one's index).
+    snapshot: Option<(Arc<Snapshot>, usize)>,
 }
 
 impl Session {
@@ -157,6 +160,7 @@ impl Session {
                     state.full_sync = Some(FullSync {
                         cursor: None,
                         known: request.initial_resource_versions.clone(),
+                        snapshot: None,
                     });
                 } else {
                     state.remember_initial(&request.initial_resource_versions, store);
@@ -220,6 +224,11 @@ impl Body {
     fn add(&mut self, entry: &Entry) {
         self.bytes += entry.framed.len();
         self.resources.push(entry.framed.clone());
+    }
+
+    fn add_bytes(&mut self, framed: Bytes) {
+        self.bytes += framed.len();
+        self.resources.push(framed);
     }
 
     fn remove(&mut self, name: &str) {
@@ -327,7 +336,23 @@ impl TypeState {
             self.synced_revision = store.revision;
         }
 
-        if let Some(sync) = &mut self.full_sync {
+        let mut snapshot_done = false;
+        if let Some(sync) = &mut self.full_sync
+            && sync.known.is_empty()
+            && sync.cursor.is_none()
+        {
+            let (snapshot, next) = sync
+                .snapshot
+                .get_or_insert_with(|| (store.snapshot(self.kind, max_bytes), 0));
+            // The snapshot is of this revision: it holds every pending change.
+            debug_assert_eq!(snapshot.revision, store.revision);
+            self.pending.clear();
+            if let Some(chunk) = snapshot.chunks.get(*next) {
+                body.add_bytes(chunk.clone());
+                *next += 1;
+            }
+            snapshot_done = *next >= snapshot.chunks.len();
+        } else if let Some(sync) = &mut self.full_sync {
             let mut last = None;
             for (name, entry) in table.after(sync.cursor.as_deref()) {
                 last = Some(name.clone());
@@ -353,6 +378,10 @@ impl TypeState {
                     self.full_sync = None;
                 }
             }
+        }
+
+        if snapshot_done {
+            self.full_sync = None;
         }
 
         // Changes are sent once a full pass is over (the pass sends current

@@ -8,6 +8,7 @@
 //! whose encoding changed under a new revision. Resources are encoded once, when
 //! they change; a version is a hash of the encoding.
 
+mod intern;
 mod state;
 pub(crate) mod table;
 
@@ -16,7 +17,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use mesh_api::Identity;
 use tokio::sync::watch;
 
-pub(crate) use state::State;
+pub(crate) use state::{Snapshot, State};
 
 use crate::object::{Object, ObjectError, ObjectKey};
 use crate::translate::MeshConfig;

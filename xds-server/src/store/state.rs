@@ -3,18 +3,30 @@
 //! every change: a change recomputes exactly the resources it can affect.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{Bytes, BytesMut};
 
 use authz::Selector;
 use mesh_api::prost::Message;
 use mesh_api::workload::{Address, address};
 use mesh_api::{Identity, NetworkIp, ResourceType};
 
+use super::intern::Interner;
 use super::table::{Table, Upserted};
 use crate::object::{Kind, Object, ObjectError, ObjectKey};
-use crate::translate::pod::{PodFacts, WorkloadContext, pod_facts, uid, workload};
+use crate::translate::pod::{PodFacts, Share, WorkloadContext, pod_facts, uid, workload};
 use crate::translate::service::{ServiceFacts, service_facts};
 use crate::translate::{Labels, MeshConfig};
+
+/// Every resource of a type, framed and concatenated in chunks, at a revision:
+/// what a client that has nothing is sent. Shared by all clients syncing at
+/// that revision, and dropped when the last of them is done.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) revision: u64,
+    pub(crate) chunks: Vec<Bytes>,
+}
 
 /// One resource that changed, at a revision.
 #[derive(Clone, Debug)]
@@ -43,10 +55,39 @@ pub(crate) struct State {
     nodes: HashMap<Arc<str>, NodeState>,
     pub(crate) addresses: Table,
     pub(crate) authorizations: Table,
+    shared: Shared,
     log: VecDeque<Change>,
     log_capacity: usize,
     /// Every change after this revision is in the log.
     log_start: u64,
+    /// The last snapshot of each type, while some client still uses it.
+    snapshots: [Mutex<Weak<Snapshot>>; 2],
+}
+
+/// Values pods share.
+#[derive(Debug, Default)]
+struct Shared {
+    names: Interner<str>,
+    labels: Interner<Labels>,
+}
+
+impl Share for Shared {
+    fn name(&mut self, name: &str) -> Arc<str> {
+        self.names.intern(name, |name| Arc::from(name))
+    }
+
+    fn labels(&mut self, labels: &Labels) -> Arc<Labels> {
+        self.labels
+            .intern(labels, |labels| Arc::new(labels.clone()))
+    }
+}
+
+impl Shared {
+    fn release(&mut self, pod: &PodFacts) {
+        self.names.release(&pod.service_account);
+        self.names.release(&pod.workload_name);
+        self.labels.release(&pod.labels);
+    }
 }
 
 /// The workload identities on a node, counted, for impersonation checks.
@@ -62,12 +103,51 @@ impl State {
             revision: 0,
             namespaces: HashMap::new(),
             nodes: HashMap::new(),
+            shared: Shared::default(),
             addresses: Table::new(mesh_api::type_url::ADDRESS),
             authorizations: Table::new(mesh_api::type_url::AUTHORIZATION),
             log: VecDeque::new(),
             log_capacity: log_capacity.max(1),
             log_start: 0,
+            snapshots: [Mutex::new(Weak::new()), Mutex::new(Weak::new())],
         }
+    }
+
+    /// The snapshot of `kind` at the current revision, in chunks of about
+    /// `chunk_bytes`: the cached one if still current, else a new one.
+    pub(crate) fn snapshot(&self, kind: ResourceType, chunk_bytes: usize) -> Arc<Snapshot> {
+        let slot = &self.snapshots[match kind {
+            ResourceType::Address => 0,
+            ResourceType::Authorization => 1,
+        }];
+        let mut cached = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(snapshot) = cached.upgrade()
+            && snapshot.revision == self.revision
+        {
+            return snapshot;
+        }
+        let mut chunks = Vec::new();
+        let mut chunk = BytesMut::new();
+        for (_, entry) in self.table(kind).after(None) {
+            if chunk.is_empty() {
+                chunk.reserve(chunk_bytes + entry.framed.len());
+            }
+            chunk.extend_from_slice(&entry.framed);
+            if chunk.len() >= chunk_bytes {
+                chunks.push(chunk.split().freeze());
+            }
+        }
+        if !chunk.is_empty() {
+            chunks.push(chunk.freeze());
+        }
+        let snapshot = Arc::new(Snapshot {
+            revision: self.revision,
+            chunks,
+        });
+        *cached = Arc::downgrade(&snapshot);
+        snapshot
     }
 
     pub(crate) fn table(&self, kind: ResourceType) -> &Table {
@@ -161,7 +241,9 @@ impl Batch<'_> {
             }
             Object::Pod(pod) => {
                 let nodes = &mut self.state.nodes;
-                let facts = pod_facts(&pod, |node| intern_node(nodes, node)).map_err(error)?;
+                let shared = &mut self.state.shared;
+                let facts =
+                    pod_facts(&pod, |node| intern_node(nodes, node), shared).map_err(error)?;
                 let namespace = self.namespace_name(&key.namespace);
                 self.remove_pod_facts(&namespace, &key.name);
                 if let Some(facts) = facts {
@@ -318,7 +400,7 @@ impl Batch<'_> {
         if let Some(node) = &old.node
             && let Some(state) = self.state.nodes.get_mut(node)
         {
-            let key = (namespace.clone(), old.service_account.clone());
+            let key = (namespace.clone(), Box::from(&*old.service_account));
             if let Some(count) = state.identities.get_mut(&key) {
                 *count -= 1;
                 if *count == 0 {
@@ -326,6 +408,7 @@ impl Batch<'_> {
                 }
             }
         }
+        self.state.shared.release(&old);
         true
     }
 
@@ -337,7 +420,7 @@ impl Batch<'_> {
                 .entry(node.clone())
                 .or_default()
                 .identities
-                .entry((namespace.clone(), facts.service_account.clone()))
+                .entry((namespace.clone(), Box::from(&*facts.service_account)))
                 .or_default() += 1;
         }
     }

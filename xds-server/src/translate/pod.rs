@@ -17,8 +17,8 @@ use super::{Labels, MeshConfig, enrollment};
 #[derive(Debug)]
 pub(crate) struct PodFacts {
     pub(crate) name: Box<str>,
-    pub(crate) labels: Labels,
-    pub(crate) service_account: Box<str>,
+    pub(crate) labels: Arc<Labels>,
+    pub(crate) service_account: Arc<str>,
     pub(crate) node: Option<Arc<str>>,
     pub(crate) ips: Box<[IpAddr]>,
     pub(crate) healthy: bool,
@@ -26,11 +26,19 @@ pub(crate) struct PodFacts {
     /// Named TCP container ports, for services' named target ports.
     pub(crate) named_ports: Box<[(Box<str>, u32)]>,
     /// The owning controller's name (a Deployment's, a Job's) or the pod's.
-    pub(crate) workload_name: Box<str>,
+    pub(crate) workload_name: Arc<str>,
+}
+
+/// Where a pod's facts get shared copies of values many pods have in common.
+pub(crate) trait Share {
+    /// A shared copy of a name (service account, workload name, node).
+    fn name(&mut self, name: &str) -> Arc<str>;
+    /// A shared copy of a label set.
+    fn labels(&mut self, labels: &Labels) -> Arc<Labels>;
 }
 
 impl PodFacts {
-    /// The identity's service account and namespace give the workload's identity.
+    /// The container port a service port targets on this pod.
     pub(crate) fn resolve_port(&self, target: &Target) -> Option<u32> {
         match target {
             Target::Number(number) => Some(*number),
@@ -51,6 +59,7 @@ pub(crate) type PodError = (String, String);
 pub(crate) fn pod_facts(
     pod: &Pod,
     intern_node: impl FnOnce(&str) -> Arc<str>,
+    share: &mut dyn Share,
 ) -> Result<Option<PodFacts>, PodError> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let status = pod.status.as_ref();
@@ -100,12 +109,12 @@ pub(crate) fn pod_facts(
         .collect();
     Ok(Some(PodFacts {
         name: name.into(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        service_account: spec
-            .and_then(|s| s.service_account_name.as_deref())
-            .filter(|sa| !sa.is_empty())
-            .unwrap_or("default")
-            .into(),
+        labels: share.labels(pod.metadata.labels.as_ref().unwrap_or(&Labels::new())),
+        service_account: share.name(
+            spec.and_then(|s| s.service_account_name.as_deref())
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or("default"),
+        ),
         node: spec
             .and_then(|s| s.node_name.as_deref())
             .filter(|node| !node.is_empty())
@@ -114,7 +123,7 @@ pub(crate) fn pod_facts(
         healthy: ready && !terminating,
         host_network: spec.and_then(|s| s.host_network) == Some(true),
         named_ports,
-        workload_name: workload_name(pod, name).into(),
+        workload_name: share.name(workload_name(pod, name)),
     }))
 }
 
