@@ -7,14 +7,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mesh_api::ResourceType;
 use mesh_api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use mesh_api::prost::Message;
 use tonic::Status;
 
 use super::codec::EncodedResponse;
-use crate::store::table::Entry;
+use crate::store::table::{Entry, Table};
 use crate::store::{Snapshot, State};
 
 /// The subscription name meaning "everything".
@@ -183,25 +183,23 @@ impl Session {
             let Some(state) = self.types[index].as_mut() else {
                 continue;
             };
-            let Some(mut body) = state.build(store, max_bytes)? else {
+            let Some(body) = state.build(store, max_bytes)? else {
                 continue;
             };
             self.last_served = index;
             self.next_nonce += 1;
             let nonce = self.next_nonce.to_string();
             state.in_flight.push_back((nonce.clone(), store.revision));
-            body.head = DeltaDiscoveryResponse {
+            let (resources, removed) = body.into_resources();
+            let head = DeltaDiscoveryResponse {
                 system_version_info: store.revision.to_string(),
                 type_url: state.kind.type_url().to_owned(),
                 nonce,
-                removed_resources: std::mem::take(&mut body.removed),
+                removed_resources: removed,
                 resources: Vec::new(),
             }
             .encode_to_vec();
-            return Ok(Some(EncodedResponse {
-                head: body.head,
-                resources: body.resources,
-            }));
+            return Ok(Some(EncodedResponse { head, resources }));
         }
         Ok(None)
     }
@@ -210,8 +208,9 @@ impl Session {
 /// A response being assembled.
 #[derive(Default)]
 struct Body {
-    head: Vec<u8>,
     resources: Vec<Bytes>,
+    /// Framed resources not yet in `resources`.
+    small: BytesMut,
     removed: Vec<String>,
     bytes: usize,
 }
@@ -221,14 +220,26 @@ impl Body {
         self.bytes >= max_bytes
     }
 
-    fn add(&mut self, entry: &Entry) {
-        self.bytes += entry.framed.len();
-        self.resources.push(entry.framed.clone());
+    fn add(&mut self, table: &Table, name: &str, entry: &Entry) {
+        let before = self.small.len();
+        table.frame(name, entry, &mut self.small);
+        self.bytes += self.small.len() - before;
     }
 
     fn add_bytes(&mut self, framed: Bytes) {
         self.bytes += framed.len();
+        if !self.small.is_empty() {
+            self.resources.push(self.small.split().freeze());
+        }
         self.resources.push(framed);
+    }
+
+    /// The framed resources, in order.
+    fn into_resources(mut self) -> (Vec<Bytes>, Vec<String>) {
+        if !self.small.is_empty() {
+            self.resources.push(self.small.split().freeze());
+        }
+        (self.resources, self.removed)
     }
 
     fn remove(&mut self, name: &str) {
@@ -237,7 +248,7 @@ impl Body {
     }
 
     fn is_empty(&self) -> bool {
-        self.resources.is_empty() && self.removed.is_empty()
+        self.resources.is_empty() && self.small.is_empty() && self.removed.is_empty()
     }
 }
 
@@ -361,7 +372,7 @@ impl TypeState {
                 {
                     continue;
                 }
-                body.add(entry);
+                body.add(table, name, entry);
                 if body.full(max_bytes) {
                     break;
                 }
@@ -391,7 +402,7 @@ impl TypeState {
                 break;
             };
             match table.get(&name) {
-                Some(entry) => body.add(entry),
+                Some(entry) => body.add(table, &name, entry),
                 None => body.remove(&name),
             }
         }
@@ -403,9 +414,9 @@ impl TypeState {
                 let before = self.sent.get(name).copied();
                 match (now, before) {
                     (Some((_, entry)), Some(Some(hash))) if hash == entry.hash => {}
-                    (Some((_, entry)), _) => {
+                    (Some((resource, entry)), _) => {
                         if !self.wildcard {
-                            body.add(entry);
+                            body.add(table, resource, entry);
                         }
                         self.sent.insert(name.clone(), Some(entry.hash));
                     }

@@ -24,7 +24,7 @@ use crate::translate::MeshConfig;
 
 /// How many resource changes the store remembers for streams catching up. A
 /// stream further behind is asked to reconnect (and then resyncs by versions).
-pub const DEFAULT_CHANGE_LOG_CAPACITY: usize = 1 << 18;
+pub const DEFAULT_CHANGE_LOG_CAPACITY: usize = 1 << 16;
 
 /// The store. Cheap to clone; clones share state.
 #[derive(Clone, Debug)]

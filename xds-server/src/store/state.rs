@@ -15,7 +15,9 @@ use mesh_api::{Identity, NetworkIp, ResourceType};
 use super::intern::Interner;
 use super::table::{Table, Upserted};
 use crate::object::{Kind, Object, ObjectError, ObjectKey};
-use crate::translate::pod::{PodFacts, Share, WorkloadContext, pod_facts, uid, workload};
+use crate::translate::pod::{
+    NamedPorts, PodFacts, Share, WorkloadContext, pod_facts, uid, workload,
+};
 use crate::translate::service::{ServiceFacts, service_facts};
 use crate::translate::{Labels, MeshConfig};
 
@@ -52,7 +54,6 @@ pub(crate) struct State {
     pub(crate) config: MeshConfig,
     pub(crate) revision: u64,
     namespaces: HashMap<Arc<str>, NamespaceState>,
-    nodes: HashMap<Arc<str>, NodeState>,
     pub(crate) addresses: Table,
     pub(crate) authorizations: Table,
     shared: Shared,
@@ -69,6 +70,7 @@ pub(crate) struct State {
 struct Shared {
     names: Interner<str>,
     labels: Interner<Labels>,
+    ports: Interner<NamedPorts>,
 }
 
 impl Share for Shared {
@@ -80,20 +82,30 @@ impl Share for Shared {
         self.labels
             .intern(labels, |labels| Arc::new(labels.clone()))
     }
-}
 
-impl Shared {
-    fn release(&mut self, pod: &PodFacts) {
-        self.names.release(&pod.service_account);
-        self.names.release(&pod.workload_name);
-        self.labels.release(&pod.labels);
+    fn ports(&mut self, ports: Vec<(Box<str>, u32)>) -> Arc<NamedPorts> {
+        self.ports
+            .intern(ports.as_slice(), |ports| Arc::from(ports))
     }
 }
 
-/// The workload identities on a node, counted, for impersonation checks.
-#[derive(Debug, Default)]
-struct NodeState {
-    identities: HashMap<(Arc<str>, Box<str>), u32>,
+impl Shared {
+    /// Lets go of a pod's shared values, forgetting those no other pod uses.
+    fn release(&mut self, pod: PodFacts) {
+        let mut names = vec![pod.service_account.clone(), pod.workload_name.clone()];
+        names.extend(pod.node.clone());
+        let labels = pod.labels.clone();
+        let ports = pod.named_ports.clone();
+        drop(pod);
+        // One clone per distinct value, so a count of 2 means: the interner and us.
+        names.sort_by_key(|name| Arc::as_ptr(name).cast::<u8>());
+        names.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for name in &names {
+            self.names.release(name);
+        }
+        self.labels.release(&labels);
+        self.ports.release(&ports);
+    }
 }
 
 impl State {
@@ -102,7 +114,6 @@ impl State {
             config,
             revision: 0,
             namespaces: HashMap::new(),
-            nodes: HashMap::new(),
             shared: Shared::default(),
             addresses: Table::new(mesh_api::type_url::ADDRESS),
             authorizations: Table::new(mesh_api::type_url::AUTHORIZATION),
@@ -130,11 +141,12 @@ impl State {
         }
         let mut chunks = Vec::new();
         let mut chunk = BytesMut::new();
-        for (_, entry) in self.table(kind).after(None) {
+        let table = self.table(kind);
+        for (name, entry) in table.after(None) {
             if chunk.is_empty() {
-                chunk.reserve(chunk_bytes + entry.framed.len());
+                chunk.reserve(chunk_bytes + table.framed_len(name, entry));
             }
-            chunk.extend_from_slice(&entry.framed);
+            table.frame(name, entry, &mut chunk);
             if chunk.len() >= chunk_bytes {
                 chunks.push(chunk.split().freeze());
             }
@@ -184,12 +196,14 @@ impl State {
         if identity.trust_domain() != self.config.trust_domain {
             return false;
         }
-        self.nodes.get(node).is_some_and(|state| {
-            state.identities.contains_key(&(
-                Arc::from(identity.namespace()),
-                Box::from(identity.service_account()),
-            ))
-        })
+        self.namespaces
+            .get(identity.namespace())
+            .is_some_and(|namespace| {
+                namespace.pods.values().any(|pod| {
+                    pod.node.as_deref() == Some(node)
+                        && *pod.service_account == *identity.service_account()
+                })
+            })
     }
 
     pub(crate) fn counts(&self) -> (usize, usize, usize) {
@@ -240,14 +254,10 @@ impl Batch<'_> {
                 }
             }
             Object::Pod(pod) => {
-                let nodes = &mut self.state.nodes;
-                let shared = &mut self.state.shared;
-                let facts =
-                    pod_facts(&pod, |node| intern_node(nodes, node), shared).map_err(error)?;
+                let facts = pod_facts(&pod, &mut self.state.shared).map_err(error)?;
                 let namespace = self.namespace_name(&key.namespace);
                 self.remove_pod_facts(&namespace, &key.name);
                 if let Some(facts) = facts {
-                    self.add_node_identity(&namespace, &facts);
                     self.state
                         .namespaces
                         .entry(namespace.clone())
@@ -304,8 +314,8 @@ impl Batch<'_> {
                         self.upsert(
                             ResourceType::Authorization,
                             &resource_name,
-                            authorization.encode_to_vec(),
-                            Vec::new(),
+                            &authorization.encode_to_vec(),
+                            &[],
                         );
                     }
                     None => self.remove(ResourceType::Authorization, &resource_name),
@@ -397,32 +407,8 @@ impl Batch<'_> {
         else {
             return false;
         };
-        if let Some(node) = &old.node
-            && let Some(state) = self.state.nodes.get_mut(node)
-        {
-            let key = (namespace.clone(), Box::from(&*old.service_account));
-            if let Some(count) = state.identities.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    state.identities.remove(&key);
-                }
-            }
-        }
-        self.state.shared.release(&old);
+        self.state.shared.release(old);
         true
-    }
-
-    fn add_node_identity(&mut self, namespace: &Arc<str>, facts: &PodFacts) {
-        if let Some(node) = &facts.node {
-            *self
-                .state
-                .nodes
-                .entry(node.clone())
-                .or_default()
-                .identities
-                .entry((namespace.clone(), Box::from(&*facts.service_account)))
-                .or_default() += 1;
-        }
     }
 
     fn remove_policy(&mut self, namespace: &Arc<str>, name: &str) -> Option<Selector> {
@@ -522,6 +508,7 @@ impl Batch<'_> {
         policies.sort();
         let context = WorkloadContext {
             config: &state.config,
+            name,
             namespace,
             namespace_labels: ns.labels.as_ref(),
             services: ns
@@ -532,7 +519,7 @@ impl Batch<'_> {
             policies,
         };
         let workload = workload(pod, &context);
-        let aliases = pod
+        let aliases: Vec<String> = pod
             .ips
             .iter()
             .map(|ip| {
@@ -547,12 +534,12 @@ impl Batch<'_> {
             r#type: Some(address::Type::Workload(workload)),
         }
         .encode_to_vec();
-        self.upsert(ResourceType::Address, &uid, value, aliases);
+        self.upsert(ResourceType::Address, &uid, &value, &aliases);
     }
 
     fn publish_service(&mut self, _namespace: &Arc<str>, facts: &ServiceFacts) {
         let name = format!("{}/{}", facts.wire.namespace, facts.hostname);
-        let aliases = facts
+        let aliases: Vec<String> = facts
             .wire
             .addresses
             .iter()
@@ -571,7 +558,7 @@ impl Batch<'_> {
             r#type: Some(address::Type::Service(facts.wire.clone())),
         }
         .encode_to_vec();
-        self.upsert(ResourceType::Address, &name, value, aliases);
+        self.upsert(ResourceType::Address, &name, &value, &aliases);
     }
 
     fn remove_service_resource(&mut self, _namespace: &Arc<str>, facts: &ServiceFacts) {
@@ -579,7 +566,7 @@ impl Batch<'_> {
         self.remove(ResourceType::Address, &name);
     }
 
-    fn upsert(&mut self, kind: ResourceType, name: &str, value: Vec<u8>, aliases: Vec<String>) {
+    fn upsert(&mut self, kind: ResourceType, name: &str, value: &[u8], aliases: &[String]) {
         let table = match kind {
             ResourceType::Address => &mut self.state.addresses,
             ResourceType::Authorization => &mut self.state.authorizations,
@@ -603,26 +590,16 @@ impl Batch<'_> {
     fn record(&mut self, kind: ResourceType, name: Arc<str>) {
         self.changed = true;
         let state = &mut *self.state;
+        // Make room first, so the log never outgrows its capacity.
+        while state.log.len() >= state.log_capacity {
+            if let Some(dropped) = state.log.pop_front() {
+                state.log_start = state.log_start.max(dropped.revision);
+            }
+        }
         state.log.push_back(Change {
             revision: self.revision,
             kind,
             name,
         });
-        while state.log.len() > state.log_capacity {
-            if let Some(dropped) = state.log.pop_front() {
-                state.log_start = state.log_start.max(dropped.revision);
-            }
-        }
-    }
-}
-
-fn intern_node(nodes: &mut HashMap<Arc<str>, NodeState>, node: &str) -> Arc<str> {
-    match nodes.get_key_value(node) {
-        Some((node, _)) => node.clone(),
-        None => {
-            let node: Arc<str> = node.into();
-            nodes.insert(node.clone(), NodeState::default());
-            node
-        }
     }
 }

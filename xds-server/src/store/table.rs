@@ -1,18 +1,32 @@
-//! One resource type's published resources: each kept encoded once, ready to be
-//! copied into any client's response, with its version and aliases.
+//! One resource type's published resources, kept compact: each resource's
+//! encoded body and aliases, once, plus a hash that is its version. The
+//! `Resource` wrapper a client receives (name, version, type URL) is written
+//! around it when a response or a snapshot is assembled.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hasher};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use mesh_api::discovery::Resource;
-use mesh_api::prost::Message;
-use mesh_api::prost::encoding::{WireType, encode_key, encode_varint};
-use mesh_api::prost_types::Any;
+use bytes::{BufMut, BytesMut};
+use mesh_api::NetworkIp;
+use mesh_api::prost::encoding::{
+    WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len,
+};
 
 /// The field number of `resources` in `DeltaDiscoveryResponse`.
-pub(crate) const RESOURCES_FIELD: u32 = 2;
+const RESOURCES_FIELD: u32 = 2;
+
+// Field numbers of `envoy.service.discovery.v3.Resource` and `google.protobuf.Any`.
+const RESOURCE_VERSION: u32 = 1;
+const RESOURCE_BODY: u32 = 2;
+const RESOURCE_NAME: u32 = 3;
+const RESOURCE_ALIASES: u32 = 4;
+const ANY_TYPE_URL: u32 = 1;
+const ANY_VALUE: u32 = 2;
+
+/// Length of a version string (16 hex digits).
+const VERSION_LEN: usize = 16;
 
 /// A published resource.
 #[derive(Debug)]
@@ -20,17 +34,41 @@ pub(crate) struct Entry {
     /// A hash of the resource's encoding: its version, stable across restarts,
     /// so a reconnecting client that already has it is not sent it again.
     pub(crate) hash: u64,
-    /// The resource as field 2 of a `DeltaDiscoveryResponse` (key, length,
-    /// `Resource` message): responses are assembled by concatenation.
-    pub(crate) framed: Bytes,
-    /// Other names the resource answers to (`"<network>/<ip>"`).
-    pub(crate) aliases: Box<[Arc<str>]>,
+    /// The encoded message (`Address` or `Authorization`), then its aliases as
+    /// encoded `Resource.aliases` fields.
+    blob: Box<[u8]>,
+    /// Where the message ends in `blob`.
+    value_len: u32,
 }
 
 impl Entry {
     /// The version string clients see.
     pub(crate) fn version(&self) -> String {
         version_string(self.hash)
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.blob[..self.value_len as usize]
+    }
+
+    fn encoded_aliases(&self) -> &[u8] {
+        &self.blob[self.value_len as usize..]
+    }
+
+    /// The aliases, decoded.
+    fn aliases(&self) -> Vec<String> {
+        let mut aliases = Vec::new();
+        let mut rest = self.encoded_aliases();
+        while !rest.is_empty() {
+            let (Ok(_), Ok(len)) = (decode_key(&mut rest), decode_varint(&mut rest)) else {
+                break;
+            };
+            let len = usize::try_from(len).unwrap_or(usize::MAX).min(rest.len());
+            let (alias, tail) = rest.split_at(len);
+            aliases.push(String::from_utf8_lossy(alias).into_owned());
+            rest = tail;
+        }
+        aliases
     }
 }
 
@@ -39,12 +77,28 @@ pub(crate) fn version_string(hash: u64) -> String {
     format!("{hash:016x}")
 }
 
+fn field_len(field: u32, len: usize) -> usize {
+    key_len(field) + encoded_len_varint(len as u64) + len
+}
+
+fn put_field(field: u32, bytes: &[u8], dst: &mut BytesMut) {
+    encode_key(field, WireType::LengthDelimited, dst);
+    encode_varint(bytes.len() as u64, dst);
+    dst.put_slice(bytes);
+}
+
+/// An alias (`"<network>/<ip>"`) as an index key: parsed, so the index holds
+/// no strings of its own.
+type AliasKey = (u32, IpAddr);
+
 /// Resources of one type by name, and an index of their aliases.
 #[derive(Debug)]
 pub(crate) struct Table {
     type_url: &'static str,
     entries: BTreeMap<Arc<str>, Entry>,
-    aliases: HashMap<Arc<str>, Arc<str>>,
+    aliases: HashMap<AliasKey, Arc<str>>,
+    /// Network names, numbered for the alias keys.
+    networks: HashMap<Box<str>, u32>,
 }
 
 /// What an upsert did.
@@ -60,6 +114,7 @@ impl Table {
             type_url,
             entries: BTreeMap::new(),
             aliases: HashMap::new(),
+            networks: HashMap::new(),
         }
     }
 
@@ -76,7 +131,9 @@ impl Table {
         if let Some(found) = self.entries.get_key_value(name) {
             return Some(found);
         }
-        let canonical = self.aliases.get(name)?;
+        let alias: NetworkIp = name.parse().ok()?;
+        let network = self.networks.get(alias.network.as_str())?;
+        let canonical = self.aliases.get(&(*network, alias.ip))?;
         self.entries.get_key_value(canonical.as_ref())
     }
 
@@ -93,12 +150,45 @@ impl Table {
         self.entries.range::<str, _>((start, Bound::Unbounded))
     }
 
+    /// How many bytes [`Table::frame`] writes for an entry.
+    pub(crate) fn framed_len(&self, name: &str, entry: &Entry) -> usize {
+        field_len(RESOURCES_FIELD, self.resource_len(name, entry))
+    }
+
+    fn resource_len(&self, name: &str, entry: &Entry) -> usize {
+        let any = field_len(ANY_TYPE_URL, self.type_url.len())
+            + field_len(ANY_VALUE, entry.value().len());
+        field_len(RESOURCE_VERSION, VERSION_LEN)
+            + field_len(RESOURCE_BODY, any)
+            + field_len(RESOURCE_NAME, name.len())
+            + entry.encoded_aliases().len()
+    }
+
+    /// Writes an entry as field 2 (`resources`) of a `DeltaDiscoveryResponse`:
+    /// responses and snapshots are assembled by concatenating these.
+    pub(crate) fn frame(&self, name: &str, entry: &Entry, dst: &mut BytesMut) {
+        let value = entry.value();
+        let any_len =
+            field_len(ANY_TYPE_URL, self.type_url.len()) + field_len(ANY_VALUE, value.len());
+        let resource_len = self.resource_len(name, entry);
+        dst.reserve(field_len(RESOURCES_FIELD, resource_len));
+        encode_key(RESOURCES_FIELD, WireType::LengthDelimited, dst);
+        encode_varint(resource_len as u64, dst);
+        put_field(RESOURCE_VERSION, entry.version().as_bytes(), dst);
+        encode_key(RESOURCE_BODY, WireType::LengthDelimited, dst);
+        encode_varint(any_len as u64, dst);
+        put_field(ANY_TYPE_URL, self.type_url.as_bytes(), dst);
+        put_field(ANY_VALUE, value, dst);
+        put_field(RESOURCE_NAME, name.as_bytes(), dst);
+        dst.put_slice(entry.encoded_aliases());
+    }
+
     /// Publishes `value` (an encoded `Address` or `Authorization`) under `name`.
-    pub(crate) fn upsert(&mut self, name: &str, value: Vec<u8>, aliases: Vec<String>) -> Upserted {
+    pub(crate) fn upsert(&mut self, name: &str, value: &[u8], aliases: &[String]) -> Upserted {
         let hash = {
             let mut hasher = DefaultHasher::new();
-            hasher.write(&value);
-            for alias in &aliases {
+            hasher.write(value);
+            for alias in aliases {
                 hasher.write(alias.as_bytes());
                 hasher.write_u8(0);
             }
@@ -111,44 +201,37 @@ impl Table {
         {
             return Upserted::Unchanged;
         }
-        let resource = Resource {
-            version: version_string(hash),
-            resource: Some(Any {
-                type_url: self.type_url.to_owned(),
-                value,
-            }),
-            name: name.to_owned(),
-            aliases: aliases.clone(),
-        };
-        let length = resource.encoded_len();
-        let mut framed = BytesMut::with_capacity(length + 6);
-        encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut framed);
-        encode_varint(length as u64, &mut framed);
-        resource.encode_raw(&mut framed);
-
+        // Exactly sized, so the buffer becomes `Bytes` without another allocation.
+        let blob_len = value.len()
+            + aliases
+                .iter()
+                .map(|alias| field_len(RESOURCE_ALIASES, alias.len()))
+                .sum::<usize>();
+        let mut blob = BytesMut::with_capacity(blob_len);
+        blob.put_slice(value);
+        for alias in aliases {
+            put_field(RESOURCE_ALIASES, alias.as_bytes(), &mut blob);
+        }
         let name: Arc<str> = match self.entries.get_key_value(name) {
             Some((existing, _)) => existing.clone(),
             None => name.into(),
         };
-        let aliases: Box<[Arc<str>]> = aliases.into_iter().map(Arc::from).collect();
-        if let Some(old) = self.entries.get(&name) {
-            for alias in &old.aliases {
-                if self.aliases.get(alias) == Some(&name) {
-                    self.aliases.remove(alias);
-                }
-            }
-        }
-        for alias in &aliases {
-            self.aliases.insert(alias.clone(), name.clone());
-        }
-        self.entries.insert(
-            name,
+        let old = self.entries.insert(
+            name.clone(),
             Entry {
                 hash,
-                framed: framed.freeze(),
-                aliases,
+                blob: Vec::from(blob).into_boxed_slice(),
+                value_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
             },
         );
+        if let Some(old) = old {
+            self.forget_aliases(&name, &old);
+        }
+        for alias in aliases {
+            if let Some(key) = self.alias_key(alias) {
+                self.aliases.insert(key, name.clone());
+            }
+        }
         Upserted::Changed
     }
 
@@ -157,12 +240,31 @@ impl Table {
         let Some((name, entry)) = self.entries.remove_entry(name) else {
             return false;
         };
-        for alias in &entry.aliases {
-            if self.aliases.get(alias) == Some(&name) {
-                self.aliases.remove(alias);
+        self.forget_aliases(&name, &entry);
+        true
+    }
+
+    /// Drops the alias index entries of a resource that changed or went.
+    fn forget_aliases(&mut self, name: &Arc<str>, entry: &Entry) {
+        for alias in entry.aliases() {
+            if let Some(key) = self.alias_key(&alias)
+                && self.aliases.get(&key) == Some(name)
+            {
+                self.aliases.remove(&key);
             }
         }
-        true
+    }
+
+    /// The index key of an alias; `None` for one that is not `"<network>/<ip>"`
+    /// (such aliases are published but not looked up).
+    fn alias_key(&mut self, alias: &str) -> Option<AliasKey> {
+        let alias: NetworkIp = alias.parse().ok()?;
+        let next = u32::try_from(self.networks.len()).ok()?;
+        let network = *self
+            .networks
+            .entry(alias.network.into_boxed_str())
+            .or_insert(next);
+        Some((network, alias.ip))
     }
 
     /// The name as stored (shared), for the change log.
@@ -170,5 +272,50 @@ impl Table {
         self.entries
             .get_key_value(name)
             .map_or_else(|| Arc::from(name), |(name, _)| name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::discovery::DeltaDiscoveryResponse;
+    use mesh_api::prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn a_framed_entry_is_a_resource_field_of_a_response() {
+        let mut table = Table::new(mesh_api::type_url::ADDRESS);
+        let aliases = vec!["/10.0.0.1".to_owned(), "net/fd00::1".to_owned()];
+        assert_eq!(
+            table.upsert("uid-1", b"\x0a\x00", &aliases),
+            Upserted::Changed
+        );
+        assert_eq!(
+            table.upsert("uid-1", b"\x0a\x00", &aliases),
+            Upserted::Unchanged
+        );
+        let entry = table.get("uid-1").expect("entry");
+        let mut framed = BytesMut::new();
+        table.frame("uid-1", entry, &mut framed);
+        assert_eq!(framed.len(), table.framed_len("uid-1", entry));
+        let response = DeltaDiscoveryResponse::decode(framed.freeze()).expect("decodes");
+        let resource = &response.resources[0];
+        assert_eq!(resource.name, "uid-1");
+        assert_eq!(resource.version, entry.version());
+        assert_eq!(resource.aliases, aliases);
+        let any = resource.resource.as_ref().expect("body");
+        assert_eq!(any.type_url, mesh_api::type_url::ADDRESS);
+        assert_eq!(any.value, b"\x0a\x00");
+        assert_eq!(entry.aliases(), aliases);
+        assert_eq!(
+            table.lookup("/10.0.0.1").map(|(name, _)| &**name),
+            Some("uid-1")
+        );
+
+        // A new version with other aliases: the old alias no longer resolves.
+        table.upsert("uid-1", b"\x0a\x01", &aliases[..1]);
+        assert!(table.lookup("net/fd00::1").is_none());
+        assert!(table.remove("uid-1"));
+        assert!(table.lookup("/10.0.0.1").is_none());
     }
 }

@@ -16,17 +16,35 @@ use super::{Labels, MeshConfig, enrollment};
 /// of the pod (a fraction of its size).
 #[derive(Debug)]
 pub(crate) struct PodFacts {
-    pub(crate) name: Box<str>,
     pub(crate) labels: Arc<Labels>,
     pub(crate) service_account: Arc<str>,
     pub(crate) node: Option<Arc<str>>,
-    pub(crate) ips: Box<[IpAddr]>,
+    pub(crate) ips: PodIps,
     pub(crate) healthy: bool,
     pub(crate) host_network: bool,
     /// Named TCP container ports, for services' named target ports.
-    pub(crate) named_ports: Box<[(Box<str>, u32)]>,
+    pub(crate) named_ports: Arc<NamedPorts>,
     /// The owning controller's name (a Deployment's, a Job's) or the pod's.
     pub(crate) workload_name: Arc<str>,
+}
+
+/// A pod's named TCP container ports.
+pub(crate) type NamedPorts = [(Box<str>, u32)];
+
+/// A pod's IPs: almost always one, kept inline.
+#[derive(Debug)]
+pub(crate) enum PodIps {
+    One(IpAddr),
+    Several(Box<[IpAddr]>),
+}
+
+impl PodIps {
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, IpAddr> {
+        match self {
+            Self::One(ip) => std::slice::from_ref(ip).iter(),
+            Self::Several(ips) => ips.iter(),
+        }
+    }
 }
 
 /// Where a pod's facts get shared copies of values many pods have in common.
@@ -35,6 +53,8 @@ pub(crate) trait Share {
     fn name(&mut self, name: &str) -> Arc<str>;
     /// A shared copy of a label set.
     fn labels(&mut self, labels: &Labels) -> Arc<Labels>;
+    /// A shared copy of a named-port list.
+    fn ports(&mut self, ports: Vec<(Box<str>, u32)>) -> Arc<NamedPorts>;
 }
 
 impl PodFacts {
@@ -56,11 +76,7 @@ pub(crate) type PodError = (String, String);
 
 /// Extracts a pod's facts. `Ok(None)` for pods that are no workload (yet or any
 /// more): without an IP, or finished (`Succeeded`, `Failed`).
-pub(crate) fn pod_facts(
-    pod: &Pod,
-    intern_node: impl FnOnce(&str) -> Arc<str>,
-    share: &mut dyn Share,
-) -> Result<Option<PodFacts>, PodError> {
+pub(crate) fn pod_facts(pod: &Pod, share: &mut dyn Share) -> Result<Option<PodFacts>, PodError> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let status = pod.status.as_ref();
     if matches!(
@@ -96,7 +112,7 @@ pub(crate) fn pod_facts(
         .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|ready| ready.status == "True");
     let terminating = pod.metadata.deletion_timestamp.is_some();
-    let named_ports = spec
+    let named_ports: Vec<(Box<str>, u32)> = spec
         .into_iter()
         .flat_map(|spec| spec.containers.iter())
         .flat_map(|container| container.ports.iter().flatten())
@@ -108,7 +124,6 @@ pub(crate) fn pod_facts(
         })
         .collect();
     Ok(Some(PodFacts {
-        name: name.into(),
         labels: share.labels(pod.metadata.labels.as_ref().unwrap_or(&Labels::new())),
         service_account: share.name(
             spec.and_then(|s| s.service_account_name.as_deref())
@@ -118,11 +133,14 @@ pub(crate) fn pod_facts(
         node: spec
             .and_then(|s| s.node_name.as_deref())
             .filter(|node| !node.is_empty())
-            .map(intern_node),
-        ips: ips.into(),
+            .map(|node| share.name(node)),
+        ips: match ips.as_slice() {
+            [ip] => PodIps::One(*ip),
+            _ => PodIps::Several(ips.into()),
+        },
         healthy: ready && !terminating,
         host_network: spec.and_then(|s| s.host_network) == Some(true),
-        named_ports,
+        named_ports: share.ports(named_ports),
         workload_name: share.name(workload_name(pod, name)),
     }))
 }
@@ -162,6 +180,8 @@ pub(crate) fn uid(config: &MeshConfig, namespace: &str, name: &str) -> String {
 /// What a workload needs beyond its pod.
 pub(crate) struct WorkloadContext<'a> {
     pub(crate) config: &'a MeshConfig,
+    /// The pod's name.
+    pub(crate) name: &'a str,
     pub(crate) namespace: &'a str,
     pub(crate) namespace_labels: Option<&'a Labels>,
     /// Services of the pod's namespace that select it.
@@ -199,8 +219,8 @@ pub(crate) fn workload(pod: &PodFacts, context: &WorkloadContext<'_>) -> Workloa
         })
         .collect();
     Workload {
-        uid: uid(config, context.namespace, &pod.name),
-        name: pod.name.to_string(),
+        uid: uid(config, context.namespace, context.name),
+        name: context.name.to_owned(),
         namespace: context.namespace.to_owned(),
         addresses: pod.ips.iter().map(|ip| ip_to_wire(*ip)).collect(),
         network: config.network.clone(),
