@@ -213,7 +213,8 @@ impl CaClientBuilder {
             .build()
             .map_err(|err| ClientError::Tls(err.to_string()))?;
         Ok(CaClient {
-            grpc: IstioCertificateServiceClient::new(channel),
+            grpc: IstioCertificateServiceClient::new(channel.clone()),
+            channel,
             token: self.token,
             verifier,
         })
@@ -224,6 +225,7 @@ impl CaClientBuilder {
 #[derive(Clone)]
 pub struct CaClient {
     grpc: IstioCertificateServiceClient<Channel>,
+    channel: Channel,
     token: Option<String>,
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
@@ -238,6 +240,12 @@ impl CaClient {
     /// A builder.
     pub fn builder() -> CaClientBuilder {
         CaClientBuilder::default()
+    }
+
+    /// The TLS channel to the server (presenting this client's certificate, if
+    /// any), for other services served beside the CA, such as xDS.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The raw gRPC client, for requests this type does not make.

@@ -409,3 +409,131 @@ async fn unknown_type_urls_end_the_stream_with_invalid_argument() {
         status.message()
     );
 }
+
+/// Sends raw bytes as request messages.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+struct RawEncoder;
+struct ResponseDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = mesh_api::discovery::DeltaDiscoveryResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = mesh_api::discovery::DeltaDiscoveryResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, tonic::Status> {
+        use mesh_api::prost::Message;
+        Self::Item::decode(src)
+            .map(Some)
+            .map_err(|err| tonic::Status::internal(err.to_string()))
+    }
+}
+
+async fn send_raw(
+    addr: std::net::SocketAddr,
+    messages: Vec<Vec<u8>>,
+) -> Result<Vec<mesh_api::discovery::DeltaDiscoveryResponse>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel(addr).await);
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static(xds_server::ads::DELTA_PATH);
+    let mut stream = grpc
+        .streaming(
+            tonic::Request::new(futures::stream::iter(messages)),
+            path,
+            RawCodec,
+        )
+        .await?
+        .into_inner();
+    let mut responses = Vec::new();
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.message()).await {
+            Ok(Ok(Some(response))) => responses.push(response),
+            Ok(Ok(None)) => return Ok(responses),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => panic!("no answer within {PATIENCE:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_end_the_stream_with_invalid_argument_and_the_server_goes_on() {
+    use mesh_api::prost::Message;
+    let store = fixture();
+    let server = serve(&store).await;
+    let garbage = [
+        vec![0xff, 0xff, 0xff, 0xff], // a truncated varint key
+        vec![0x12, 0x05, b'a'],       // a length beyond the message
+        vec![0x12, 0x02, 0xc3, 0x28], // type_url that is not UTF-8
+    ];
+    for bytes in garbage {
+        let status = send_raw(server.local_addr(), vec![bytes.clone()])
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{bytes:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains("malformed DeltaDiscoveryRequest"),
+            "{bytes:?}: {}",
+            status.message()
+        );
+    }
+    // A good request on the same server still works.
+    let good = wildcard(AUTHORIZATION, BTreeMap::new()).encode_to_vec();
+    let status = send_raw(server.local_addr(), vec![good, vec![0xff]])
+        .await
+        .expect_err("the second message is garbage");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let (_client, view) = synced_client(server.local_addr()).await;
+    assert!(complete(&view));
+}
+
+#[tokio::test]
+async fn other_methods_are_unimplemented() {
+    let store = fixture();
+    let server = serve(&store).await;
+    let mut grpc = tonic::client::Grpc::new(channel(server.local_addr()).await);
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let status = grpc
+        .streaming(
+            tonic::Request::new(futures::stream::iter(vec![Vec::new()])),
+            path,
+            RawCodec,
+        )
+        .await
+        .expect_err("not served");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+}

@@ -27,11 +27,11 @@ use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
 pub use codec::EncodedResponse;
+pub use session::{FellBehind, Outcome, Session};
 
 use crate::auth::ClientAuth;
 use crate::store::Store;
 use codec::{RequestDecoder, ResponseBody};
-use session::{Outcome, Session};
 
 /// The gRPC path of the delta stream.
 pub const DELTA_PATH: &str =
@@ -203,11 +203,7 @@ async fn run_stream(
                 match next {
                     Ok(Some(response)) => permit.send(Ok(response)),
                     Ok(None) => dirty = false,
-                    Err(session::FellBehind) => {
-                        break Some(Status::unavailable(
-                            "this stream fell too far behind the store's changes: reconnect",
-                        ));
-                    }
+                    Err(behind) => break Some(Status::unavailable(behind.to_string())),
                 }
             }
         }

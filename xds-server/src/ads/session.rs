@@ -15,39 +15,48 @@ use tonic::Status;
 
 use super::codec::EncodedResponse;
 use crate::store::table::{Entry, Table};
-use crate::store::{Snapshot, State};
+use crate::store::{Snapshot, State, Store};
 
 /// The subscription name meaning "everything".
 const WILDCARD: &str = "*";
 
-/// How a request ended the session.
-pub(crate) type SessionError = Status;
-
 /// The session fell so far behind that the store forgot changes it needed; the
 /// client must reconnect (its `initial_resource_versions` then resync it).
-#[derive(Debug)]
-pub(crate) struct FellBehind;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this stream fell too far behind the store's changes: reconnect")]
+pub struct FellBehind;
 
-/// What a request did, for logging by the caller.
+/// What a request did.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
+#[non_exhaustive]
+pub enum Outcome {
     /// A subscription request (initial or later).
     Subscribed,
     /// An ACK of a response built at `revision`.
-    Ack { kind: ResourceType, revision: u64 },
+    Ack {
+        /// The type.
+        kind: ResourceType,
+        /// The store revision the accepted response was built at.
+        revision: u64,
+    },
     /// A NACK, with the client's error.
     Nack {
+        /// The type.
         kind: ResourceType,
+        /// The rejected response's nonce.
         nonce: String,
+        /// The client's error message.
         error: String,
     },
     /// A response to a nonce this session never sent (or already answered).
     Stale,
 }
 
-/// One client's session.
+/// One client's delta ADS session, without I/O (the stream task of
+/// [`AdsService`](super::AdsService) drives one per stream; tests and tools can
+/// drive one directly): feed it requests, ask it for responses.
 #[derive(Debug)]
-pub(crate) struct Session {
+pub struct Session {
     types: [Option<TypeState>; 2],
     next_nonce: u64,
     /// Which type the last response was for: types take turns.
@@ -93,7 +102,8 @@ struct FullSync {
 }
 
 impl Session {
-    pub(crate) fn new() -> Self {
+    /// A session that has received nothing yet.
+    pub fn new() -> Self {
         Self {
             types: [None, None],
             next_nonce: 0,
@@ -108,12 +118,32 @@ impl Session {
         }
     }
 
+    /// Applies a request from the client. An error ends the stream with that
+    /// status (unknown type URL).
+    pub fn handle_request(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        store: &Store,
+    ) -> Result<Outcome, Status> {
+        self.handle(request, &store.read())
+    }
+
+    /// The next response, split at about `max_bytes`, or `None` when the client
+    /// is up to date.
+    pub fn poll_response(
+        &mut self,
+        store: &Store,
+        max_bytes: usize,
+    ) -> Result<Option<EncodedResponse>, FellBehind> {
+        self.next_response(&store.read(), max_bytes)
+    }
+
     /// Applies a request from the client.
     pub(crate) fn handle(
         &mut self,
         request: &DeltaDiscoveryRequest,
         store: &State,
-    ) -> Result<Outcome, SessionError> {
+    ) -> Result<Outcome, Status> {
         let kind: ResourceType = request.type_url.parse().map_err(|_| {
             Status::invalid_argument(format!(
                 "unknown type URL {:?}: this server serves {} and {}",
@@ -352,12 +382,18 @@ impl TypeState {
             && sync.known.is_empty()
             && sync.cursor.is_none()
         {
-            let (snapshot, next) = sync
-                .snapshot
-                .get_or_insert_with(|| (store.snapshot(self.kind, max_bytes), 0));
-            // The snapshot is of this revision: it holds every pending change.
-            debug_assert_eq!(snapshot.revision, store.revision);
-            self.pending.clear();
+            let (snapshot, next) = match &mut sync.snapshot {
+                Some(taken) => taken,
+                None => {
+                    let snapshot = store.snapshot(self.kind, max_bytes);
+                    // The snapshot is of the revision just caught up with, so it
+                    // holds every pending change; later ones are added to `pending`
+                    // as the chunks go out, and sent after.
+                    debug_assert_eq!(snapshot.revision, self.synced_revision);
+                    self.pending.clear();
+                    sync.snapshot.insert((snapshot, 0))
+                }
+            };
             if let Some(chunk) = snapshot.chunks.get(*next) {
                 body.add_bytes(chunk.clone());
                 *next += 1;
@@ -391,13 +427,16 @@ impl TypeState {
             }
         }
 
+        let in_full_sync = self.full_sync.is_some() || snapshot_done || !body.is_empty();
         if snapshot_done {
             self.full_sync = None;
         }
 
         // Changes are sent once a full pass is over (the pass sends current
-        // versions anyway).
-        while self.full_sync.is_none() && !body.full(max_bytes) {
+        // versions anyway), and never in the response that ends it: a snapshot
+        // may hold a resource that a pending change removes, and one response
+        // must not both send and remove a name.
+        while !in_full_sync && !body.full(max_bytes) {
             let Some(name) = self.pending.pop_first() else {
                 break;
             };
@@ -436,5 +475,11 @@ impl TypeState {
         }
         self.answer_owed = false;
         Ok(Some(body))
+    }
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -128,6 +128,19 @@ impl Store {
         self.read().table(kind).get(name).map(table::Entry::version)
     }
 
+    /// Every published resource of a type, by name, with its version: what a
+    /// wildcard client holds once synced.
+    pub fn versions(
+        &self,
+        kind: mesh_api::ResourceType,
+    ) -> std::collections::BTreeMap<String, String> {
+        self.read()
+            .table(kind)
+            .after(None)
+            .map(|(name, entry)| (name.to_string(), entry.version()))
+            .collect()
+    }
+
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
         self.shared
             .state

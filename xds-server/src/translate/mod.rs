@@ -6,6 +6,8 @@
 
 pub(crate) mod pod;
 pub(crate) mod service;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 
