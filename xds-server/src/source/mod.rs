@@ -4,15 +4,19 @@
 //! - the in-memory API: [`Store::apply`], [`Store::delete`] and [`Store::batch`],
 //!   called by an embedding binary (a k3s fork feeding its own informers' objects);
 //! - [`ManifestDir`]: Kubernetes YAML files in a directory, watched;
-//! - `KubeWatcher` (cargo feature `kube`): a cluster's API server.
+//! - `KubeWatcher` (cargo feature `kube`): a cluster's API server, through kube-rs.
 //!
 //! Sources that run on their own implement [`ConfigSource`].
 
+#[cfg(feature = "kube")]
+mod kube;
 mod manifests;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "kube")]
+pub use kube::KubeWatcher;
 pub use manifests::{DEFAULT_POLL_INTERVAL, FileProblem, ManifestDir, ManifestProblems};
 
 use crate::store::Store;
