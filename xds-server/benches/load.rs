@@ -367,18 +367,30 @@ impl Skimmer {
         Ok(())
     }
 
-    /// Reads a varint that may span chunks.
+    /// Reads a varint that may span chunks (in place when it does not).
     fn varint(&mut self, chunk: &mut &[u8]) -> Result<Option<u64>, String> {
+        if self.scratch.is_empty()
+            && let Some(end) = chunk.iter().take(10).position(|byte| byte & 0x80 == 0)
+        {
+            let value = chunk[..=end]
+                .iter()
+                .rev()
+                .fold(0u64, |value, byte| (value << 7) | u64::from(byte & 0x7f));
+            *chunk = &chunk[end + 1..];
+            self.left = self.left.checked_sub(end + 1).ok_or("message overrun")?;
+            return Ok(Some(value));
+        }
         while let Some((&byte, rest)) = chunk.split_first() {
             *chunk = rest;
             self.left = self.left.checked_sub(1).ok_or("message overrun")?;
             self.scratch.push(byte);
             if byte & 0x80 == 0 {
-                let bytes = std::mem::take(&mut self.scratch);
-                let value = bytes
+                let value = self
+                    .scratch
                     .iter()
                     .rev()
                     .fold(0u64, |value, byte| (value << 7) | u64::from(byte & 0x7f));
+                self.scratch.clear();
                 return Ok(Some(value));
             }
             if self.scratch.len() > 10 {
@@ -412,6 +424,22 @@ enum Event {
     Failed(String),
 }
 
+/// A TCP connection and an HTTP/2 handshake (hyper's default client windows).
+async fn connect(addr: SocketAddr) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|err| err.to_string())?;
+    tcp.set_nodelay(true).map_err(|err| err.to_string())?;
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .map_err(|err| err.to_string())?;
+    tokio::spawn(connection);
+    Ok(h2)
+}
+
 /// One simulated data plane: its own TCP connection and HTTP/2 stream (with
 /// hyper's default client settings, as ztunnel's xDS client has), speaking
 /// gRPC by hand so that reading responses costs little more than the kernel's
@@ -424,27 +452,20 @@ async fn client(
     updating: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let result: Result<(), String> = async {
-        // A thousand clients at once can overflow the listen backlog: retry.
+        // A thousand clients at once can overflow the listen backlog, and the
+        // server then resets some connections: retry those.
         let mut attempts = 0;
-        let tcp = loop {
-            match tokio::net::TcpStream::connect(addr).await {
-                Ok(tcp) => break tcp,
-                Err(err) if attempts < 20 => {
+        let h2 = loop {
+            match connect(addr).await {
+                Ok(h2) => break h2,
+                Err(err) if attempts < 50 => {
                     attempts += 1;
                     tracing::debug!(%err, "connect failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
                 }
-                Err(err) => return Err(err.to_string()),
+                Err(err) => return Err(err),
             }
         };
-        tcp.set_nodelay(true).map_err(|err| err.to_string())?;
-        let (h2, connection) = h2::client::Builder::new()
-            .initial_window_size(2 << 20)
-            .initial_connection_window_size(5 << 20)
-            .handshake::<_, bytes::Bytes>(tcp)
-            .await
-            .map_err(|err| err.to_string())?;
-        tokio::spawn(connection);
         let mut h2 = h2.ready().await.map_err(|err| err.to_string())?;
         let request = http::Request::builder()
             .method("POST")
