@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -76,6 +76,9 @@ pub enum ServeError {
     /// The listener failed.
     #[error("listener: {0}")]
     Listener(io::Error),
+    /// The server's task failed.
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Builds a [`CaServer`].
@@ -308,51 +311,10 @@ impl CaServer {
     pub fn spawn(self, listener: TcpListener) -> Result<CaHandle, ServeError> {
         let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(self.serve(listener, shutdown.clone()));
-        Ok(CaHandle {
-            local_addr,
-            shutdown,
-            task,
-        })
+        let serve = self.serve(listener, shutdown.clone());
+        Ok(CaHandle::spawn(local_addr, shutdown, serve))
     }
 }
 
 /// A running CA server.
-#[derive(Debug)]
-pub struct CaHandle {
-    local_addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), ServeError>>,
-}
-
-impl CaHandle {
-    /// The address the server listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// Ready as soon as spawned: the listener was bound by the caller.
-    pub async fn ready(&self) {}
-
-    /// Stops accepting; in-flight calls finish.
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
-    }
-
-    /// Stops accepting and waits up to `deadline` for in-flight calls.
-    pub async fn drain(self, deadline: Duration) -> Result<(), ServeError> {
-        self.shutdown.cancel();
-        match tokio::time::timeout(deadline, self.join()).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        }
-    }
-
-    /// Waits for the server to stop.
-    pub async fn join(self) -> Result<(), ServeError> {
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(ServeError::Listener(io::Error::other(join.to_string()))),
-        }
-    }
-}
+pub type CaHandle = crate::transport::ServerHandle<ServeError>;

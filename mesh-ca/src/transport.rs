@@ -3,8 +3,10 @@
 //! client certificates).
 //!
 //! [`crate::CaServer`] serves through this, and so can any binary that mounts
-//! several services (the CA and xDS, say) on one port.
+//! several services (the CA and xDS, say) on one port. [`ServerHandle`] is the
+//! handle of a server spawned on its own task.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -192,5 +194,59 @@ impl AsyncWrite for Connection {
             Stream::Plain(stream) => stream.is_write_vectored(),
             Stream::Tls(stream) => stream.is_write_vectored(),
         }
+    }
+}
+
+/// A server running on its own task: its address, readiness, and shutdown.
+#[derive(Debug)]
+pub struct ServerHandle<E> {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), E>>,
+}
+
+impl<E> ServerHandle<E>
+where
+    E: From<tokio::task::JoinError> + Send + 'static,
+{
+    /// Spawns `serve`, which must stop when `shutdown` is cancelled, on the
+    /// current runtime.
+    pub fn spawn(
+        local_addr: SocketAddr,
+        shutdown: CancellationToken,
+        serve: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) -> Self {
+        Self {
+            local_addr,
+            shutdown,
+            task: tokio::spawn(serve),
+        }
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Ready as soon as spawned: the listener was bound by the caller.
+    pub async fn ready(&self) {}
+
+    /// Stops accepting; in-flight calls finish.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Stops accepting and waits up to `deadline` for in-flight calls.
+    pub async fn drain(self, deadline: Duration) -> Result<(), E> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(deadline, self.join()).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Waits for the server to stop.
+    pub async fn join(self) -> Result<(), E> {
+        self.task.await?
     }
 }

@@ -2,7 +2,6 @@
 //! with a certificate the caller gives (the CA can issue it).
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +44,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The server's task failed.
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A builder of [`XdsServer`].
@@ -161,51 +163,10 @@ impl XdsServer {
     pub fn spawn(self, listener: TcpListener) -> Result<XdsHandle, ServeError> {
         let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(self.serve(listener, shutdown.clone()));
-        Ok(XdsHandle {
-            local_addr,
-            shutdown,
-            task,
-        })
+        let serve = self.serve(listener, shutdown.clone());
+        Ok(XdsHandle::spawn(local_addr, shutdown, serve))
     }
 }
 
-/// A running xDS server.
-#[derive(Debug)]
-pub struct XdsHandle {
-    local_addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), ServeError>>,
-}
-
-impl XdsHandle {
-    /// The address the server listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// Ready as soon as spawned: the listener was bound by the caller.
-    pub async fn ready(&self) {}
-
-    /// Ends open streams and stops accepting.
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
-    }
-
-    /// Shuts down and waits up to `deadline` for the server to stop.
-    pub async fn drain(self, deadline: Duration) -> Result<(), ServeError> {
-        self.shutdown.cancel();
-        match tokio::time::timeout(deadline, self.join()).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        }
-    }
-
-    /// Waits for the server to stop.
-    pub async fn join(self) -> Result<(), ServeError> {
-        match self.task.await {
-            Ok(result) => result,
-            Err(join) => Err(ServeError::Listener(io::Error::other(join.to_string()))),
-        }
-    }
-}
+/// A running xDS server (shutting down ends open streams; clients reconnect).
+pub type XdsHandle = mesh_ca::transport::ServerHandle<ServeError>;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,30 +119,6 @@ fn cluster() -> Store {
             .replace("nodeName: node-a", "nodeName: node-b"),
     );
     store
-}
-
-async fn first_response(
-    channel: tonic::transport::Channel,
-    token: Option<&str>,
-) -> Result<mesh_api::discovery::DeltaDiscoveryResponse, tonic::Status> {
-    let mut grpc =
-        mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel);
-    let (requests, rx) = tokio::sync::mpsc::channel(4);
-    requests
-        .send(wildcard(ADDRESS, BTreeMap::new()))
-        .await
-        .expect("queue");
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Some(token) = token {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().expect("header"),
-        );
-    }
-    let mut responses = grpc.delta_aggregated_resources(request).await?.into_inner();
-    let response = responses.message().await?;
-    drop(requests);
-    response.ok_or_else(|| tonic::Status::cancelled("no response"))
 }
 
 #[tokio::test]

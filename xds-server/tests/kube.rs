@@ -7,9 +7,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use common::PATIENCE;
+use common::eventually;
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use mesh_api::ResourceType;
@@ -93,14 +92,6 @@ fn serve(
             }
         }
     });
-}
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -24,14 +24,6 @@ spec:
     targetPort: 8080
 ";
 
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn edits_reach_connected_clients_and_broken_files_keep_what_was_loaded() {
     let dir = tempfile::tempdir().expect("tempdir");

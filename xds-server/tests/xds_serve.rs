@@ -55,12 +55,12 @@ fn start(manifests: &Path, extra: &[&str]) -> (Running, std::net::SocketAddr) {
         .expect("spawn xds-serve");
     let stdout = child.stdout.take().expect("stdout");
     let running = Running(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+    // `root certificate: ...` may come first; `listening on <addr>` last.
+    let addr = BufReader::new(stdout)
+        .lines()
+        .map(|line| line.expect("read"))
+        .find_map(|line| line.strip_prefix("listening on ").map(str::to_owned))
+        .expect("a listening line")
         .parse()
         .expect("address");
     (running, addr)
@@ -111,29 +111,78 @@ async fn with_tokens_a_client_without_one_is_refused() {
             "s3cret=spiffe://cluster.local/ns/istio-system/sa/ztunnel",
         ],
     );
-    let refused = AdsClient::try_open(addr, vec![wildcard(ADDRESS, BTreeMap::new())]).await;
-    let status = match refused {
-        Ok(mut client) => client.try_next().await.expect_err("refused"),
-        Err(status) => status,
-    };
-    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let refused = first_response(channel(addr).await, None)
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let response = first_response(channel(addr).await, Some("s3cret"))
+        .await
+        .expect("accepted");
+    assert_eq!(response.resources[0].name, "Kubernetes//Pod/default/echo");
+}
 
-    let channel = channel(addr).await;
-    let mut client = mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel);
-    let (requests, rx) = tokio::sync::mpsc::channel(4);
-    requests
-        .send(wildcard(ADDRESS, BTreeMap::new()))
+#[tokio::test]
+async fn serves_tls_with_a_given_certificate() {
+    let dir = manifests();
+    let tls = tempfile::tempdir().expect("tempdir");
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).expect("write");
+    std::fs::write(&key, issued.signing_key.serialize_pem()).expect("write");
+    let (_server, addr) = start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().expect("path"),
+            "--tls-key",
+            key.to_str().expect("path"),
+        ],
+    );
+    let client = mesh_ca::CaClient::builder()
+        .address(addr)
+        .server_name("localhost")
+        .roots([issued.cert.der().clone()])
+        .build()
+        .expect("client");
+    let response = first_response(client.channel(), None)
         .await
-        .expect("queue");
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().expect("header"));
-    let mut responses = client
-        .delta_aggregated_resources(request)
+        .expect("served over TLS");
+    assert_eq!(response.resources[0].name, "Kubernetes//Pod/default/echo");
+}
+
+#[tokio::test]
+async fn with_a_ca_dir_serves_the_ca_beside_xds_and_lets_node_agents_impersonate() {
+    let dir = manifests();
+    let ca = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start(
+        dir.path(),
+        &[
+            "--ca-dir",
+            ca.path().to_str().expect("path"),
+            "--node-agent",
+            "agent=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a",
+        ],
+    );
+    let root = std::fs::read_to_string(ca.path().join("root-cert.pem")).expect("root written");
+    let roots = rustls_pki_types::pem::PemObject::pem_slice_iter(root.as_bytes())
+        .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
+        .expect("PEM");
+    let agent = mesh_ca::CaClient::builder()
+        .address(addr)
+        .server_name("istiod.istio-system.svc")
+        .roots(roots)
+        .token("agent")
+        .build()
+        .expect("client");
+    let echo =
+        mesh_api::Identity::parse_uri("spiffe://cluster.local/ns/default/sa/echo").expect("id");
+    let issued = agent
+        .certificate(&echo, true, None)
         .await
-        .expect("accepted")
-        .into_inner();
-    let response = responses.message().await.expect("ok").expect("a response");
+        .expect("echo runs on node-a");
+    assert_eq!(issued.identity, echo);
+    let response = first_response(agent.channel(), Some("agent"))
+        .await
+        .expect("xDS over TLS");
     assert_eq!(response.resources[0].name, "Kubernetes//Pod/default/echo");
 }

@@ -118,6 +118,14 @@ impl Session {
         }
     }
 
+    /// The store revision of the last response of `kind` the client accepted
+    /// (ACKed); a NACK leaves it where it was.
+    pub fn acked_revision(&self, kind: ResourceType) -> Option<u64> {
+        self.types[Self::index(kind)]
+            .as_ref()
+            .and_then(|state| state.acked_revision)
+    }
+
     /// Applies a request from the client. An error ends the stream with that
     /// status (unknown type URL).
     pub fn handle_request(
@@ -481,5 +489,116 @@ impl TypeState {
 impl Default for Session {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::rpc::Status as RpcStatus;
+
+    use super::*;
+    use crate::{MeshConfig, parse_manifest};
+
+    fn store() -> Store {
+        let store = Store::new(MeshConfig::default());
+        let manifest = parse_manifest(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: default}
+spec: {}
+",
+        )
+        .expect("YAML");
+        for object in manifest.objects {
+            store.apply(object).expect("valid");
+        }
+        store
+    }
+
+    fn answer(nonce: &str, error: Option<&str>) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: mesh_api::type_url::AUTHORIZATION.into(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|message| RpcStatus {
+                code: 3,
+                message: message.into(),
+                details: Vec::new(),
+            }),
+            ..DeltaDiscoveryRequest::default()
+        }
+    }
+
+    fn nonce(response: &EncodedResponse) -> String {
+        DeltaDiscoveryResponse::decode(response.to_bytes().as_slice())
+            .expect("decodes")
+            .nonce
+    }
+
+    #[test]
+    fn a_nack_is_reported_and_not_recorded_as_accepted() {
+        let store = store();
+        let mut session = Session::new();
+        let subscribe = DeltaDiscoveryRequest {
+            type_url: mesh_api::type_url::AUTHORIZATION.into(),
+            ..DeltaDiscoveryRequest::default()
+        };
+        assert_eq!(
+            session.handle_request(&subscribe, &store).expect("ok"),
+            Outcome::Subscribed
+        );
+        let first = session
+            .poll_response(&store, 1 << 20)
+            .expect("ok")
+            .expect("a response");
+        let outcome = session
+            .handle_request(&answer(&nonce(&first), Some("cannot parse")), &store)
+            .expect("ok");
+        assert_eq!(
+            outcome,
+            Outcome::Nack {
+                kind: ResourceType::Authorization,
+                nonce: nonce(&first),
+                error: "cannot parse".into(),
+            }
+        );
+        assert_eq!(session.acked_revision(ResourceType::Authorization), None);
+
+        // The next version is accepted.
+        let manifest = parse_manifest(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-all, namespace: default}
+spec: {rules: [{}]}
+",
+        )
+        .expect("YAML");
+        for object in manifest.objects {
+            store.apply(object).expect("valid");
+        }
+        let second = session
+            .poll_response(&store, 1 << 20)
+            .expect("ok")
+            .expect("a response");
+        let outcome = session
+            .handle_request(&answer(&nonce(&second), None), &store)
+            .expect("ok");
+        let revision = store.stats().revision;
+        assert_eq!(
+            outcome,
+            Outcome::Ack {
+                kind: ResourceType::Authorization,
+                revision
+            }
+        );
+        assert_eq!(
+            session.acked_revision(ResourceType::Authorization),
+            Some(revision)
+        );
+        assert_eq!(
+            session
+                .handle_request(&answer("no-such-nonce", None), &store)
+                .expect("ok"),
+            Outcome::Stale
+        );
     }
 }

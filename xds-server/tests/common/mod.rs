@@ -273,3 +273,37 @@ impl View {
         }
     }
 }
+
+/// Waits until `check` holds (a ceiling of [`PATIENCE`], not a timing assertion).
+pub async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Opens a stream on `channel` (with a bearer token, if given), subscribes to
+/// every address, and returns the first response or the stream's error.
+pub async fn first_response(
+    channel: Channel,
+    token: Option<&str>,
+) -> Result<DeltaDiscoveryResponse, tonic::Status> {
+    let mut grpc = AggregatedDiscoveryServiceClient::new(channel);
+    let (requests, rx) = mpsc::channel(4);
+    requests
+        .send(wildcard(ADDRESS, BTreeMap::new()))
+        .await
+        .expect("queue");
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    let mut responses = grpc.delta_aggregated_resources(request).await?.into_inner();
+    let response = responses.message().await?;
+    drop(requests);
+    response.ok_or_else(|| tonic::Status::cancelled("no response"))
+}
