@@ -61,6 +61,10 @@ fn parse_args() -> Args {
             "--clients" => args.clients = number(),
             "--workloads" => args.workloads = number(),
             "--updates" => args.updates = number(),
+            "--frame-size" => FRAME_SIZE.store(
+                u32::try_from(number()).expect("frame size"),
+                std::sync::atomic::Ordering::Relaxed,
+            ),
             _ => {} // cargo bench's own flags (--bench)
         }
     }
@@ -424,6 +428,14 @@ enum Event {
     Failed(String),
 }
 
+/// The HTTP/2 frame size clients accept: 16 KiB (the protocol's default, which
+/// ztunnel's xDS client keeps), or what `--frame-size` says.
+fn frame_size() -> u32 {
+    FRAME_SIZE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static FRAME_SIZE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(16 << 10);
+
 /// A TCP connection and an HTTP/2 handshake (hyper's default client windows).
 async fn connect(addr: SocketAddr) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
     let tcp = tokio::net::TcpStream::connect(addr)
@@ -433,11 +445,53 @@ async fn connect(addr: SocketAddr) -> Result<h2::client::SendRequest<bytes::Byte
     let (h2, connection) = h2::client::Builder::new()
         .initial_window_size(2 << 20)
         .initial_connection_window_size(5 << 20)
+        .max_frame_size(frame_size())
         .handshake::<_, bytes::Bytes>(tcp)
         .await
         .map_err(|err| err.to_string())?;
     tokio::spawn(connection);
     Ok(h2)
+}
+
+/// Connects, opens the delta stream and subscribes to both types by wildcard.
+async fn open_stream(
+    id: usize,
+    addr: SocketAddr,
+) -> Result<(h2::SendStream<bytes::Bytes>, http::Response<h2::RecvStream>), String> {
+    let h2 = connect(addr).await?;
+    let mut h2 = h2.ready().await.map_err(|err| err.to_string())?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{}", xds_server::ads::DELTA_PATH))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|err| err.to_string())?;
+    let (response, mut send) = h2
+        .send_request(request, false)
+        .map_err(|err| err.to_string())?;
+    for type_url in [
+        mesh_api::type_url::ADDRESS,
+        mesh_api::type_url::AUTHORIZATION,
+    ] {
+        let subscribe = DeltaDiscoveryRequest {
+            node: Some(mesh_api::envoy_core::Node {
+                id: format!(
+                    "ztunnel~10.1.0.{id}~ztunnel-{id}.istio-system~istio-system.svc.cluster.local"
+                ),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            ..Default::default()
+        };
+        send.send_data(grpc_message(&subscribe), false)
+            .map_err(|err| err.to_string())?;
+    }
+    let response = response.await.map_err(|err| err.to_string())?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    Ok((send, response))
 }
 
 /// One simulated data plane: its own TCP connection and HTTP/2 stream (with
@@ -453,43 +507,19 @@ async fn client(
 ) {
     let result: Result<(), String> = async {
         // A thousand clients at once can overflow the listen backlog, and the
-        // server then resets some connections: retry those.
+        // kernel then resets some connections: retry until the stream is open.
         let mut attempts = 0;
-        let h2 = loop {
-            match connect(addr).await {
-                Ok(h2) => break h2,
+        let (mut send, response) = loop {
+            match open_stream(id, addr).await {
+                Ok(opened) => break opened,
                 Err(err) if attempts < 50 => {
                     attempts += 1;
-                    tracing::debug!(%err, "connect failed; retrying");
+                    tracing::debug!(%err, "opening the stream failed; retrying");
                     tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
                 }
                 Err(err) => return Err(err),
             }
         };
-        let mut h2 = h2.ready().await.map_err(|err| err.to_string())?;
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{addr}{}", xds_server::ads::DELTA_PATH))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .map_err(|err| err.to_string())?;
-        let (response, mut send) = h2.send_request(request, false).map_err(|err| err.to_string())?;
-        for type_url in [mesh_api::type_url::ADDRESS, mesh_api::type_url::AUTHORIZATION] {
-            let subscribe = DeltaDiscoveryRequest {
-                node: Some(mesh_api::envoy_core::Node {
-                    id: format!("ztunnel~10.1.0.{id}~ztunnel-{id}.istio-system~istio-system.svc.cluster.local"),
-                    ..Default::default()
-                }),
-                type_url: type_url.into(),
-                ..Default::default()
-            };
-            send.send_data(grpc_message(&subscribe), false).map_err(|err| err.to_string())?;
-        }
-        let response = response.await.map_err(|err| err.to_string())?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("HTTP {}", response.status()));
-        }
         let mut body = response.into_body();
         let mut skimmer = Skimmer::default();
         let (mut addresses, mut authorizations, mut synced) = (0usize, false, false);
@@ -508,7 +538,8 @@ async fn client(
                 }
                 let now = Instant::now();
                 if synced {
-                    if response.resources > 0 && updating.load(std::sync::atomic::Ordering::Acquire) {
+                    if response.resources > 0 && updating.load(std::sync::atomic::Ordering::Acquire)
+                    {
                         let _ = events.send(Event::Updated(id, now));
                     }
                     return;
