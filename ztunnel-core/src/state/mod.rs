@@ -1,0 +1,213 @@
+//! What the data plane knows of the mesh: workloads by uid and by address,
+//! services by name and by VIP, and the authorization policies (an `authz`
+//! engine), kept up to date from xDS.
+//!
+//! Updates are validated before anything changes: a resource that does not
+//! decode, or that is not what its name says, is refused with a reason (the xDS
+//! client NACKs it) and the previous state stays: last known good.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use authz::Engine;
+use mesh_api::names::ip_from_wire;
+use mesh_api::security::Authorization;
+use mesh_api::workload::{Address, Service, Workload, address};
+use mesh_api::{NetworkIp, ResourceType};
+
+/// A resource that was refused, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name}: {reason}")]
+pub struct Rejected {
+    /// The resource name.
+    pub name: String,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// The mesh as this data plane knows it.
+#[derive(Debug, Default)]
+pub struct ProxyState {
+    workloads: HashMap<String, Arc<Workload>>,
+    workloads_by_ip: HashMap<NetworkIp, String>,
+    services: HashMap<String, Arc<Service>>,
+    services_by_vip: HashMap<NetworkIp, String>,
+    policies: Engine,
+}
+
+impl ProxyState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A workload by uid.
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    /// The workload with an address on a network.
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        let uid = self.workloads_by_ip.get(&NetworkIp {
+            network: network.to_owned(),
+            ip,
+        })?;
+        self.workloads.get(uid)
+    }
+
+    /// A service by `namespace/hostname`.
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// The service with a VIP on a network.
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
+        let name = self.services_by_vip.get(&NetworkIp {
+            network: network.to_owned(),
+            ip,
+        })?;
+        self.services.get(name)
+    }
+
+    /// The authorization policies.
+    pub fn policies(&self) -> &Engine {
+        &self.policies
+    }
+
+    /// How many workloads, services and policies are known.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.workloads.len(),
+            self.services.len(),
+            self.policies.len(),
+        )
+    }
+
+    /// Applies an `Address` resource published under `name`.
+    pub fn apply_address(&mut self, name: &str, address: Address) -> Result<(), Rejected> {
+        let reject = |reason: String| Rejected {
+            name: name.to_owned(),
+            reason,
+        };
+        match address.r#type {
+            Some(address::Type::Workload(workload)) => {
+                if workload.uid != name {
+                    return Err(reject(format!(
+                        "a workload published under another name than its uid {:?}",
+                        workload.uid
+                    )));
+                }
+                let ips = workload
+                    .addresses
+                    .iter()
+                    .map(|bytes| ip_from_wire(bytes))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| reject(format!("addresses: {err}")))?;
+                self.remove_workload(name);
+                for ip in ips {
+                    self.workloads_by_ip.insert(
+                        NetworkIp {
+                            network: workload.network.clone(),
+                            ip,
+                        },
+                        name.to_owned(),
+                    );
+                }
+                self.workloads.insert(name.to_owned(), Arc::new(workload));
+                Ok(())
+            }
+            Some(address::Type::Service(service)) => {
+                let expected = format!("{}/{}", service.namespace, service.hostname);
+                if expected != name {
+                    return Err(reject(format!(
+                        "a service published under another name than {expected:?}"
+                    )));
+                }
+                let vips = service
+                    .addresses
+                    .iter()
+                    .map(|address| {
+                        ip_from_wire(&address.address).map(|ip| NetworkIp {
+                            network: address.network.clone(),
+                            ip,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| reject(format!("addresses: {err}")))?;
+                self.remove_service(name);
+                for vip in vips {
+                    self.services_by_vip.insert(vip, name.to_owned());
+                }
+                self.services.insert(name.to_owned(), Arc::new(service));
+                Ok(())
+            }
+            None => Err(reject(
+                "an Address with neither workload nor service".into(),
+            )),
+        }
+    }
+
+    /// Applies an `Authorization` resource.
+    pub fn apply_authorization(
+        &mut self,
+        name: &str,
+        policy: &Authorization,
+    ) -> Result<(), Rejected> {
+        let expected = format!("{}/{}", policy.namespace, policy.name);
+        if expected != name {
+            return Err(Rejected {
+                name: name.to_owned(),
+                reason: format!("a policy published under another name than {expected:?}"),
+            });
+        }
+        self.policies.upsert(policy).map_err(|err| Rejected {
+            name: name.to_owned(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// Removes a resource of `kind` by name; whether it was known.
+    pub fn remove(&mut self, kind: ResourceType, name: &str) -> bool {
+        match kind {
+            ResourceType::Address => self.remove_workload(name) | self.remove_service(name),
+            ResourceType::Authorization => self.policies.remove(name),
+        }
+    }
+
+    fn remove_workload(&mut self, uid: &str) -> bool {
+        let Some(old) = self.workloads.remove(uid) else {
+            return false;
+        };
+        for bytes in &old.addresses {
+            if let Ok(ip) = ip_from_wire(bytes) {
+                let key = NetworkIp {
+                    network: old.network.clone(),
+                    ip,
+                };
+                if self.workloads_by_ip.get(&key).map(String::as_str) == Some(uid) {
+                    self.workloads_by_ip.remove(&key);
+                }
+            }
+        }
+        true
+    }
+
+    fn remove_service(&mut self, name: &str) -> bool {
+        let Some(old) = self.services.remove(name) else {
+            return false;
+        };
+        for address in &old.addresses {
+            if let Ok(ip) = ip_from_wire(&address.address) {
+                let key = NetworkIp {
+                    network: address.network.clone(),
+                    ip,
+                };
+                if self.services_by_vip.get(&key).map(String::as_str) == Some(name) {
+                    self.services_by_vip.remove(&key);
+                }
+            }
+        }
+        true
+    }
+}

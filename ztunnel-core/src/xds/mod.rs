@@ -1,0 +1,7 @@
+//! The xDS client: delta ADS for the workload API, into [`crate::state`].
+
+mod apply;
+mod client;
+
+pub use apply::{KnownVersions, apply_response};
+pub use client::{BuildError, SharedState, XdsClient, XdsClientBuilder};

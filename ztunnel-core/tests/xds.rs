@@ -1,0 +1,165 @@
+//! The xDS client against podless's own control plane (`xds-server`): initial
+//! sync, updates and removals, the control plane going away (the state stays)
+//! and coming back with changes (the client resyncs to them).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use xds_server::{
+    ClientAuth, Kind, MeshConfig, ObjectKey, Store, XdsHandle, XdsServer, parse_manifest,
+};
+use ztunnel_core::XdsClient;
+use ztunnel_core::xds::SharedState;
+
+/// A ceiling so a broken client fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+const CLUSTER: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {clusterIP: 10.96.0.10, selector: {app: echo}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-shell, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/shell]}}]}]
+";
+
+fn pod(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: echo}}}}
+spec: {{serviceAccountName: echo, nodeName: node-a, containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
+"
+    )
+}
+
+fn apply(store: &Store, yaml: &str) {
+    for object in parse_manifest(yaml).expect("YAML").objects {
+        store.apply(object).expect("valid");
+    }
+}
+
+async fn serve(store: &Store, listener: TcpListener) -> XdsHandle {
+    XdsServer::builder()
+        .store(store.clone())
+        .client_auth(ClientAuth::anonymous())
+        .build()
+        .expect("server")
+        .spawn(listener)
+        .expect("spawn")
+}
+
+fn client(addr: SocketAddr) -> XdsClient {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    XdsClient::builder()
+        .channel(channel)
+        .node_id("ztunnel~10.0.0.9~ztunnel-x.istio-system~istio-system.svc.cluster.local")
+        .max_backoff(Duration::from_millis(200))
+        .build()
+        .expect("client")
+}
+
+async fn eventually(
+    what: &str,
+    state: &SharedState,
+    check: impl Fn(&ztunnel_core::ProxyState) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if check(&state.read().expect("lock")) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_state_follows_the_control_plane_and_outlives_it() {
+    let store = Store::new(MeshConfig::default());
+    apply(&store, CLUSTER);
+    apply(&store, &pod("echo-1", "10.0.0.1"));
+    apply(&store, &pod("echo-2", "10.0.0.2"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = serve(&store, listener).await;
+
+    let client = client(addr);
+    let state = client.state();
+    let mut synced = client.synced();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(client.run(shutdown.clone()));
+    tokio::time::timeout(PATIENCE, synced.wait_for(|synced| *synced))
+        .await
+        .expect("synced in time")
+        .expect("synced");
+    eventually("the initial state", &state, |s| s.counts() == (2, 1, 1)).await;
+    {
+        let state = state.read().expect("lock");
+        let echo = state
+            .workload_by_ip("", "10.0.0.1".parse().expect("ip"))
+            .expect("by IP");
+        assert_eq!(echo.uid, "Kubernetes//Pod/default/echo-1");
+        assert_eq!(echo.authorization_policies, vec!["default/allow-shell"]);
+        let service = state
+            .service_by_vip("", "10.96.0.10".parse().expect("ip"))
+            .expect("by VIP");
+        assert_eq!(service.hostname, "echo.default.svc.cluster.local");
+        assert!(state.policies().contains("default/allow-shell"));
+    }
+
+    // Updates and removals.
+    apply(&store, &pod("echo-3", "10.0.0.3"));
+    store.delete(&ObjectKey::new(Kind::Pod, "default", "echo-1"));
+    eventually("echo-3 in, echo-1 out", &state, |s| {
+        s.workload("Kubernetes//Pod/default/echo-3").is_some()
+            && s.workload("Kubernetes//Pod/default/echo-1").is_none()
+            && s.workload_by_ip("", "10.0.0.1".parse().expect("ip"))
+                .is_none()
+    })
+    .await;
+
+    // The control plane goes away: the state stays as it was.
+    server.drain(Duration::from_secs(5)).await.expect("drained");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        state.read().expect("lock").counts(),
+        (2, 1, 1),
+        "last known good"
+    );
+
+    // It comes back, on the same address, with changes made meanwhile: the
+    // client reconnects and catches up, removals included.
+    store.delete(&ObjectKey::new(Kind::Pod, "default", "echo-2"));
+    store.delete(&ObjectKey::new(
+        Kind::AuthorizationPolicy,
+        "default",
+        "allow-shell",
+    ));
+    apply(&store, &pod("echo-4", "10.0.0.4"));
+    let listener = TcpListener::bind(addr).await.expect("rebind");
+    let _server = serve(&store, listener).await;
+    eventually("the client resyncs", &state, |s| {
+        s.workload("Kubernetes//Pod/default/echo-2").is_none()
+            && s.workload("Kubernetes//Pod/default/echo-4").is_some()
+            && !s.policies().contains("default/allow-shell")
+    })
+    .await;
+    assert_eq!(state.read().expect("lock").counts(), (2, 1, 0));
+
+    shutdown.cancel();
+    running.await.expect("join");
+}
