@@ -6,7 +6,7 @@
 //! decode, or that is not what its name says, is refused with a reason (the xDS
 //! client NACKs it) and the previous state stays: last known good.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -33,7 +33,11 @@ pub struct ProxyState {
     workloads_by_ip: HashMap<NetworkIp, String>,
     services: HashMap<String, Arc<Service>>,
     services_by_vip: HashMap<NetworkIp, String>,
+    services_by_hostname: HashMap<String, BTreeSet<String>>,
+    /// Workload uids by the service (`ns/hostname`) they are endpoints of.
+    endpoints: HashMap<String, BTreeSet<String>>,
     policies: Engine,
+    generation: u64,
 }
 
 impl ProxyState {
@@ -68,6 +72,29 @@ impl ProxyState {
             ip,
         })?;
         self.services.get(name)
+    }
+
+    /// The services with a hostname (one per namespace that has it).
+    pub fn services_by_hostname(&self, hostname: &str) -> impl Iterator<Item = &Arc<Service>> {
+        self.services_by_hostname
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.services.get(name))
+    }
+
+    /// The workloads that are endpoints of a service (`ns/hostname`).
+    pub fn endpoints(&self, service: &str) -> impl Iterator<Item = &Arc<Workload>> {
+        self.endpoints
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.workloads.get(uid))
+    }
+
+    /// A number that changes with every change to the state (for caches).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The authorization policies.
@@ -105,6 +132,12 @@ impl ProxyState {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|err| reject(format!("addresses: {err}")))?;
                 self.remove_workload(name);
+                for service in workload.services.keys() {
+                    self.endpoints
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(name.to_owned());
+                }
                 for ip in ips {
                     self.workloads_by_ip.insert(
                         NetworkIp {
@@ -115,6 +148,7 @@ impl ProxyState {
                     );
                 }
                 self.workloads.insert(name.to_owned(), Arc::new(workload));
+                self.generation += 1;
                 Ok(())
             }
             Some(address::Type::Service(service)) => {
@@ -139,7 +173,12 @@ impl ProxyState {
                 for vip in vips {
                     self.services_by_vip.insert(vip, name.to_owned());
                 }
+                self.services_by_hostname
+                    .entry(service.hostname.clone())
+                    .or_default()
+                    .insert(name.to_owned());
                 self.services.insert(name.to_owned(), Arc::new(service));
+                self.generation += 1;
                 Ok(())
             }
             None => Err(reject(
@@ -164,21 +203,35 @@ impl ProxyState {
         self.policies.upsert(policy).map_err(|err| Rejected {
             name: name.to_owned(),
             reason: err.to_string(),
-        })
+        })?;
+        self.generation += 1;
+        Ok(())
     }
 
     /// Removes a resource of `kind` by name; whether it was known.
     pub fn remove(&mut self, kind: ResourceType, name: &str) -> bool {
-        match kind {
+        let removed = match kind {
             ResourceType::Address => self.remove_workload(name) | self.remove_service(name),
             ResourceType::Authorization => self.policies.remove(name),
+        };
+        if removed {
+            self.generation += 1;
         }
+        removed
     }
 
     fn remove_workload(&mut self, uid: &str) -> bool {
         let Some(old) = self.workloads.remove(uid) else {
             return false;
         };
+        for service in old.services.keys() {
+            if let Some(uids) = self.endpoints.get_mut(service) {
+                uids.remove(uid);
+                if uids.is_empty() {
+                    self.endpoints.remove(service);
+                }
+            }
+        }
         for bytes in &old.addresses {
             if let Ok(ip) = ip_from_wire(bytes) {
                 let key = NetworkIp {
@@ -197,6 +250,12 @@ impl ProxyState {
         let Some(old) = self.services.remove(name) else {
             return false;
         };
+        if let Some(names) = self.services_by_hostname.get_mut(&old.hostname) {
+            names.remove(name);
+            if names.is_empty() {
+                self.services_by_hostname.remove(&old.hostname);
+            }
+        }
         for address in &old.addresses {
             if let Ok(ip) = ip_from_wire(&address.address) {
                 let key = NetworkIp {
