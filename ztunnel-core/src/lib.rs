@@ -4,11 +4,13 @@
 //!
 //! - [`certs`]: workload certificates from the CA, renewed in the background.
 //! - [`dns`]: the state as `dns-proxy`'s mesh view.
+//! - [`hbone`]: HBONE's wire constants and request headers.
 //! - [`state`]: workloads, services and policies as the data plane knows them.
 //! - [`xds`]: the delta ADS client that keeps the state up to date.
 
 pub mod certs;
 pub mod dns;
+pub mod hbone;
 pub mod state;
 pub mod xds;
 
