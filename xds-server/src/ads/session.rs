@@ -17,6 +17,9 @@ use super::codec::EncodedResponse;
 use crate::store::table::{Entry, Table};
 use crate::store::{Snapshot, State, Store};
 
+/// Unanswered responses remembered per type.
+const MAX_IN_FLIGHT: usize = 64;
+
 /// The subscription name meaning "everything".
 const WILDCARD: &str = "*";
 
@@ -227,6 +230,11 @@ impl Session {
             self.last_served = index;
             self.next_nonce += 1;
             let nonce = self.next_nonce.to_string();
+            // A client that never answers must not grow this without bound: an
+            // answer to a forgotten nonce is then merely stale.
+            if state.in_flight.len() >= MAX_IN_FLIGHT {
+                state.in_flight.pop_front();
+            }
             state.in_flight.push_back((nonce.clone(), store.revision));
             let (resources, removed) = body.into_resources();
             let head = DeltaDiscoveryResponse {
@@ -532,6 +540,47 @@ spec: {}
         DeltaDiscoveryResponse::decode(response.to_bytes().as_slice())
             .expect("decodes")
             .nonce
+    }
+
+    #[test]
+    fn a_client_that_never_answers_does_not_grow_the_session() {
+        let store = store();
+        let mut session = Session::new();
+        let subscribe = DeltaDiscoveryRequest {
+            type_url: mesh_api::type_url::AUTHORIZATION.into(),
+            ..DeltaDiscoveryRequest::default()
+        };
+        session.handle_request(&subscribe, &store).expect("ok");
+        let mut nonces = Vec::new();
+        for index in 0..(MAX_IN_FLIGHT + 10) {
+            let yaml = format!(
+                "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: p{index}, namespace: default}}
+spec: {{}}
+"
+            );
+            for object in parse_manifest(&yaml).expect("YAML").objects {
+                store.apply(object).expect("valid");
+            }
+            while let Some(response) = session.poll_response(&store, 1 << 20).expect("ok") {
+                nonces.push(nonce(&response));
+            }
+        }
+        let in_flight = session.types[Session::index(ResourceType::Authorization)]
+            .as_ref()
+            .expect("subscribed")
+            .in_flight
+            .len();
+        assert_eq!(in_flight, MAX_IN_FLIGHT);
+        let oldest = session
+            .handle_request(&answer(&nonces[0], None), &store)
+            .expect("ok");
+        assert_eq!(oldest, Outcome::Stale, "forgotten");
+        let newest = session
+            .handle_request(&answer(nonces.last().expect("some"), None), &store)
+            .expect("ok");
+        assert!(matches!(newest, Outcome::Ack { .. }));
     }
 
     #[test]
