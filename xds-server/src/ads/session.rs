@@ -542,6 +542,96 @@ spec: {}
             .nonce
     }
 
+    fn decode(response: &EncodedResponse) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse::decode(response.to_bytes().as_slice()).expect("decodes")
+    }
+
+    fn apply_yaml(store: &Store, yaml: &str) {
+        for object in parse_manifest(yaml).expect("YAML").objects {
+            store.apply(object).expect("valid");
+        }
+    }
+
+    const POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: default, labels: {app: echo}}
+spec: {containers: []}
+status: {podIP: 10.0.0.1}
+";
+
+    #[test]
+    fn an_on_demand_client_reconnecting_keeps_what_it_holds_subscribed() {
+        let store = store();
+        apply_yaml(&store, POD);
+        let uid = "Kubernetes//Pod/default/echo";
+        let on_demand = |initial: BTreeMap<String, String>| DeltaDiscoveryRequest {
+            type_url: mesh_api::type_url::ADDRESS.into(),
+            resource_names_subscribe: vec![WILDCARD.into()],
+            resource_names_unsubscribe: vec![WILDCARD.into()],
+            initial_resource_versions: initial,
+            ..DeltaDiscoveryRequest::default()
+        };
+
+        // First stream: look the pod up by IP.
+        let mut first = Session::new();
+        first
+            .handle_request(&on_demand(BTreeMap::new()), &store)
+            .expect("ok");
+        let empty = decode(
+            &first
+                .poll_response(&store, 1 << 20)
+                .expect("ok")
+                .expect("answer"),
+        );
+        assert!(empty.resources.is_empty());
+        let lookup = DeltaDiscoveryRequest {
+            type_url: mesh_api::type_url::ADDRESS.into(),
+            resource_names_subscribe: vec!["/10.0.0.1".into()],
+            ..DeltaDiscoveryRequest::default()
+        };
+        first.handle_request(&lookup, &store).expect("ok");
+        let found = decode(
+            &first
+                .poll_response(&store, 1 << 20)
+                .expect("ok")
+                .expect("answer"),
+        );
+        assert_eq!(found.resources[0].name, uid);
+        let version = found.resources[0].version.clone();
+
+        // Second stream: the client says what it holds; nothing is resent.
+        let mut second = Session::new();
+        second
+            .handle_request(&on_demand([(uid.to_owned(), version)].into()), &store)
+            .expect("ok");
+        let answer = decode(
+            &second
+                .poll_response(&store, 1 << 20)
+                .expect("ok")
+                .expect("answer"),
+        );
+        assert!(answer.resources.is_empty() && answer.removed_resources.is_empty());
+        assert!(second.poll_response(&store, 1 << 20).expect("ok").is_none());
+
+        // What it holds stays subscribed: a change is pushed, a removal announced.
+        apply_yaml(&store, &POD.replace("app: echo", "app: echo-v2"));
+        let pushed = decode(
+            &second
+                .poll_response(&store, 1 << 20)
+                .expect("ok")
+                .expect("push"),
+        );
+        assert_eq!(pushed.resources[0].name, uid);
+        store.delete(&crate::ObjectKey::new(crate::Kind::Pod, "default", "echo"));
+        let removed = decode(
+            &second
+                .poll_response(&store, 1 << 20)
+                .expect("ok")
+                .expect("removal"),
+        );
+        assert_eq!(removed.removed_resources, vec![uid.to_owned()]);
+    }
+
     #[test]
     fn a_client_that_never_answers_does_not_grow_the_session() {
         let store = store();
