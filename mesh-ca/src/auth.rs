@@ -91,6 +91,43 @@ pub trait Authenticator: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Authenticated>, String>>;
 }
 
+/// Tries `authenticators` in order: the first caller one accepts; `Ok(None)`
+/// when none found credentials of its kind; `Err` with every refusal
+/// (`"<authenticator>: <reason>"`) when some found credentials and refused them.
+pub async fn authenticate(
+    authenticators: &[Arc<dyn Authenticator>],
+    caller: &Caller<'_>,
+) -> Result<Option<Authenticated>, Vec<String>> {
+    let mut refusals = Vec::new();
+    for authenticator in authenticators {
+        match authenticator.authenticate(caller).await {
+            Ok(Some(authenticated)) => return Ok(Some(authenticated)),
+            Ok(None) => {}
+            Err(reason) => refusals.push(format!("{}: {reason}", authenticator.name())),
+        }
+    }
+    if refusals.is_empty() {
+        Ok(None)
+    } else {
+        Err(refusals)
+    }
+}
+
+/// The `Unauthenticated` status for a caller [`authenticate`] did not accept:
+/// without credentials (`refusals` empty), or with refused ones.
+pub fn unauthenticated(refusals: &[String]) -> tonic::Status {
+    tonic::Status::unauthenticated(if refusals.is_empty() {
+        "no credentials: send a bearer token or a mesh client certificate".to_owned()
+    } else {
+        format!("credentials refused ({})", refusals.join("; "))
+    })
+}
+
+/// The names of `authenticators`, for debug output.
+pub fn names(authenticators: &[Arc<dyn Authenticator>]) -> Vec<&'static str> {
+    authenticators.iter().map(|a| a.name()).collect()
+}
+
 /// Decides impersonation: may this node agent obtain a certificate for this
 /// workload identity? (The control plane's store answers "is a workload with
 /// this identity on the caller's node?".)

@@ -56,14 +56,7 @@ impl std::fmt::Debug for CaService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaService")
             .field("authority", &self.authority)
-            .field(
-                "authenticators",
-                &self
-                    .authenticators
-                    .iter()
-                    .map(|a| a.name())
-                    .collect::<Vec<_>>(),
-            )
+            .field("authenticators", &crate::auth::names(&self.authenticators))
             .field("node_agents", &self.node_agents)
             .finish_non_exhaustive()
     }
@@ -91,19 +84,11 @@ impl CaService {
     }
 
     async fn authenticate(&self, caller: &Caller<'_>) -> Result<Authenticated, Status> {
-        let mut refusals = Vec::new();
-        for authenticator in self.authenticators.iter() {
-            match authenticator.authenticate(caller).await {
-                Ok(Some(authenticated)) => return Ok(authenticated),
-                Ok(None) => {}
-                Err(reason) => refusals.push(format!("{}: {reason}", authenticator.name())),
-            }
+        match crate::auth::authenticate(&self.authenticators, caller).await {
+            Ok(Some(authenticated)) => Ok(authenticated),
+            Ok(None) => Err(crate::auth::unauthenticated(&[])),
+            Err(refusals) => Err(crate::auth::unauthenticated(&refusals)),
         }
-        Err(Status::unauthenticated(if refusals.is_empty() {
-            "no credentials: send a bearer token or a mesh client certificate".to_owned()
-        } else {
-            format!("credentials refused ({})", refusals.join("; "))
-        }))
     }
 
     /// The identity to sign for: the caller's own, or one it may impersonate.

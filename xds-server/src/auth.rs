@@ -28,11 +28,7 @@ impl std::fmt::Debug for ClientAuth {
         f.debug_struct("ClientAuth")
             .field(
                 "authenticators",
-                &self
-                    .authenticators
-                    .iter()
-                    .map(|a| a.name())
-                    .collect::<Vec<_>>(),
+                &mesh_ca::auth::names(&self.authenticators),
             )
             .field("anonymous", &self.anonymous)
             .finish()
@@ -70,26 +66,12 @@ impl ClientAuth {
         &self,
         caller: &Caller<'_>,
     ) -> Result<Option<Authenticated>, Status> {
-        let mut refusals = Vec::new();
-        for authenticator in &self.authenticators {
-            match authenticator.authenticate(caller).await {
-                Ok(Some(authenticated)) => return Ok(Some(authenticated)),
-                Ok(None) => {}
-                Err(reason) => refusals.push(format!("{}: {reason}", authenticator.name())),
-            }
+        match mesh_ca::auth::authenticate(&self.authenticators, caller).await {
+            Ok(Some(authenticated)) => Ok(Some(authenticated)),
+            Ok(None) if self.anonymous => Ok(None),
+            Ok(None) => Err(mesh_ca::auth::unauthenticated(&[])),
+            Err(refusals) => Err(mesh_ca::auth::unauthenticated(&refusals)),
         }
-        if !refusals.is_empty() {
-            return Err(Status::unauthenticated(format!(
-                "credentials refused ({})",
-                refusals.join("; ")
-            )));
-        }
-        if self.anonymous {
-            return Ok(None);
-        }
-        Err(Status::unauthenticated(
-            "no credentials: send a bearer token or a mesh client certificate",
-        ))
     }
 }
 

@@ -18,7 +18,7 @@ use crate::object::{Kind, Object, ObjectError, ObjectKey};
 use crate::translate::pod::{
     NamedPorts, PodFacts, Share, WorkloadContext, pod_facts, uid, workload,
 };
-use crate::translate::service::{ServiceFacts, service_facts};
+use crate::translate::service::{ServiceFacts, selector_matches, service_facts};
 use crate::translate::{Labels, MeshConfig};
 
 /// Every resource of a type, framed and concatenated in chunks, at a revision:
@@ -278,11 +278,11 @@ impl Batch<'_> {
                     .and_then(|ns| ns.services.remove(key.name.as_str()));
                 let mut affected = Vec::new();
                 if let Some(old) = &old {
-                    self.remove_service_resource(&namespace, old);
+                    self.remove_service_resource(old);
                     affected.push(old.selector.clone());
                 }
                 if let Some(facts) = facts {
-                    self.publish_service(&namespace, &facts);
+                    self.publish_service(&facts);
                     affected.push(facts.selector.clone());
                     self.state
                         .namespaces
@@ -291,7 +291,7 @@ impl Batch<'_> {
                         .services
                         .insert(key.name.as_str().into(), facts);
                 }
-                self.refresh_selected(&namespace, false, &affected);
+                self.refresh_selected(&namespace, &affected);
             }
             Object::AuthorizationPolicy(policy) => {
                 let problems = authz::validate(&policy, crate::object::DEFAULT_NAMESPACE);
@@ -369,8 +369,8 @@ impl Batch<'_> {
                 else {
                     return false;
                 };
-                self.remove_service_resource(&namespace, &old);
-                self.refresh_selected(&namespace, false, &[old.selector]);
+                self.remove_service_resource(&old);
+                self.refresh_selected(&namespace, &[old.selector]);
                 true
             }
             Kind::AuthorizationPolicy => {
@@ -440,22 +440,15 @@ impl Batch<'_> {
     }
 
     /// Re-publishes the pods of `namespace` a service selector did or does select.
-    fn refresh_selected(
-        &mut self,
-        namespace: &Arc<str>,
-        _root: bool,
-        selectors: &[Option<Labels>],
-    ) {
+    fn refresh_selected(&mut self, namespace: &Arc<str>, selectors: &[Option<Labels>]) {
         let selectors: Vec<&Labels> = selectors.iter().flatten().collect();
         if selectors.is_empty() {
             return;
         }
         self.refresh_pods(namespace, |(_, labels)| {
-            selectors.iter().any(|selector| {
-                selector
-                    .iter()
-                    .all(|(key, value)| labels.get(key) == Some(value))
-            })
+            selectors
+                .iter()
+                .any(|selector| selector_matches(selector, labels))
         });
     }
 
@@ -537,7 +530,7 @@ impl Batch<'_> {
         self.upsert(ResourceType::Address, &uid, &value, &aliases);
     }
 
-    fn publish_service(&mut self, _namespace: &Arc<str>, facts: &ServiceFacts) {
+    fn publish_service(&mut self, facts: &ServiceFacts) {
         let name = format!("{}/{}", facts.wire.namespace, facts.hostname);
         let aliases: Vec<String> = facts
             .wire
@@ -561,16 +554,20 @@ impl Batch<'_> {
         self.upsert(ResourceType::Address, &name, &value, &aliases);
     }
 
-    fn remove_service_resource(&mut self, _namespace: &Arc<str>, facts: &ServiceFacts) {
+    fn remove_service_resource(&mut self, facts: &ServiceFacts) {
         let name = format!("{}/{}", facts.wire.namespace, facts.hostname);
         self.remove(ResourceType::Address, &name);
     }
 
-    fn upsert(&mut self, kind: ResourceType, name: &str, value: &[u8], aliases: &[String]) {
-        let table = match kind {
+    fn table_mut(&mut self, kind: ResourceType) -> &mut Table {
+        match kind {
             ResourceType::Address => &mut self.state.addresses,
             ResourceType::Authorization => &mut self.state.authorizations,
-        };
+        }
+    }
+
+    fn upsert(&mut self, kind: ResourceType, name: &str, value: &[u8], aliases: &[String]) {
+        let table = self.table_mut(kind);
         if table.upsert(name, value, aliases) == Upserted::Changed {
             let name = table.shared_name(name);
             self.record(kind, name);
@@ -578,11 +575,7 @@ impl Batch<'_> {
     }
 
     fn remove(&mut self, kind: ResourceType, name: &str) {
-        let table = match kind {
-            ResourceType::Address => &mut self.state.addresses,
-            ResourceType::Authorization => &mut self.state.authorizations,
-        };
-        if table.remove(name) {
+        if self.table_mut(kind).remove(name) {
             self.record(kind, name.into());
         }
     }

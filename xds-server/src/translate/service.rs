@@ -47,12 +47,17 @@ pub(crate) struct ServiceFacts {
 impl ServiceFacts {
     /// Whether the service selects a pod with `labels` (same namespace assumed).
     pub(crate) fn selects(&self, labels: &Labels) -> bool {
-        self.selector.as_ref().is_some_and(|selector| {
-            selector
-                .iter()
-                .all(|(key, value)| labels.get(key) == Some(value))
-        })
+        self.selector
+            .as_ref()
+            .is_some_and(|selector| selector_matches(selector, labels))
     }
+}
+
+/// Whether `labels` carry every label of `selector`.
+pub(crate) fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
+    selector
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
 }
 
 /// Why a Service could not be translated.
