@@ -26,13 +26,45 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// Resource names by network and IP, looked up without allocating (every
+/// connection asks).
+#[derive(Debug, Default)]
+struct AddressIndex {
+    by_network: HashMap<String, HashMap<IpAddr, String>>,
+}
+
+impl AddressIndex {
+    fn get(&self, network: &str, ip: IpAddr) -> Option<&String> {
+        self.by_network.get(network)?.get(&ip)
+    }
+
+    fn insert(&mut self, network: &str, ip: IpAddr, name: &str) {
+        self.by_network
+            .entry(network.to_owned())
+            .or_default()
+            .insert(ip, name.to_owned());
+    }
+
+    /// Removes the entry of `network`/`ip` if it still names `name`.
+    fn remove(&mut self, network: &str, ip: IpAddr, name: &str) {
+        if let Some(ips) = self.by_network.get_mut(network)
+            && ips.get(&ip).map(String::as_str) == Some(name)
+        {
+            ips.remove(&ip);
+            if ips.is_empty() {
+                self.by_network.remove(network);
+            }
+        }
+    }
+}
+
 /// The mesh as this data plane knows it.
 #[derive(Debug, Default)]
 pub struct ProxyState {
     workloads: HashMap<String, Arc<Workload>>,
-    workloads_by_ip: HashMap<NetworkIp, String>,
+    workloads_by_ip: AddressIndex,
     services: HashMap<String, Arc<Service>>,
-    services_by_vip: HashMap<NetworkIp, String>,
+    services_by_vip: AddressIndex,
     services_by_hostname: HashMap<String, BTreeSet<String>>,
     /// Workload uids by the service (`ns/hostname`) they are endpoints of.
     endpoints: HashMap<String, BTreeSet<String>>,
@@ -53,10 +85,7 @@ impl ProxyState {
 
     /// The workload with an address on a network.
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
-        let uid = self.workloads_by_ip.get(&NetworkIp {
-            network: network.to_owned(),
-            ip,
-        })?;
+        let uid = self.workloads_by_ip.get(network, ip)?;
         self.workloads.get(uid)
     }
 
@@ -67,10 +96,7 @@ impl ProxyState {
 
     /// The service with a VIP on a network.
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
-        let name = self.services_by_vip.get(&NetworkIp {
-            network: network.to_owned(),
-            ip,
-        })?;
+        let name = self.services_by_vip.get(network, ip)?;
         self.services.get(name)
     }
 
@@ -139,13 +165,7 @@ impl ProxyState {
                         .insert(name.to_owned());
                 }
                 for ip in ips {
-                    self.workloads_by_ip.insert(
-                        NetworkIp {
-                            network: workload.network.clone(),
-                            ip,
-                        },
-                        name.to_owned(),
-                    );
+                    self.workloads_by_ip.insert(&workload.network, ip, name);
                 }
                 self.workloads.insert(name.to_owned(), Arc::new(workload));
                 self.generation += 1;
@@ -171,7 +191,7 @@ impl ProxyState {
                     .map_err(|err| reject(format!("addresses: {err}")))?;
                 self.remove_service(name);
                 for vip in vips {
-                    self.services_by_vip.insert(vip, name.to_owned());
+                    self.services_by_vip.insert(&vip.network, vip.ip, name);
                 }
                 self.services_by_hostname
                     .entry(service.hostname.clone())
@@ -234,13 +254,7 @@ impl ProxyState {
         }
         for bytes in &old.addresses {
             if let Ok(ip) = ip_from_wire(bytes) {
-                let key = NetworkIp {
-                    network: old.network.clone(),
-                    ip,
-                };
-                if self.workloads_by_ip.get(&key).map(String::as_str) == Some(uid) {
-                    self.workloads_by_ip.remove(&key);
-                }
+                self.workloads_by_ip.remove(&old.network, ip, uid);
             }
         }
         true
@@ -258,13 +272,7 @@ impl ProxyState {
         }
         for address in &old.addresses {
             if let Ok(ip) = ip_from_wire(&address.address) {
-                let key = NetworkIp {
-                    network: address.network.clone(),
-                    ip,
-                };
-                if self.services_by_vip.get(&key).map(String::as_str) == Some(name) {
-                    self.services_by_vip.remove(&key);
-                }
+                self.services_by_vip.remove(&address.network, ip, name);
             }
         }
         true
