@@ -363,7 +363,7 @@ impl TypeState {
         for (name, version) in initial {
             self.names.insert(name.clone());
             if let Some((_, entry)) = table.lookup(name)
-                && entry.version() == *version
+                && entry.has_version(version)
             {
                 self.sent.insert(name.clone(), Some(entry.hash));
             }
@@ -420,7 +420,10 @@ impl TypeState {
             for (name, entry) in table.after(sync.cursor.as_deref()) {
                 last = Some(name.clone());
                 if !sync.known.is_empty()
-                    && sync.known.remove(name.as_ref()).as_deref() == Some(&entry.version())
+                    && sync
+                        .known
+                        .remove(name.as_ref())
+                        .is_some_and(|version| entry.has_version(&version))
                 {
                     continue;
                 }

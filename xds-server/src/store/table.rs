@@ -47,6 +47,22 @@ impl Entry {
         version_string(self.hash)
     }
 
+    /// The version as its 16 hex digits, without allocating.
+    fn version_digits(&self) -> [u8; VERSION_LEN] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; VERSION_LEN];
+        for (index, digit) in digits.iter_mut().enumerate() {
+            let shift = 4 * (VERSION_LEN - 1 - index);
+            *digit = HEX[((self.hash >> shift) & 0xf) as usize];
+        }
+        digits
+    }
+
+    /// Whether a client's version string is this entry's (no allocation).
+    pub(crate) fn has_version(&self, version: &str) -> bool {
+        version.as_bytes() == self.version_digits()
+    }
+
     fn value(&self) -> &[u8] {
         &self.blob[..self.value_len as usize]
     }
@@ -174,7 +190,7 @@ impl Table {
         dst.reserve(field_len(RESOURCES_FIELD, resource_len));
         encode_key(RESOURCES_FIELD, WireType::LengthDelimited, dst);
         encode_varint(resource_len as u64, dst);
-        put_field(RESOURCE_VERSION, entry.version().as_bytes(), dst);
+        put_field(RESOURCE_VERSION, &entry.version_digits(), dst);
         encode_key(RESOURCE_BODY, WireType::LengthDelimited, dst);
         encode_varint(any_len as u64, dst);
         put_field(ANY_TYPE_URL, self.type_url.as_bytes(), dst);
@@ -302,6 +318,7 @@ mod tests {
         let resource = &response.resources[0];
         assert_eq!(resource.name, "uid-1");
         assert_eq!(resource.version, entry.version());
+        assert!(entry.has_version(&resource.version));
         assert_eq!(resource.aliases, aliases);
         let any = resource.resource.as_ref().expect("body");
         assert_eq!(any.type_url, mesh_api::type_url::ADDRESS);
