@@ -49,7 +49,9 @@ impl Default for SigningPolicy {
 /// A signed certificate with its chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedCertificate {
-    /// PEM certificates, each ending in a newline: leaf first, root last.
+    /// PEM certificates, each ending in a newline: the leaf, any
+    /// intermediates, and last the trust bundle (every current root in one
+    /// PEM string, as Istio's CA sends it).
     pub chain_pem: Vec<String>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
@@ -89,7 +91,8 @@ pub enum AuthorityError {
 /// The current signing key and chain.
 struct Signer {
     issuer: Issuer<'static, KeyPair>,
-    /// Signing certificate up to the root, PEM.
+    /// The signing certificate and any intermediates above it, PEM; not the
+    /// root (the trust bundle is sent in its place).
     chain_pem: Vec<String>,
     not_after: OffsetDateTime,
 }
@@ -151,7 +154,11 @@ impl Signer {
             .map_err(|err| AuthorityError::Material(format!("signing certificate: {err}")))?;
         Ok(Self {
             issuer,
-            chain_pem: material.chain.iter().map(pem_of).collect(),
+            chain_pem: material
+                .chain
+                .split_last()
+                .map(|(_root, below)| below.iter().map(pem_of).collect())
+                .unwrap_or_default(),
             not_after,
         })
     }
@@ -278,8 +285,10 @@ impl Authority {
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let issued = self.sign(&params, &key)?;
-        let chain = issued
-            .chain_pem
+        // Present the leaf and intermediates; the trust bundle (last) is for
+        // the peer to know already.
+        let presented = issued.chain_pem.len().saturating_sub(1);
+        let chain = issued.chain_pem[..presented]
             .iter()
             .filter_map(|pem| {
                 use rustls_pki_types::pem::PemObject;
@@ -318,9 +327,12 @@ impl Authority {
         let leaf = params
             .signed_by(public_key, &signer.issuer)
             .map_err(IssueError::Sign)?;
-        let mut chain_pem = Vec::with_capacity(signer.chain_pem.len() + 1);
+        // Istio's layout: leaf, intermediates, then the whole trust bundle as
+        // one PEM (every root during a rotation), which workloads trust.
+        let mut chain_pem = Vec::with_capacity(signer.chain_pem.len() + 2);
         chain_pem.push(leaf.pem());
         chain_pem.extend(signer.chain_pem.iter().cloned());
+        chain_pem.push(self.trust_bundle_pem());
         Ok(IssuedCertificate {
             chain_pem,
             not_before: params.not_before,

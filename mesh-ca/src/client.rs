@@ -1,7 +1,8 @@
 //! A client of Istio's CA API: makes a P-256 key and CSR, calls
 //! `CreateCertificate` over TLS (optionally on behalf of a workload), and checks
-//! what comes back: a chain that verifies against the mesh roots, for our key,
-//! with exactly the identity asked for.
+//! what comes back: a leaf for our key with exactly the identity asked for,
+//! that verifies against the trust bundle sent with it (the last element of the
+//! chain, every current root: how root rotations reach workloads).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,8 +32,11 @@ use crate::service::IMPERSONATED_IDENTITY;
 pub struct WorkloadCertificate {
     /// Whose certificate it is.
     pub identity: Identity,
-    /// Leaf first, root last.
+    /// What to present: the leaf first, then any intermediates.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The trust bundle that came with it: every root the mesh trusts now
+    /// (more than one during a root rotation).
+    pub roots: Vec<CertificateDer<'static>>,
     /// The private key (PKCS#8), generated here and never sent.
     pub key: PrivatePkcs8KeyDer<'static>,
     /// Start of validity.
@@ -46,6 +50,7 @@ impl Clone for WorkloadCertificate {
         Self {
             identity: self.identity.clone(),
             chain: self.chain.clone(),
+            roots: self.roots.clone(),
             key: self.key.clone_key(),
             not_before: self.not_before,
             not_after: self.not_after,
@@ -127,7 +132,8 @@ impl CaClientBuilder {
         self
     }
 
-    /// The mesh roots: the CA's serving certificate and issued chains must chain to one.
+    /// The mesh roots the CA's serving certificate must chain to. (Issued
+    /// certificates are checked against the trust bundle sent with them.)
     pub fn roots(mut self, roots: impl IntoIterator<Item = CertificateDer<'static>>) -> Self {
         self.roots.extend(roots);
         self
@@ -209,14 +215,11 @@ impl CaClientBuilder {
             .timeout(self.timeout)
             .connect_timeout(self.timeout);
         let channel = endpoint.connect_with_connector_lazy(connect);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|err| ClientError::Tls(err.to_string()))?;
         Ok(CaClient {
             grpc: IstioCertificateServiceClient::new(channel.clone()),
             channel,
             token: self.token,
-            verifier,
+            provider,
         })
     }
 }
@@ -227,7 +230,7 @@ pub struct CaClient {
     grpc: IstioCertificateServiceClient<Channel>,
     channel: Channel,
     token: Option<String>,
-    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    provider: Arc<CryptoProvider>,
 }
 
 impl std::fmt::Debug for CaClient {
@@ -297,7 +300,8 @@ impl CaClient {
         self.check(identity, &key, &response.cert_chain)
     }
 
-    /// Checks an answer: PEM chain, our key, the identity asked for, trusted.
+    /// Checks an answer: PEM leaf, intermediates and trust bundle; our key; the
+    /// identity asked for; a leaf that verifies against the bundle.
     fn check(
         &self,
         identity: &Identity,
@@ -305,16 +309,29 @@ impl CaClient {
         chain_pem: &[String],
     ) -> Result<WorkloadCertificate, ClientError> {
         let bad = |problem: String| ClientError::BadChain(problem);
-        let chain = chain_pem
-            .iter()
-            .map(|pem| {
-                CertificateDer::from_pem_slice(pem.as_bytes()).map(CertificateDer::into_owned)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| bad(format!("not PEM certificates: {err}")))?;
-        let [leaf, rest @ ..] = chain.as_slice() else {
+        let [leaf_pem, rest @ ..] = chain_pem else {
             return Err(bad("an empty chain".into()));
         };
+        let Some((bundle_pem, intermediates_pem)) = rest.split_last() else {
+            return Err(bad("no trust bundle after the leaf".into()));
+        };
+        let one = |what: &str, pem: &str| {
+            CertificateDer::from_pem_slice(pem.as_bytes())
+                .map(CertificateDer::into_owned)
+                .map_err(|err| bad(format!("{what} is not a PEM certificate: {err}")))
+        };
+        let leaf = one("the leaf", leaf_pem)?;
+        let mut chain = vec![leaf];
+        for pem in intermediates_pem {
+            chain.push(one("an intermediate", pem)?);
+        }
+        let roots = CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| bad(format!("the trust bundle is not PEM certificates: {err}")))?;
+        if roots.is_empty() {
+            return Err(bad("the trust bundle is empty".into()));
+        }
+        let leaf = &chain[0];
         let (_, parsed) = X509Certificate::from_der(leaf)
             .map_err(|err| bad(format!("unreadable leaf: {err}")))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
@@ -324,12 +341,19 @@ impl CaClient {
         if &granted != identity {
             return Err(bad(format!("asked for {identity}, got {granted}")));
         }
-        let intermediates = &rest[..rest.len().saturating_sub(1)];
-        self.verifier
-            .verify_client_cert(leaf, intermediates, UnixTime::now())
+        let mut store = RootCertStore::empty();
+        for root in &roots {
+            store
+                .add(root.clone())
+                .map_err(|err| bad(format!("a root in the trust bundle: {err}")))?;
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(store), self.provider.clone())
+            .build()
+            .map_err(|err| bad(format!("the trust bundle: {err}")))?
+            .verify_client_cert(leaf, &chain[1..], UnixTime::now())
             .map_err(|err| {
                 bad(format!(
-                    "the chain does not verify against the mesh roots: {err}"
+                    "the chain does not verify against its trust bundle: {err}"
                 ))
             })?;
         let time = |t: x509_parser::time::ASN1Time| {
@@ -340,6 +364,7 @@ impl CaClient {
             not_before: time(parsed.validity().not_before),
             not_after: time(parsed.validity().not_after),
             chain,
+            roots,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
         })
     }

@@ -74,11 +74,11 @@ async fn rotation_keeps_old_and_new_certificates_valid_during_the_overlap() {
         .certificate(&shell, false, None)
         .await
         .unwrap();
-    assert_eq!(
-        staged_cert.chain.last(),
-        Some(&old_root),
+    assert!(
+        verifies(std::slice::from_ref(&old_root), &staged_cert),
         "the old root still signs"
     );
+    assert_eq!(staged_cert.roots, bundle, "the bundle comes with it");
 
     // A restart now resumes the same stage.
     let reloaded = load(dir.path()).unwrap();
@@ -96,7 +96,9 @@ async fn rotation_keeps_old_and_new_certificates_valid_during_the_overlap() {
         .certificate(&shell, false, None)
         .await
         .unwrap();
-    assert_eq!(after.chain.last(), Some(&new_root));
+    assert!(verifies(std::slice::from_ref(&new_root), &after));
+    assert!(!verifies(std::slice::from_ref(&old_root), &after));
+    assert_eq!(after.roots, bundle);
     for cert in [&before, &staged_cert, &after] {
         assert!(
             verifies(&bundle, cert),
@@ -113,7 +115,7 @@ async fn rotation_keeps_old_and_new_certificates_valid_during_the_overlap() {
         .certificate(&shell, false, None)
         .await
         .unwrap();
-    assert_eq!(renewed.chain.last(), Some(&new_root));
+    assert!(verifies(std::slice::from_ref(&new_root), &renewed));
 
     // Step 3: the old root is retired.
     let retired = store::retire_old_roots(dir.path()).unwrap();
@@ -130,7 +132,8 @@ async fn rotation_keeps_old_and_new_certificates_valid_during_the_overlap() {
         .certificate(&shell, false, None)
         .await
         .unwrap();
-    assert_eq!(only_new.chain.last(), Some(&new_root));
+    assert!(verifies(std::slice::from_ref(&new_root), &only_new));
+    assert_eq!(only_new.roots, vec![new_root.clone()]);
     // And the CA kept the old signing files.
     assert!(
         dir.path()

@@ -12,7 +12,7 @@ use dns_proxy::{MeshDns, ServiceRecord};
 use mesh_api::names::ip_from_wire;
 use mesh_api::workload::WorkloadStatus;
 
-use crate::xds::SharedState;
+use crate::state::SharedState;
 
 /// `dns-proxy`'s view of a [`SharedState`].
 #[derive(Debug)]
@@ -39,10 +39,7 @@ impl StateDns {
 
     /// Runs `lookup` against the cache of the current generation.
     fn cached<T>(&self, lookup: impl FnOnce(&crate::ProxyState, &mut Cache) -> T) -> T {
-        let state = self
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = self.state.read();
         let mut cache = self
             .cache
             .lock()

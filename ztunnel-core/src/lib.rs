@@ -4,17 +4,23 @@
 //!
 //! - [`certs`]: workload certificates from the CA, renewed in the background.
 //! - [`dns`]: the state as `dns-proxy`'s mesh view.
-//! - [`hbone`]: HBONE's wire constants and request headers.
+//! - [`hbone`]: HBONE: wire constants, request headers, the client pool and
+//!   the stream copy.
+//! - [`proxy`]: the proxy instance: listeners, routing, policy, lifecycle.
+//! - [`tls`]: TLS configurations from workload certificates.
 //! - [`state`]: workloads, services and policies as the data plane knows them.
 //! - [`xds`]: the delta ADS client that keeps the state up to date.
 
 pub mod certs;
 pub mod dns;
 pub mod hbone;
+pub mod proxy;
 pub mod state;
+pub mod tls;
 pub mod xds;
 
 pub use certs::{CertError, CertManager};
 pub use dns::StateDns;
-pub use state::{ProxyState, Rejected};
+pub use proxy::{Listeners, Ztunnel, ZtunnelBuilder, ZtunnelHandle};
+pub use state::{ProxyState, Rejected, SharedState};
 pub use xds::{XdsClient, XdsClientBuilder};

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use xds_server::{
     ClientAuth, Kind, MeshConfig, ObjectKey, Store, XdsHandle, XdsServer, parse_manifest,
 };
+use ztunnel_core::SharedState;
 use ztunnel_core::XdsClient;
-use ztunnel_core::xds::SharedState;
 
 /// A ceiling so a broken client fails the test instead of hanging it.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -79,7 +79,7 @@ async fn eventually(
 ) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        if check(&state.read().expect("lock")) {
+        if check(&state.read()) {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
@@ -108,7 +108,7 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
         .expect("synced");
     eventually("the initial state", &state, |s| s.counts() == (2, 1, 1)).await;
     {
-        let state = state.read().expect("lock");
+        let state = state.read();
         let echo = state
             .workload_by_ip("", "10.0.0.1".parse().expect("ip"))
             .expect("by IP");
@@ -135,11 +135,7 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
     // The control plane goes away: the state stays as it was.
     server.drain(Duration::from_secs(5)).await.expect("drained");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        state.read().expect("lock").counts(),
-        (2, 1, 1),
-        "last known good"
-    );
+    assert_eq!(state.read().counts(), (2, 1, 1), "last known good");
 
     // It comes back, on the same address, with changes made meanwhile: the
     // client reconnects and catches up, removals included.
@@ -158,7 +154,7 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
             && !s.policies().contains("default/allow-shell")
     })
     .await;
-    assert_eq!(state.read().expect("lock").counts(), (2, 1, 0));
+    assert_eq!(state.read().counts(), (2, 1, 0));
 
     shutdown.cancel();
     running.await.expect("join");

@@ -1,8 +1,12 @@
 //! HBONE: workload traffic as HTTP/2 CONNECT streams inside mutual TLS to port
-//! 15008 (WIRE.md §4). So far the parts both ends share: the wire constants and
-//! the request headers (`:authority`, `forwarded`, `baggage`).
+//! 15008 (WIRE.md §4): the wire constants, the request headers (`:authority`,
+//! `forwarded`, `baggage`), the client's connection pool, and the copy between
+//! a TCP connection and a stream. The server side is the proxy's inbound
+//! listener.
 
+pub mod copy;
 pub mod headers;
+pub mod pool;
 
 use std::time::Duration;
 

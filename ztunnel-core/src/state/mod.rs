@@ -6,6 +6,10 @@
 //! decode, or that is not what its name says, is refused with a reason (the xDS
 //! client NACKs it) and the previous state stays: last known good.
 
+mod shared;
+
+pub use shared::SharedState;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;

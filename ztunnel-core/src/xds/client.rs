@@ -4,7 +4,6 @@
 //! (`initial_resource_versions`) so the server sends only what changed. While
 //! the control plane is unreachable the state stays as it was: last known good.
 
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use mesh_api::ResourceType;
@@ -18,10 +17,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::apply::{KnownVersions, apply_response};
-use crate::state::ProxyState;
-
-/// The state, shared between the xDS client (writer) and the proxy (readers).
-pub type SharedState = Arc<RwLock<ProxyState>>;
+use crate::state::SharedState;
 
 /// ztunnel accepts responses up to 200 MiB.
 const MAX_RESPONSE_BYTES: usize = 200 << 20;
@@ -213,11 +209,9 @@ impl XdsClient {
             delivered = true;
             let kind = response.type_url.parse::<ResourceType>().ok();
             let answer = {
-                let mut state = self
-                    .state
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                apply_response(&mut state, &mut self.known, &response)
+                let known = &mut self.known;
+                self.state
+                    .update(|state| apply_response(state, known, &response))
             };
             if requests.send(answer).await.is_err() {
                 break;

@@ -1,0 +1,111 @@
+//! Bytes both ways between a TCP connection and an HBONE stream, each
+//! direction closed on its own (half-close): the TCP peer's FIN ends the
+//! stream's sending side (an empty DATA frame with END_STREAM), and the
+//! stream's END_STREAM shuts the TCP connection's write side. A reset or read
+//! error on either side aborts both.
+//!
+//! Flow control is HTTP/2's: data received is released back to the peer once
+//! written to TCP, and data is sent only within the capacity granted.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// Read buffer per direction: large reads mean fewer, larger DATA frames.
+const READ_CHUNK: usize = 256 << 10;
+
+/// Bytes moved by a finished copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// From the TCP connection into the stream.
+    pub tcp_to_stream: u64,
+    /// From the stream into the TCP connection.
+    pub stream_to_tcp: u64,
+}
+
+/// Copies until both directions ended. On error, the stream is reset (the
+/// TCP connection is dropped by the caller, reset with linger 0 if it wants).
+pub async fn copy_bidirectional(
+    tcp: &mut TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> io::Result<Copied> {
+    let (reader, writer) = tcp.split();
+    let outcome = tokio::try_join!(
+        tcp_to_stream(reader, &mut send),
+        stream_to_tcp(&mut recv, writer)
+    );
+    match outcome {
+        Ok((tcp_to_stream, stream_to_tcp)) => Ok(Copied {
+            tcp_to_stream,
+            stream_to_tcp,
+        }),
+        Err(err) => {
+            send.send_reset(h2::Reason::CANCEL);
+            Err(err)
+        }
+    }
+}
+
+/// TCP → stream until the TCP peer's FIN, then END_STREAM.
+async fn tcp_to_stream(mut reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK);
+    let mut total = 0u64;
+    loop {
+        if buffer.capacity() < READ_CHUNK / 4 {
+            buffer.reserve(READ_CHUNK);
+        }
+        let read = reader.read_buf(&mut buffer).await?;
+        if read == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_error)?;
+            return Ok(total);
+        }
+        total += read as u64;
+        let mut chunk = buffer.split().freeze();
+        send.reserve_capacity(chunk.len());
+        while !chunk.is_empty() {
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(granted) => granted.map_err(h2_error)?,
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let part = chunk.split_to(granted.min(chunk.len()));
+            send.send_data(part, false).map_err(h2_error)?;
+        }
+    }
+}
+
+/// Stream → TCP until END_STREAM, then shuts the TCP write side.
+async fn stream_to_tcp(recv: &mut RecvStream, mut writer: WriteHalf<'_>) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_error)?;
+        writer.write_all(&data).await?;
+        total += data.len() as u64;
+        recv.flow_control()
+            .release_capacity(data.len())
+            .map_err(h2_error)?;
+    }
+    // A reset after the data shows up as trailers' error.
+    if let Err(err) = poll_fn(|cx| recv.poll_trailers(cx)).await {
+        return Err(h2_error(err));
+    }
+    writer.shutdown().await?;
+    Ok(total)
+}
+
+/// An HTTP/2 error as I/O.
+pub(crate) fn h2_error(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        err.into_io().unwrap_or_else(|| io::Error::other("h2 I/O"))
+    } else {
+        io::Error::new(io::ErrorKind::ConnectionReset, err)
+    }
+}

@@ -1,0 +1,307 @@
+//! The HBONE client: HTTP/2 connections pooled by (source identity,
+//! destination identity, destination address) as WIRE.md §4 keys them, at most
+//! [`MAX_STREAMS_PER_CONNECTION`] streams each (then another connection), each
+//! connection pinged every [`PING_INTERVAL`] and closed after
+//! [`POOL_IDLE_TIMEOUT`] without streams. A new connection is used only if the
+//! server proves one of the identities expected of it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use mesh_api::Identity;
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, PING_INTERVAL,
+    POOL_IDLE_TIMEOUT, STREAM_WINDOW,
+};
+use crate::proxy::socket;
+use crate::tls::{TlsError, WorkloadTls, check_server_identity};
+
+/// Why an HBONE stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HboneError {
+    /// TCP connect failed.
+    #[error("connect to {address}: {source}")]
+    Connect {
+        /// The HBONE address.
+        address: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS with {address}: {source}")]
+    Handshake {
+        /// The HBONE address.
+        address: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The server is not who it should be.
+    #[error("HBONE server {address}: {source}")]
+    Peer {
+        /// The HBONE address.
+        address: SocketAddr,
+        /// What was wrong.
+        source: TlsError,
+    },
+    /// HTTP/2 failed.
+    #[error("HTTP/2 with {address}: {source}")]
+    Http2 {
+        /// The HBONE address.
+        address: SocketAddr,
+        /// The error.
+        source: h2::Error,
+    },
+    /// The server refused the CONNECT.
+    #[error("HBONE server {address} answered {status} for {authority}")]
+    Refused {
+        /// The HBONE address.
+        address: SocketAddr,
+        /// The target asked for.
+        authority: String,
+        /// Its answer (401 denied, 503 unreachable, 400 bad request).
+        status: StatusCode,
+    },
+    /// The request could not be built.
+    #[error("bad CONNECT request for {authority}: {problem}")]
+    Request {
+        /// The target.
+        authority: String,
+        /// What was wrong.
+        problem: String,
+    },
+}
+
+/// What a pooled connection is shared by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Whose certificate the client presents.
+    pub source: Identity,
+    /// The identities the server may present (usually one).
+    pub expected: Vec<Identity>,
+    /// The server's HBONE address (`ip:15008`).
+    pub address: SocketAddr,
+}
+
+/// An open CONNECT stream: send with `send`, receive with `recv`. Counts
+/// against its connection's stream limit until dropped.
+#[derive(Debug)]
+pub struct HboneStream {
+    /// Towards the server.
+    pub send: SendStream<Bytes>,
+    /// From the server.
+    pub recv: RecvStream,
+    _slot: StreamSlot,
+}
+
+/// One pooled connection.
+#[derive(Debug)]
+struct Pooled {
+    send: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
+    closed: CancellationToken,
+}
+
+/// Holds one of a connection's stream slots.
+#[derive(Debug)]
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HbonePool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    mark: Option<u32>,
+    shutdown: CancellationToken,
+}
+
+impl HbonePool {
+    /// A pool whose sockets carry `mark` (see [`socket::PROXY_MARK`]); its
+    /// connections close on `shutdown`.
+    pub fn new(mark: Option<u32>, shutdown: &CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connections: Mutex::new(HashMap::new()),
+                mark,
+                shutdown: shutdown.child_token(),
+            }),
+        }
+    }
+
+    /// Open connections, for tests and the admin view.
+    pub fn connection_count(&self) -> usize {
+        self.lock()
+            .values()
+            .flatten()
+            .filter(|c| !c.closed.is_cancelled())
+            .count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Pooled>>>> {
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens a CONNECT stream to `authority` (`ip:port` of the target) through
+    /// the server at `key.address`, presenting `tls`'s certificate, with
+    /// `headers` added to the request.
+    pub async fn connect(
+        &self,
+        tls: &WorkloadTls,
+        key: &PoolKey,
+        authority: SocketAddr,
+        headers: &[(&'static str, String)],
+    ) -> Result<HboneStream, HboneError> {
+        let (pooled, slot) = match self.reuse(key) {
+            Some(found) => found,
+            None => self.open(tls, key).await?,
+        };
+        let authority = authority.to_string();
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.as_str());
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        let request = request.body(()).map_err(|err| HboneError::Request {
+            authority: authority.clone(),
+            problem: err.to_string(),
+        })?;
+        let http2 = |source| HboneError::Http2 {
+            address: key.address,
+            source,
+        };
+        let mut sender = pooled.send.clone().ready().await.map_err(http2)?;
+        let (response, send) = sender.send_request(request, false).map_err(http2)?;
+        let response = response.await.map_err(http2)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                address: key.address,
+                authority,
+                status: response.status(),
+            });
+        }
+        Ok(HboneStream {
+            send,
+            recv: response.into_body(),
+            _slot: slot,
+        })
+    }
+
+    /// A pooled connection of `key` with a free stream slot.
+    fn reuse(&self, key: &PoolKey) -> Option<(Arc<Pooled>, StreamSlot)> {
+        let mut connections = self.lock();
+        let list = connections.get_mut(key)?;
+        list.retain(|c| !c.closed.is_cancelled());
+        list.iter().find_map(|pooled| {
+            let taken = pooled
+                .streams
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < MAX_STREAMS_PER_CONNECTION).then_some(n + 1)
+                })
+                .is_ok();
+            taken.then(|| (pooled.clone(), StreamSlot(pooled.streams.clone())))
+        })
+    }
+
+    /// Opens a new connection for `key` and pools it, one slot taken.
+    async fn open(
+        &self,
+        tls: &WorkloadTls,
+        key: &PoolKey,
+    ) -> Result<(Arc<Pooled>, StreamSlot), HboneError> {
+        let address = key.address;
+        let tcp = socket::connect(address, self.inner.mark)
+            .await
+            .map_err(|source| HboneError::Connect { address, source })?;
+        let stream = TlsConnector::from(tls.client.clone())
+            .connect(ServerName::IpAddress(address.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Handshake { address, source })?;
+        let peer = tls
+            .peer_identity(stream.get_ref().1)
+            .map_err(|source| HboneError::Peer { address, source })?;
+        check_server_identity(&peer, &key.expected)
+            .map_err(|source| HboneError::Peer { address, source })?;
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|source| HboneError::Http2 { address, source })?;
+        let streams = Arc::new(AtomicUsize::new(1));
+        let closed = self.inner.shutdown.child_token();
+        let pooled = Arc::new(Pooled {
+            send,
+            streams: streams.clone(),
+            closed: closed.clone(),
+        });
+        let ping = connection.ping_pong();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(err) = result {
+                        tracing::debug!(%address, error = %err, "HBONE connection ended");
+                    }
+                }
+                () = keep_alive(ping, streams) => {}
+                () = closed.cancelled() => {}
+            }
+            closed.cancel();
+        });
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
+        let slot = StreamSlot(pooled.streams.clone());
+        Ok((pooled, slot))
+    }
+}
+
+/// Returns when the connection should close: idle too long, or a PING went
+/// unanswered.
+async fn keep_alive(ping: Option<h2::PingPong>, streams: Arc<AtomicUsize>) {
+    let mut idle_for = Duration::ZERO;
+    let mut ping = ping;
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        if streams.load(Ordering::Acquire) == 0 {
+            idle_for += PING_INTERVAL;
+            if idle_for >= POOL_IDLE_TIMEOUT {
+                return;
+            }
+        } else {
+            idle_for = Duration::ZERO;
+        }
+        if let Some(pinger) = ping.as_mut() {
+            let pong = tokio::time::timeout(PING_INTERVAL, pinger.ping(h2::Ping::opaque())).await;
+            if !matches!(pong, Ok(Ok(_))) {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Inbound: HBONE on 15008 (mutual TLS, HTTP/2 CONNECT per connection, policy
+//! with the peer's identity) and plaintext on 15006 (callers outside the mesh,
+//! policy with no identity). Admitted connections are copied to the local
+//! application and stay registered so a policy change can close them.
+//!
+//! HBONE answers: 400 for a request that is not a CONNECT to a workload this
+//! proxy serves, 401 when policy denies, 503 when the application cannot be
+//! reached, else 200 with a `baggage` header describing the workload.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use mesh_api::Identity;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::authorize::{Inbound, local_workload};
+use super::log::{AccessLog, Direction};
+use super::{Context, socket};
+use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::headers::parse_authority;
+use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+
+/// Accepts HBONE connections until `stop`.
+pub(super) async fn serve_hbone(ctx: Arc<Context>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "HBONE accept failed");
+                    continue;
+                }
+            },
+        };
+        let task_ctx = ctx.clone();
+        let draining = stop.clone();
+        ctx.tasks.spawn(async move {
+            let force_close = task_ctx.force_close.clone();
+            tokio::select! {
+                () = hbone_connection(task_ctx, tcp, peer, draining) => {}
+                () = force_close.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn hbone_connection(
+    ctx: Arc<Context>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    draining: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match ctx.workload_tls().await {
+        Ok(tls) => tls,
+        Err(err) => {
+            tracing::warn!(%source, error = %err, "HBONE connection refused: no certificate to serve with");
+            return;
+        }
+    };
+    let stream = match TlsAcceptor::from(tls.server.clone()).accept(tcp).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::info!(%source, error = %err, "HBONE handshake failed");
+            return;
+        }
+    };
+    let peer = match tls.peer_identity(stream.get_ref().1) {
+        Ok(peer) => peer,
+        Err(err) => {
+            tracing::info!(%source, error = %err, "HBONE peer refused");
+            return;
+        }
+    };
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake::<_, Bytes>(stream)
+        .await
+    {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::info!(%source, error = %err, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let mut going_away = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept() => accepted,
+            () = draining.cancelled(), if !going_away => {
+                // GOAWAY: streams already open finish, no new ones come.
+                going_away = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(accepted) = accepted else { return };
+        match accepted {
+            Ok((request, respond)) => {
+                let ctx_for_stream = ctx.clone();
+                let peer = peer.clone();
+                ctx.tasks.spawn(async move {
+                    let force_close = ctx_for_stream.force_close.clone();
+                    tokio::select! {
+                        () = hbone_stream(ctx_for_stream, peer, source, request, respond) => {}
+                        () = force_close.cancelled() => {}
+                    }
+                });
+            }
+            Err(err) => {
+                tracing::debug!(%source, error = %err, "HBONE connection ended");
+                return;
+            }
+        }
+    }
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
+    // The peer may be gone already; nothing more to do then.
+    let _ = respond.send_response(response, true);
+}
+
+async fn hbone_stream(
+    ctx: Arc<Context>,
+    peer: Identity,
+    source: SocketAddr,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    let mut log = AccessLog::new(Direction::Inbound, source, Some(peer.clone()));
+    if request.method() != Method::CONNECT {
+        refuse(&mut respond, StatusCode::BAD_REQUEST);
+        log.failed(started, "not a CONNECT request");
+        return;
+    }
+    let authority = request.uri().authority().map_or("", |a| a.as_str());
+    let destination = match parse_authority(authority) {
+        Ok(destination) => destination,
+        Err(err) => {
+            refuse(&mut respond, StatusCode::BAD_REQUEST);
+            log.failed(started, &err.to_string());
+            return;
+        }
+    };
+    log.destination = Some(destination);
+    let inbound = Inbound {
+        peer: Some(peer),
+        source,
+        destination,
+    };
+    let (workload, decision) = {
+        let state = ctx.state.read();
+        match local_workload(&state, &ctx.served_uid, &ctx.network, destination.ip()) {
+            Some(workload) => {
+                let decision = inbound.evaluate(&state, &workload);
+                (workload, decision)
+            }
+            None => {
+                drop(state);
+                refuse(&mut respond, StatusCode::BAD_REQUEST);
+                log.failed(started, &format!("{destination} is not served here"));
+                return;
+            }
+        }
+    };
+    log.destination_workload = Some(workload.clone());
+    if !decision.is_allowed() {
+        refuse(&mut respond, StatusCode::UNAUTHORIZED);
+        log.failed(
+            started,
+            &format!("denied by policy ({:?})", decision.reason),
+        );
+        return;
+    }
+    let registered = ctx.live.register(inbound);
+    let mut upstream = match socket::connect(destination, ctx.mark).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.failed(started, &format!("application unreachable: {err}"));
+            return;
+        }
+    };
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header("baggage", super::baggage(&workload))
+        .body(())
+        .unwrap_or_default();
+    let send = match respond.send_response(response, false) {
+        Ok(send) => send,
+        Err(err) => {
+            log.failed(started, &format!("the peer went away: {err}"));
+            return;
+        }
+    };
+    let recv = request.into_body();
+    let outcome = tokio::select! {
+        copied = copy_bidirectional(&mut upstream, send, recv) => copied.map_err(|err| err.to_string()),
+        () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
+    };
+    match outcome {
+        Ok(copied) => {
+            log.received = copied.stream_to_tcp;
+            log.sent = copied.tcp_to_stream;
+            log.done(started);
+        }
+        Err(err) => {
+            socket::reset(upstream);
+            log.failed(started, &err);
+        }
+    }
+}
+
+/// Accepts plaintext inbound connections (redirected to 15006) until `stop`.
+pub(super) async fn serve_plaintext(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, source) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "inbound accept failed");
+                    continue;
+                }
+            },
+        };
+        let task_ctx = ctx.clone();
+        ctx.tasks.spawn(async move {
+            let force_close = task_ctx.force_close.clone();
+            tokio::select! {
+                () = plaintext_connection(task_ctx, tcp, source) => {}
+                () = force_close.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {
+    let started = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let mut log = AccessLog::new(Direction::InboundPlaintext, source, None);
+    let destination = match socket::original_destination(&tcp) {
+        Ok(destination) => destination,
+        Err(err) => {
+            socket::reset(tcp);
+            log.failed(started, &format!("no destination: {err}"));
+            return;
+        }
+    };
+    log.destination = Some(destination);
+    let inbound = Inbound {
+        peer: None,
+        source,
+        destination,
+    };
+    let admitted = {
+        let state = ctx.state.read();
+        local_workload(&state, &ctx.served_uid, &ctx.network, destination.ip()).map(|workload| {
+            let decision = inbound.evaluate(&state, &workload);
+            (workload, decision)
+        })
+    };
+    let workload = match admitted {
+        Some((workload, decision)) if decision.is_allowed() => workload,
+        Some((_, decision)) => {
+            socket::reset(tcp);
+            log.failed(
+                started,
+                &format!("denied by policy ({:?})", decision.reason),
+            );
+            return;
+        }
+        None => {
+            socket::reset(tcp);
+            log.failed(started, &format!("{destination} is not served here"));
+            return;
+        }
+    };
+    log.destination_workload = Some(workload);
+    let registered = ctx.live.register(inbound);
+    let mut upstream = match socket::connect(destination, ctx.mark).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            socket::reset(tcp);
+            log.failed(started, &format!("application unreachable: {err}"));
+            return;
+        }
+    };
+    let outcome = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied.map_err(|err| err.to_string()),
+        () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
+    };
+    match outcome {
+        Ok((sent, received)) => {
+            log.sent = sent;
+            log.received = received;
+            log.done(started);
+        }
+        Err(err) => {
+            socket::reset(tcp);
+            socket::reset(upstream);
+            log.failed(started, &err);
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The proxy instance: one served workload, its listeners (outbound 15001,
+//! plaintext inbound 15006, HBONE 15008) and its lifecycle.
+//!
+//! An instance serves one workload ("dedicated" mode: a VM, a nodeless
+//! instance, a single-workload host, or a pod's own network namespace). Every
+//! per-workload fact (the served uid, its certificate, its listeners, its live
+//! connections) lives in the instance, so a node agent runs one instance per
+//! pod, each with listeners opened inside that pod's namespace, sharing the
+//! state, the certificate manager and the runtime.
+//!
+//! ```no_run
+//! # async fn example(state: ztunnel_core::SharedState, certs: std::sync::Arc<ztunnel_core::CertManager>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use ztunnel_core::Ztunnel;
+//!
+//! let handle = Ztunnel::builder()
+//!     .state(state)
+//!     .certificates(certs)
+//!     .workload_uid("Kubernetes//Pod/default/shell")
+//!     .build()?
+//!     .spawn()
+//!     .await?;
+//! handle.ready(Duration::from_secs(30)).await?;
+//! // ... later
+//! handle.drain(Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
+
+pub mod authorize;
+mod inbound;
+pub mod log;
+mod outbound;
+pub mod route;
+pub mod socket;
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::Identity;
+use mesh_api::workload::{Workload, WorkloadType};
+use rustls::crypto::CryptoProvider;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::certs::{CertError, CertManager};
+use crate::hbone::HBONE_PORT;
+use crate::hbone::headers::Baggage;
+use crate::hbone::pool::HbonePool;
+use crate::state::SharedState;
+use crate::tls::{TlsConfigs, TlsError, WorkloadTls};
+use authorize::LiveConnections;
+use route::workload_identity;
+
+/// Default outbound capture port.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Default plaintext inbound port.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// Why an instance could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A required part is missing.
+    #[error("missing {0}: call Ztunnel::builder().{0}(..)")]
+    Missing(&'static str),
+}
+
+/// Why the served workload cannot use TLS yet.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The served workload is not in the state (not synced yet, or unknown).
+    #[error("workload {0} is not known (yet)")]
+    UnknownWorkload(String),
+    /// Its identity is not valid.
+    #[error("workload {0} has no valid identity")]
+    NoIdentity(String),
+    /// No certificate.
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    /// The certificate cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Listeners bound by the caller (e.g. inside a network namespace).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Outbound capture (15001).
+    pub outbound: TcpListener,
+    /// Plaintext inbound (15006).
+    pub inbound_plaintext: TcpListener,
+    /// HBONE (15008).
+    pub hbone: TcpListener,
+}
+
+/// A builder of [`Ztunnel`].
+#[derive(Debug)]
+pub struct ZtunnelBuilder {
+    state: Option<SharedState>,
+    certificates: Option<Arc<CertManager>>,
+    workload_uid: Option<String>,
+    identity: Option<Identity>,
+    network: String,
+    mark: Option<u32>,
+    provider: Option<Arc<CryptoProvider>>,
+    certificate_wait: Duration,
+    hbone_port: u16,
+    addresses: [SocketAddr; 3],
+}
+
+impl Default for ZtunnelBuilder {
+    fn default() -> Self {
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        Self {
+            state: None,
+            certificates: None,
+            workload_uid: None,
+            identity: None,
+            network: String::new(),
+            mark: Some(socket::PROXY_MARK),
+            provider: None,
+            certificate_wait: Duration::from_secs(10),
+            hbone_port: HBONE_PORT,
+            addresses: [
+                any(OUTBOUND_PORT),
+                any(INBOUND_PLAINTEXT_PORT),
+                any(HBONE_PORT),
+            ],
+        }
+    }
+}
+
+impl ZtunnelBuilder {
+    /// The mesh state (kept up to date by an [`crate::XdsClient`], or by the
+    /// embedder). Required.
+    pub fn state(mut self, state: SharedState) -> Self {
+        self.state = Some(state);
+        self
+    }
+
+    /// Where certificates come from. Required.
+    pub fn certificates(mut self, certificates: Arc<CertManager>) -> Self {
+        self.certificates = Some(certificates);
+        self
+    }
+
+    /// The uid of the served workload. Required.
+    pub fn workload_uid(mut self, uid: impl Into<String>) -> Self {
+        self.workload_uid = Some(uid.into());
+        self
+    }
+
+    /// The served workload's identity, if it should not be derived from the
+    /// state.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The network of the served workload (default: the default network "").
+    pub fn network(mut self, network: impl Into<String>) -> Self {
+        self.network = network.into();
+        self
+    }
+
+    /// The mark on the proxy's own sockets (default 1337; `None` for none,
+    /// e.g. where no redirect rules exist).
+    pub fn socket_mark(mut self, mark: Option<u32>) -> Self {
+        self.mark = mark;
+        self
+    }
+
+    /// The rustls crypto provider (default: aws-lc-rs).
+    pub fn crypto_provider(mut self, provider: Arc<CryptoProvider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// How long a connection waits for the served workload's certificate.
+    pub fn certificate_wait(mut self, wait: Duration) -> Self {
+        self.certificate_wait = wait;
+        self
+    }
+
+    /// The port peers accept HBONE on (default 15008).
+    pub fn hbone_port(mut self, port: u16) -> Self {
+        self.hbone_port = port;
+        self
+    }
+
+    /// Where [`Ztunnel::spawn`] binds: outbound, plaintext inbound, HBONE
+    /// (default `0.0.0.0` on 15001, 15006, 15008).
+    pub fn addresses(
+        mut self,
+        outbound: SocketAddr,
+        inbound: SocketAddr,
+        hbone: SocketAddr,
+    ) -> Self {
+        self.addresses = [outbound, inbound, hbone];
+        self
+    }
+
+    /// Checks and assembles; binds nothing.
+    pub fn build(self) -> Result<Ztunnel, BuildError> {
+        let shutdown = CancellationToken::new();
+        let provider = self
+            .provider
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let context = Context {
+            state: self.state.ok_or(BuildError::Missing("state"))?,
+            certs: self
+                .certificates
+                .ok_or(BuildError::Missing("certificates"))?,
+            served_uid: self
+                .workload_uid
+                .ok_or(BuildError::Missing("workload_uid"))?,
+            identity: self.identity,
+            network: self.network,
+            mark: self.mark,
+            tls: TlsConfigs::new(provider),
+            certificate_wait: self.certificate_wait,
+            hbone_port: self.hbone_port,
+            pool: HbonePool::new(self.mark, &shutdown),
+            live: Arc::new(LiveConnections::default()),
+            tasks: TaskTracker::new(),
+            force_close: shutdown.child_token(),
+            shutdown,
+        };
+        Ok(Ztunnel {
+            context: Arc::new(context),
+            addresses: self.addresses,
+        })
+    }
+}
+
+/// What every connection of an instance shares.
+#[derive(Debug)]
+struct Context {
+    state: SharedState,
+    certs: Arc<CertManager>,
+    served_uid: String,
+    identity: Option<Identity>,
+    network: String,
+    mark: Option<u32>,
+    tls: TlsConfigs,
+    certificate_wait: Duration,
+    hbone_port: u16,
+    pool: HbonePool,
+    live: Arc<LiveConnections>,
+    /// Connection tasks, waited for by a drain.
+    tasks: TaskTracker,
+    /// Ends every connection (drain deadline, shutdown).
+    force_close: CancellationToken,
+    /// Ends everything.
+    shutdown: CancellationToken,
+}
+
+impl Context {
+    /// The served workload's identity.
+    fn served_identity(&self) -> Result<Identity, IdentityError> {
+        if let Some(identity) = &self.identity {
+            return Ok(identity.clone());
+        }
+        let state = self.state.read();
+        let workload = state
+            .workload(&self.served_uid)
+            .ok_or_else(|| IdentityError::UnknownWorkload(self.served_uid.clone()))?;
+        workload_identity(workload)
+            .ok_or_else(|| IdentityError::NoIdentity(self.served_uid.clone()))
+    }
+
+    /// TLS with the served workload's current certificate.
+    async fn workload_tls(&self) -> Result<WorkloadTls, IdentityError> {
+        let identity = self.served_identity()?;
+        let certificate = self
+            .certs
+            .certificate(&identity, self.certificate_wait)
+            .await?;
+        Ok(self.tls.for_certificate(&certificate)?)
+    }
+
+    /// The served workload's `baggage`.
+    fn own_baggage(&self) -> String {
+        self.state
+            .read()
+            .workload(&self.served_uid)
+            .map(|workload| baggage(workload))
+            .unwrap_or_default()
+    }
+}
+
+/// A workload described as a `baggage` header value.
+pub fn baggage(workload: &Workload) -> String {
+    let kind = match WorkloadType::try_from(workload.workload_type) {
+        Ok(WorkloadType::Cronjob) => "cronjob",
+        Ok(WorkloadType::Pod) => "pod",
+        Ok(WorkloadType::Job) => "job",
+        _ => "deployment",
+    };
+    let some = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+    let locality = workload.locality.clone().unwrap_or_default();
+    Baggage {
+        cluster: some(&workload.cluster_id),
+        namespace: some(&workload.namespace),
+        workload: some(&workload.workload_name)
+            .or_else(|| some(&workload.name))
+            .map(|name| (kind.to_owned(), name)),
+        service: some(&workload.canonical_name),
+        revision: some(&workload.canonical_revision),
+        region: some(&locality.region),
+        zone: some(&locality.zone),
+    }
+    .to_string()
+}
+
+/// A proxy instance, built but not running.
+#[derive(Debug)]
+pub struct Ztunnel {
+    context: Arc<Context>,
+    addresses: [SocketAddr; 3],
+}
+
+impl Ztunnel {
+    /// A builder.
+    pub fn builder() -> ZtunnelBuilder {
+        ZtunnelBuilder::default()
+    }
+
+    /// Binds the configured addresses, then runs as [`Ztunnel::spawn_with`].
+    pub async fn spawn(self) -> io::Result<ZtunnelHandle> {
+        let [outbound, inbound, hbone] = self.addresses;
+        let listeners = Listeners {
+            outbound: TcpListener::bind(outbound).await?,
+            inbound_plaintext: TcpListener::bind(inbound).await?,
+            hbone: TcpListener::bind(hbone).await?,
+        };
+        self.spawn_with(listeners)
+    }
+
+    /// Runs on caller-bound listeners, on the current runtime.
+    pub fn spawn_with(self, listeners: Listeners) -> io::Result<ZtunnelHandle> {
+        let ctx = self.context;
+        let addresses = [
+            listeners.outbound.local_addr()?,
+            listeners.inbound_plaintext.local_addr()?,
+            listeners.hbone.local_addr()?,
+        ];
+        let accepting = ctx.shutdown.child_token();
+        let background = TaskTracker::new();
+        background.spawn(outbound::serve_outbound(
+            ctx.clone(),
+            listeners.outbound,
+            accepting.clone(),
+        ));
+        background.spawn(inbound::serve_plaintext(
+            ctx.clone(),
+            listeners.inbound_plaintext,
+            accepting.clone(),
+        ));
+        background.spawn(inbound::serve_hbone(
+            ctx.clone(),
+            listeners.hbone,
+            accepting.clone(),
+        ));
+        background.spawn(ctx.live.clone().watch(
+            ctx.state.clone(),
+            ctx.served_uid.clone(),
+            ctx.network.clone(),
+            ctx.shutdown.clone(),
+        ));
+        background.close();
+        Ok(ZtunnelHandle {
+            ctx,
+            addresses,
+            accepting,
+            background,
+        })
+    }
+}
+
+/// A running instance.
+#[derive(Debug)]
+pub struct ZtunnelHandle {
+    ctx: Arc<Context>,
+    addresses: [SocketAddr; 3],
+    accepting: CancellationToken,
+    background: TaskTracker,
+}
+
+impl ZtunnelHandle {
+    /// The outbound listener's address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.addresses[0]
+    }
+
+    /// The plaintext inbound listener's address.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.addresses[1]
+    }
+
+    /// The HBONE listener's address.
+    pub fn hbone_addr(&self) -> SocketAddr {
+        self.addresses[2]
+    }
+
+    /// Inbound connections open now.
+    pub fn live_inbound(&self) -> usize {
+        self.ctx.live.len()
+    }
+
+    /// Pooled outbound HBONE connections open now.
+    pub fn pooled_connections(&self) -> usize {
+        self.ctx.pool.connection_count()
+    }
+
+    /// Waits until the served workload is known and has its certificate: the
+    /// instance can then carry traffic both ways.
+    pub async fn ready(&self, wait: Duration) -> Result<(), IdentityError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.ctx.state.changes();
+        let identity = loop {
+            match self.ctx.served_identity() {
+                Ok(identity) => break identity,
+                Err(err) => {
+                    if tokio::time::timeout_at(deadline, changes.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(err);
+                    }
+                }
+            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.ctx.certs.certificate(&identity, left).await?;
+        Ok(())
+    }
+
+    /// Stops accepting, lets open connections finish for up to `deadline`,
+    /// then closes what is left and stops. Returns whether every connection
+    /// finished on its own.
+    pub async fn drain(self, deadline: Duration) -> bool {
+        self.accepting.cancel();
+        self.ctx.tasks.close();
+        let finished = tokio::time::timeout(deadline, self.ctx.tasks.wait())
+            .await
+            .is_ok();
+        self.shutdown().await;
+        finished
+    }
+
+    /// Closes every connection and stops.
+    pub async fn shutdown(self) {
+        self.ctx.shutdown.cancel();
+        self.ctx.tasks.close();
+        self.ctx.tasks.wait().await;
+        self.background.wait().await;
+    }
+}

@@ -1,0 +1,170 @@
+//! Outbound (15001): the served workload's connections, redirected here. The
+//! original destination is routed ([`super::route`]): to a mesh workload over
+//! HBONE (or plain TCP if it takes no HBONE), else plain TCP as it was going.
+//! A destination that cannot be routed, refused or reached resets the client.
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::log::{AccessLog, Direction};
+use super::route::{Route, Upstream, route};
+use super::{Context, socket};
+use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::headers::forwarded_for;
+use crate::hbone::pool::PoolKey;
+
+/// Accepts outbound connections until `stop`.
+pub(super) async fn serve_outbound(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    let random = Arc::new(Random::default());
+    loop {
+        let (tcp, source) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "outbound accept failed");
+                    continue;
+                }
+            },
+        };
+        let task_ctx = ctx.clone();
+        let random = random.clone();
+        ctx.tasks.spawn(async move {
+            let force_close = task_ctx.force_close.clone();
+            tokio::select! {
+                () = outbound_connection(task_ctx, tcp, source, &random) => {}
+                () = force_close.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Numbers for load balancing: cheap, and different per connection.
+#[derive(Debug, Default)]
+struct Random {
+    seed: RandomState,
+    counter: AtomicU64,
+}
+
+impl Random {
+    fn below(&self, bound: u64) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.seed.hash_one(n) % bound.max(1)
+    }
+}
+
+async fn outbound_connection(
+    ctx: Arc<Context>,
+    mut tcp: TcpStream,
+    source: SocketAddr,
+    random: &Random,
+) {
+    let started = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let mut log = AccessLog::new(Direction::Outbound, source, None);
+    let destination = match socket::original_destination(&tcp) {
+        Ok(destination) => destination,
+        Err(err) => {
+            socket::reset(tcp);
+            log.failed(started, &format!("no destination: {err}"));
+            return;
+        }
+    };
+    log.destination = Some(destination);
+    let routed = {
+        let state = ctx.state.read();
+        let served = state.workload(&ctx.served_uid).cloned();
+        route(
+            &state,
+            served.as_deref(),
+            &ctx.network,
+            destination,
+            &mut |bound| random.below(bound),
+        )
+    };
+    let outcome = match routed {
+        Err(err) => Err(err.to_string()),
+        Ok(Route::Passthrough(address)) => plain(&mut tcp, address, ctx.mark).await,
+        Ok(Route::Mesh(upstream)) => {
+            log.destination = Some(upstream.address);
+            log.destination_workload = Some(upstream.workload.clone());
+            log.destination_identity.clone_from(&upstream.identity);
+            if upstream.hbone {
+                hbone(&ctx, &mut tcp, source, &upstream).await
+            } else {
+                plain(&mut tcp, upstream.address, ctx.mark).await
+            }
+        }
+    };
+    match outcome {
+        Ok((sent, received)) => {
+            log.sent = sent;
+            log.received = received;
+            log.done(started);
+        }
+        Err(err) => {
+            socket::reset(tcp);
+            log.failed(started, &err);
+        }
+    }
+}
+
+async fn plain(
+    tcp: &mut TcpStream,
+    address: SocketAddr,
+    mark: Option<u32>,
+) -> Result<(u64, u64), String> {
+    let mut upstream = socket::connect(address, mark)
+        .await
+        .map_err(|err| format!("connect to {address}: {err}"))?;
+    match tokio::io::copy_bidirectional(tcp, &mut upstream).await {
+        Ok(copied) => Ok(copied),
+        Err(err) => {
+            socket::reset(upstream);
+            Err(err.to_string())
+        }
+    }
+}
+
+async fn hbone(
+    ctx: &Context,
+    tcp: &mut TcpStream,
+    source: SocketAddr,
+    upstream: &Upstream,
+) -> Result<(u64, u64), String> {
+    let Some(expected) = upstream.identity.clone() else {
+        return Err(format!(
+            "workload {} has no valid identity",
+            upstream.workload.uid
+        ));
+    };
+    let tls = ctx.workload_tls().await.map_err(|err| err.to_string())?;
+    let key = PoolKey {
+        source: tls.identity().clone(),
+        expected: vec![expected],
+        address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
+    };
+    let headers = [
+        ("forwarded", forwarded_for(source)),
+        ("baggage", ctx.own_baggage()),
+    ];
+    let stream = ctx
+        .pool
+        .connect(&tls, &key, upstream.address, &headers)
+        .await
+        .map_err(|err| err.to_string())?;
+    let copied = copy_bidirectional(tcp, stream.send, stream.recv)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok((copied.tcp_to_stream, copied.stream_to_tcp))
+}

@@ -1,0 +1,57 @@
+//! Socket options the proxy needs from the OS: the original destination of a
+//! redirected connection, the mark that keeps the proxy's own connections out
+//! of the redirect rules (WIRE.md §6), and resets.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The mark on the proxy's own sockets (0x539), excluded by the redirect rules.
+pub const PROXY_MARK: u32 = 1337;
+
+/// Where a redirected connection was going: `SO_ORIGINAL_DST`, else (not
+/// redirected) the address it reached.
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let local = stream.local_addr()?;
+    let original = match local {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|addr| {
+            SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+                u16::from_be(addr.sin_port),
+            ))
+        }),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).map(|addr| {
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(addr.sin6_addr.s6_addr),
+                u16::from_be(addr.sin6_port),
+                0,
+                addr.sin6_scope_id,
+            ))
+        }),
+    };
+    Ok(original.unwrap_or(local))
+}
+
+/// Connects to `address` from a socket carrying `mark` (when set), with
+/// `TCP_NODELAY`.
+pub async fn connect(address: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(mark) = mark {
+        setsockopt(&socket, sockopt::Mark, &mark).map_err(io::Error::from)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(address).await
+}
+
+/// Drops `stream` with a TCP reset (linger 0) rather than a FIN, so the
+/// client sees the connection fail.
+pub fn reset(stream: TcpStream) {
+    // Best effort: if linger cannot be set the drop still closes it.
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
