@@ -32,6 +32,7 @@ pub mod log;
 mod outbound;
 pub mod route;
 pub mod socket;
+pub mod socks5;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -95,6 +96,8 @@ pub struct Listeners {
     pub inbound_plaintext: TcpListener,
     /// HBONE (15008).
     pub hbone: TcpListener,
+    /// SOCKS5, if wanted (off by default).
+    pub socks5: Option<TcpListener>,
 }
 
 /// A builder of [`Ztunnel`].
@@ -110,6 +113,7 @@ pub struct ZtunnelBuilder {
     certificate_wait: Duration,
     hbone_port: u16,
     addresses: [SocketAddr; 3],
+    socks5: Option<SocketAddr>,
 }
 
 impl Default for ZtunnelBuilder {
@@ -130,6 +134,7 @@ impl Default for ZtunnelBuilder {
                 any(INBOUND_PLAINTEXT_PORT),
                 any(HBONE_PORT),
             ],
+            socks5: None,
         }
     }
 }
@@ -204,6 +209,13 @@ impl ZtunnelBuilder {
         self
     }
 
+    /// Also accept SOCKS5 at `address` (off by default; conventionally
+    /// `127.0.0.1:15080`).
+    pub fn socks5(mut self, address: SocketAddr) -> Self {
+        self.socks5 = Some(address);
+        self
+    }
+
     /// Checks and assembles; binds nothing.
     pub fn build(self) -> Result<Ztunnel, BuildError> {
         let shutdown = CancellationToken::new();
@@ -233,6 +245,7 @@ impl ZtunnelBuilder {
         Ok(Ztunnel {
             context: Arc::new(context),
             addresses: self.addresses,
+            socks5: self.socks5,
         })
     }
 }
@@ -322,6 +335,7 @@ pub fn baggage(workload: &Workload) -> String {
 pub struct Ztunnel {
     context: Arc<Context>,
     addresses: [SocketAddr; 3],
+    socks5: Option<SocketAddr>,
 }
 
 impl Ztunnel {
@@ -337,6 +351,10 @@ impl Ztunnel {
             outbound: TcpListener::bind(outbound).await?,
             inbound_plaintext: TcpListener::bind(inbound).await?,
             hbone: TcpListener::bind(hbone).await?,
+            socks5: match self.socks5 {
+                Some(address) => Some(TcpListener::bind(address).await?),
+                None => None,
+            },
         };
         self.spawn_with(listeners)
     }
@@ -349,6 +367,10 @@ impl Ztunnel {
             listeners.inbound_plaintext.local_addr()?,
             listeners.hbone.local_addr()?,
         ];
+        let socks5 = match &listeners.socks5 {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        };
         let accepting = ctx.shutdown.child_token();
         let background = TaskTracker::new();
         background.spawn(outbound::serve_outbound(
@@ -366,6 +388,13 @@ impl Ztunnel {
             listeners.hbone,
             accepting.clone(),
         ));
+        if let Some(listener) = listeners.socks5 {
+            background.spawn(outbound::serve_socks5(
+                ctx.clone(),
+                listener,
+                accepting.clone(),
+            ));
+        }
         background.spawn(ctx.live.clone().watch(
             ctx.state.clone(),
             ctx.served_uid.clone(),
@@ -376,6 +405,7 @@ impl Ztunnel {
         Ok(ZtunnelHandle {
             ctx,
             addresses,
+            socks5,
             accepting,
             background,
         })
@@ -387,6 +417,7 @@ impl Ztunnel {
 pub struct ZtunnelHandle {
     ctx: Arc<Context>,
     addresses: [SocketAddr; 3],
+    socks5: Option<SocketAddr>,
     accepting: CancellationToken,
     background: TaskTracker,
 }
@@ -405,6 +436,11 @@ impl ZtunnelHandle {
     /// The HBONE listener's address.
     pub fn hbone_addr(&self) -> SocketAddr {
         self.addresses[2]
+    }
+
+    /// The SOCKS5 listener's address, if enabled.
+    pub fn socks5_addr(&self) -> Option<SocketAddr> {
+        self.socks5
     }
 
     /// Inbound connections open now.

@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
 use super::route::{Route, Upstream, route};
-use super::{Context, socket};
+use super::{Context, socket, socks5};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::PoolKey;
@@ -65,21 +66,119 @@ impl Random {
 
 async fn outbound_connection(
     ctx: Arc<Context>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    random: &Random,
+) {
+    let started = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let log = AccessLog::new(Direction::Outbound, source, None);
+    match socket::original_destination(&tcp) {
+        Ok(destination) => forward(&ctx, tcp, source, destination, random, log, started).await,
+        Err(err) => {
+            socket::reset(tcp);
+            log.failed(started, &format!("no destination: {err}"));
+        }
+    }
+}
+
+/// Accepts SOCKS5 connections until `stop`.
+pub(super) async fn serve_socks5(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    let random = Arc::new(Random::default());
+    loop {
+        let (tcp, source) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "SOCKS5 accept failed");
+                    continue;
+                }
+            },
+        };
+        let task_ctx = ctx.clone();
+        let random = random.clone();
+        ctx.tasks.spawn(async move {
+            let force_close = task_ctx.force_close.clone();
+            tokio::select! {
+                () = socks5_connection(task_ctx, tcp, source, &random) => {}
+                () = force_close.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn socks5_connection(
+    ctx: Arc<Context>,
     mut tcp: TcpStream,
     source: SocketAddr,
     random: &Random,
 ) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let mut log = AccessLog::new(Direction::Outbound, source, None);
-    let destination = match socket::original_destination(&tcp) {
-        Ok(destination) => destination,
+    let log = AccessLog::new(Direction::Outbound, source, None);
+    let target = match socks5::handshake(&mut tcp).await {
+        Ok(target) => target,
         Err(err) => {
-            socket::reset(tcp);
-            log.failed(started, &format!("no destination: {err}"));
+            log.failed(started, &format!("SOCKS5: {err}"));
             return;
         }
     };
+    let destination = match target {
+        socks5::Target::Address(address) => Some(address),
+        socks5::Target::Domain(name, port) => resolve(&ctx, &name, port).await,
+    };
+    let Some(destination) = destination else {
+        let _ = tcp
+            .write_all(&socks5::reply(socks5::Reply::HostUnreachable))
+            .await;
+        log.failed(started, "SOCKS5: the name does not resolve");
+        return;
+    };
+    if tcp
+        .write_all(&socks5::reply(socks5::Reply::Succeeded))
+        .await
+        .is_err()
+    {
+        log.failed(started, "SOCKS5: the client went away");
+        return;
+    }
+    forward(&ctx, tcp, source, destination, random, log, started).await;
+}
+
+/// A mesh hostname's VIP from the state, else the system resolver's answer.
+async fn resolve(ctx: &Context, name: &str, port: u16) -> Option<SocketAddr> {
+    let vip = {
+        let state = ctx.state.read();
+        let name = name.trim_end_matches('.');
+        state.services_by_hostname(name).find_map(|service| {
+            service
+                .addresses
+                .iter()
+                .find(|address| address.network == ctx.network)
+                .and_then(|address| mesh_api::names::ip_from_wire(&address.address).ok())
+        })
+    };
+    if let Some(ip) = vip {
+        return Some(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((name, port)).await.ok()?.next()
+}
+
+/// Routes and carries a connection to `destination`.
+async fn forward(
+    ctx: &Context,
+    mut tcp: TcpStream,
+    source: SocketAddr,
+    destination: SocketAddr,
+    random: &Random,
+    mut log: AccessLog,
+    started: Instant,
+) {
     log.destination = Some(destination);
     let routed = {
         let state = ctx.state.read();
@@ -100,7 +199,7 @@ async fn outbound_connection(
             log.destination_workload = Some(upstream.workload.clone());
             log.destination_identity.clone_from(&upstream.identity);
             if upstream.hbone {
-                hbone(&ctx, &mut tcp, source, &upstream).await
+                hbone(ctx, &mut tcp, source, &upstream).await
             } else {
                 plain(&mut tcp, upstream.address, ctx.mark).await
             }

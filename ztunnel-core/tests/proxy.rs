@@ -1,0 +1,494 @@
+//! Proxy instances on loopback, in one process: a client workload's instance
+//! (reached over SOCKS5, since nothing redirects here) carries connections over
+//! HBONE to a server workload's instance, which admits them by policy and
+//! hands them to the application. Certificates come from a real `mesh-ca`
+//! over TLS. Workload IPs are loopback addresses (127.0.0.x) so each instance
+//! binds its own.
+//!
+//! The same paths run with redirect rules in network namespaces in
+//! `tests/netns.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::Identity;
+use mesh_api::names::ip_to_wire;
+use mesh_api::workload::address::Type;
+use mesh_api::workload::{
+    Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
+};
+use mesh_ca::{
+    Authenticated, Authority, CaClient, CaServer, RenewalConfig, SigningPolicy,
+    StaticNodeAuthorizer, StaticTokens,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use ztunnel_core::hbone::pool::{HboneError, HbonePool, PoolKey};
+use ztunnel_core::tls::WorkloadTls;
+use ztunnel_core::{CertManager, Listeners, SharedState, Ztunnel, ZtunnelHandle};
+
+const WAIT: Duration = Duration::from_secs(20);
+const VIP: &str = "10.96.0.10";
+
+fn identity(uri: &str) -> Identity {
+    Identity::parse_uri(uri).expect("identity")
+}
+
+struct Ca {
+    certs: Arc<CertManager>,
+    authority: Arc<Authority>,
+    _handle: mesh_ca::CaHandle,
+    _dir: tempfile::TempDir,
+}
+
+/// A CA on loopback and a certificate manager fetching from it for any of
+/// `identities` (as a node agent).
+async fn ca(identities: &[&str], shutdown: &CancellationToken) -> Ca {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let material = mesh_ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(86400))
+        .expect("CA files");
+    let authority = Arc::new(
+        Authority::new(&material, "cluster.local", SigningPolicy::default()).expect("authority"),
+    );
+    let agent = identity("spiffe://cluster.local/ns/istio-system/sa/ztunnel");
+    let mut node = StaticNodeAuthorizer::new();
+    for uri in identities {
+        node = node.workload("node-a", identity(uri));
+    }
+    let handle = CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(StaticTokens::new().caller(
+            "agent",
+            Authenticated {
+                identity: agent.clone(),
+                node: Some("node-a".into()),
+                pod: None,
+            },
+        ))
+        .node_agent(agent)
+        .node_authorizer(node)
+        .build()
+        .expect("CA")
+        .spawn(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        .expect("spawn");
+    let client = CaClient::builder()
+        .address(handle.local_addr())
+        .server_name("istiod.istio-system.svc")
+        .roots(authority.roots().iter().cloned())
+        .token("agent")
+        .build()
+        .expect("client");
+    Ca {
+        certs: Arc::new(CertManager::new(
+            client,
+            true,
+            RenewalConfig::default(),
+            shutdown,
+        )),
+        authority,
+        _handle: handle,
+        _dir: dir,
+    }
+}
+
+fn workload(namespace: &str, name: &str, account: &str, ip: &str) -> Workload {
+    Workload {
+        uid: format!("Kubernetes//Pod/{namespace}/{name}"),
+        name: name.into(),
+        namespace: namespace.into(),
+        addresses: vec![ip_to_wire(ip.parse().expect("ip"))],
+        tunnel_protocol: TunnelProtocol::Hbone as i32,
+        trust_domain: "cluster.local".into(),
+        service_account: account.into(),
+        node: "node-a".into(),
+        status: WorkloadStatus::Healthy as i32,
+        ..Workload::default()
+    }
+}
+
+/// The echo workload, an endpoint of the echo service on `app_port`.
+fn echo_workload(app_port: u16, policies: &[&str]) -> Workload {
+    let mut echo = workload("default", "echo", "echo", "127.0.0.2");
+    echo.services.insert(
+        "default/echo.default.svc.cluster.local".into(),
+        PortList {
+            ports: vec![Port {
+                service_port: 80,
+                target_port: u32::from(app_port),
+                app_protocol: 0,
+            }],
+        },
+    );
+    echo.authorization_policies = policies.iter().map(|p| (*p).to_owned()).collect();
+    echo
+}
+
+fn put(state: &SharedState, workload: Workload) {
+    let name = workload.uid.clone();
+    state
+        .update(|s| {
+            s.apply_address(
+                &name,
+                Address {
+                    r#type: Some(Type::Workload(workload)),
+                },
+            )
+        })
+        .expect("workload");
+}
+
+fn echo_service(state: &SharedState, target_port: u16) {
+    let service = Service {
+        name: "echo".into(),
+        namespace: "default".into(),
+        hostname: "echo.default.svc.cluster.local".into(),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: ip_to_wire(VIP.parse().expect("ip")),
+            length: None,
+        }],
+        ports: vec![Port {
+            service_port: 80,
+            target_port: u32::from(target_port),
+            app_protocol: 0,
+        }],
+        ..Service::default()
+    };
+    state
+        .update(|s| {
+            s.apply_address(
+                "default/echo.default.svc.cluster.local",
+                Address {
+                    r#type: Some(Type::Service(service)),
+                },
+            )
+        })
+        .expect("service");
+}
+
+/// Allows only `principal` to reach the echo workload.
+fn allow_only(state: &SharedState, app_port: u16, principal: &str) {
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-shell\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: echo\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"{principal}\"]\n"
+    );
+    let policy = authz::parse_policies(&yaml, "default")
+        .expect("policy")
+        .remove(0);
+    let authorization = authz::convert(&policy, "istio-system", "default")
+        .authorization
+        .expect("wire policy");
+    state.update(|s| {
+        s.apply_authorization("default/allow-shell", &authorization)
+            .expect("applied");
+    });
+    put(state, echo_workload(app_port, &["default/allow-shell"]));
+}
+
+/// An application that echoes what it reads, then closes its side when the
+/// client closes its own (half-close both ways).
+async fn echo_app(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let address = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+async fn instance(
+    state: &SharedState,
+    certs: &Arc<CertManager>,
+    uid: &str,
+    ip: &str,
+    hbone_port: u16,
+) -> ZtunnelHandle {
+    let bind =
+        |port: u16| async move { TcpListener::bind((ip, port)).await.expect("bind listener") };
+    let handle = Ztunnel::builder()
+        .state(state.clone())
+        .certificates(certs.clone())
+        .workload_uid(uid)
+        .hbone_port(hbone_port)
+        .build()
+        .expect("built")
+        .spawn_with(Listeners {
+            outbound: bind(0).await,
+            inbound_plaintext: bind(0).await,
+            hbone: bind(hbone_port).await,
+            socks5: Some(bind(0).await),
+        })
+        .expect("spawned");
+    handle.ready(WAIT).await.expect("ready");
+    handle
+}
+
+/// Connects through `proxy`'s SOCKS5 listener to `target`.
+async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(proxy.socks5_addr().expect("socks5")).await?;
+    stream.write_all(&[5, 1, 0]).await?;
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).await?;
+    assert_eq!(choice, [5, 0]);
+    let SocketAddr::V4(v4) = target else {
+        panic!("IPv4 only here")
+    };
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&v4.ip().octets());
+    request.extend_from_slice(&v4.port().to_be_bytes());
+    stream.write_all(&request).await?;
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).await?;
+    assert_eq!(reply[1], 0, "SOCKS5 success");
+    Ok(stream)
+}
+
+/// Sends `size` bytes, closes the sending side, and reads everything back:
+/// whether it all came back intact.
+async fn round_trip(mut stream: TcpStream, size: usize) -> std::io::Result<bool> {
+    let payload: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        writer.write_all(&payload).await?;
+        writer.shutdown().await
+    };
+    let mut received = Vec::with_capacity(size);
+    let receive = reader.read_to_end(&mut received);
+    let (sent, read) = tokio::join!(send, receive);
+    sent?;
+    read?;
+    Ok(received == payload)
+}
+
+struct Mesh {
+    state: SharedState,
+    ca: Ca,
+    app: SocketAddr,
+    echo: ZtunnelHandle,
+    shell: ZtunnelHandle,
+    other: ZtunnelHandle,
+    hbone_port: u16,
+    _shutdown: CancellationToken,
+}
+
+async fn mesh() -> Mesh {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let shutdown = CancellationToken::new();
+    let ca = ca(
+        &[
+            "spiffe://cluster.local/ns/default/sa/echo",
+            "spiffe://cluster.local/ns/default/sa/shell",
+            "spiffe://cluster.local/ns/other/sa/shell",
+        ],
+        &shutdown,
+    )
+    .await;
+    let state = SharedState::default();
+    let app = echo_app("127.0.0.2").await;
+    put(&state, echo_workload(app.port(), &[]));
+    put(&state, workload("default", "shell", "shell", "127.0.0.3"));
+    put(&state, workload("other", "shell", "shell", "127.0.0.4"));
+    echo_service(&state, app.port());
+    // One HBONE port for every instance, each on its own IP.
+    let hbone_port = {
+        let probe = TcpListener::bind("127.0.0.2:0").await.expect("probe");
+        probe.local_addr().expect("addr").port()
+    };
+    let echo = instance(
+        &state,
+        &ca.certs,
+        "Kubernetes//Pod/default/echo",
+        "127.0.0.2",
+        hbone_port,
+    )
+    .await;
+    let shell = instance(
+        &state,
+        &ca.certs,
+        "Kubernetes//Pod/default/shell",
+        "127.0.0.3",
+        hbone_port,
+    )
+    .await;
+    let other = instance(
+        &state,
+        &ca.certs,
+        "Kubernetes//Pod/other/shell",
+        "127.0.0.4",
+        hbone_port,
+    )
+    .await;
+    Mesh {
+        state,
+        ca,
+        app,
+        echo,
+        shell,
+        other,
+        hbone_port,
+        _shutdown: shutdown,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_to_a_pod_ip_and_a_vip_arrives_intact_with_half_close() {
+    let mesh = mesh().await;
+    let to_pod = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    assert!(
+        round_trip(to_pod, 4 << 20).await.expect("round trip"),
+        "4 MiB through HBONE to the pod IP, echoed back intact"
+    );
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
+    let to_vip = socks5(&mesh.shell, vip).await.expect("connect");
+    assert!(
+        round_trip(to_vip, 64 << 10).await.expect("round trip"),
+        "through the service VIP"
+    );
+    assert_eq!(
+        mesh.shell.pooled_connections(),
+        1,
+        "both streams shared one pooled connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_policy_admits_one_principal_and_resets_another() {
+    let mesh = mesh().await;
+    // Before the policy: both may connect; the other shell keeps a connection open.
+    let mut lingering = socks5(&mesh.other, mesh.app).await.expect("connect");
+    lingering.write_all(b"ping").await.expect("write");
+    let mut pong = [0u8; 4];
+    lingering.read_exact(&mut pong).await.expect("echoed");
+    assert_eq!(mesh.echo.live_inbound(), 1);
+
+    allow_only(
+        &mesh.state,
+        mesh.app.port(),
+        "cluster.local/ns/default/sa/shell",
+    );
+
+    // The open connection is now denied: it is closed.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, lingering.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    assert!(
+        closed.is_err() || rest.is_empty(),
+        "the denied connection ends"
+    );
+
+    let allowed = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    assert!(round_trip(allowed, 1024).await.expect("round trip"));
+
+    let denied = socks5(&mesh.other, mesh.app).await.expect("connect");
+    let outcome = round_trip(denied, 1024).await;
+    assert!(
+        matches!(&outcome, Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset),
+        "denied: reset, got {outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let pool = HbonePool::new(None, &shutdown);
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+    let cert = mesh.ca.certs.certificate(&shell, WAIT).await.expect("cert");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = WorkloadTls::new(cert, &provider).expect("tls");
+    let key = PoolKey {
+        source: shell.clone(),
+        expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
+        address: SocketAddr::new("127.0.0.2".parse().expect("ip"), mesh.hbone_port),
+    };
+    let status = |result: Result<_, HboneError>| match result {
+        Err(HboneError::Refused { status, .. }) => status.as_u16(),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => 200,
+    };
+    let to = |address: &str| address.parse::<SocketAddr>().expect("addr");
+    // A target this instance does not serve.
+    assert_eq!(
+        status(pool.connect(&tls, &key, to("127.0.0.9:80"), &[]).await),
+        400
+    );
+    // The application's port is closed.
+    let closed_port = {
+        let probe = TcpListener::bind("127.0.0.2:0").await.expect("probe");
+        probe.local_addr().expect("addr")
+    };
+    assert_eq!(
+        status(pool.connect(&tls, &key, closed_port, &[]).await),
+        503
+    );
+    assert_eq!(status(pool.connect(&tls, &key, mesh.app, &[]).await), 200);
+
+    // The server must be who we expect.
+    let wrong = PoolKey {
+        expected: vec![identity("spiffe://cluster.local/ns/default/sa/billing")],
+        ..key.clone()
+    };
+    assert!(matches!(
+        pool.connect(&tls, &wrong, mesh.app, &[]).await,
+        Err(HboneError::Peer { .. })
+    ));
+
+    // A certificate from another root is refused in the handshake.
+    let foreign = ca(&["spiffe://cluster.local/ns/default/sa/shell"], &shutdown).await;
+    assert_ne!(foreign.authority.roots(), mesh.ca.authority.roots());
+    let foreign_cert = foreign
+        .certs
+        .certificate(&shell, WAIT)
+        .await
+        .expect("foreign cert");
+    let foreign_tls = WorkloadTls::new(foreign_cert, &provider).expect("tls");
+    let foreign_pool = HbonePool::new(None, &shutdown);
+    let refused = foreign_pool
+        .connect(&foreign_tls, &key, mesh.app, &[])
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(HboneError::Handshake { .. } | HboneError::Http2 { .. })
+        ),
+        "refused: {refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_open_connections_finish() {
+    let mesh = mesh().await;
+    let mut open = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    open.write_all(b"hello").await.expect("write");
+    let mut echoed = [0u8; 5];
+    open.read_exact(&mut echoed).await.expect("echoed");
+    let Mesh { shell, echo, .. } = mesh;
+    let drained = tokio::spawn(shell.drain(WAIT));
+    // Still carried while draining.
+    open.write_all(b"again")
+        .await
+        .expect("write while draining");
+    open.read_exact(&mut echoed)
+        .await
+        .expect("echoed while draining");
+    assert_eq!(&echoed, b"again");
+    open.shutdown().await.expect("close");
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.expect("closed cleanly");
+    assert!(
+        drained.await.expect("drain task"),
+        "every connection finished on its own"
+    );
+    echo.shutdown().await;
+}
