@@ -133,7 +133,10 @@ async fn renew(
         let delay = match client.certificate(&identity, impersonate, config.ttl).await {
             Ok(certificate) => {
                 backoff = Backoff::new(config.initial_backoff, config.max_backoff);
-                let renew_in = until(certificate.half_life());
+                // At half-life, but never sooner than half of what is left:
+                // a backdated short-lived certificate is past its half-life on
+                // arrival and must not be renewed in a loop.
+                let renew_in = until(certificate.half_life()).max(until(certificate.not_after) / 2);
                 tracing::debug!(%identity, ?renew_in, "certificate renewed");
                 publish.send_replace(Some(Arc::new(certificate)));
                 renew_in

@@ -23,7 +23,8 @@
 //!
 //! It prints `root certificate: <path>` (with `--ca-dir`) and then
 //! `listening on <addr>` once the directory is loaded and the server serves;
-//! Ctrl-C stops it.
+//! Ctrl-C or SIGTERM stops it. SIGHUP reloads the CA's files from `--ca-dir`
+//! (each step of a root rotation made with `mesh_ca::store`).
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -240,8 +241,14 @@ async fn run() -> Result<(), String> {
         .map_err(|err| format!("--listen {}: {err}", args.listen))?;
     let local_addr = listener.local_addr().map_err(|err| err.to_string())?;
     let shutdown = CancellationToken::new();
+    let mut reload_from = None;
     let serving = match with_ca {
-        Some(WithCa { ca, root, .. }) => {
+        Some(WithCa {
+            ca,
+            root,
+            authority,
+        }) => {
+            reload_from = args.ca_dir.clone().map(|dir| (dir, authority));
             println!("root certificate: {}", root.display());
             let tls = ca.tls_config();
             let ads = xds.into_service();
@@ -273,9 +280,26 @@ async fn run() -> Result<(), String> {
     let watcher = tokio::spawn(Box::new(manifests).run(store, shutdown.clone()));
     println!("listening on {local_addr}");
 
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(|err| err.to_string())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).map_err(|err| err.to_string())?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|err| err.to_string())?;
+    loop {
+        tokio::select! {
+            interrupted = tokio::signal::ctrl_c() => {
+                interrupted.map_err(|err| err.to_string())?;
+                break;
+            }
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => {
+                if let Some((dir, authority)) = &reload_from {
+                    match mesh_ca::store::load(dir).map_err(|err| err.to_string()).and_then(|material| authority.reload(&material).map_err(|err| err.to_string())) {
+                        Ok(()) => eprintln!("xds-serve: reloaded the CA from {}", dir.display()),
+                        Err(err) => eprintln!("xds-serve: kept the CA as it was: {err}"),
+                    }
+                }
+            }
+        }
+    }
     shutdown.cancel();
     let _ = watcher.await;
     match tokio::time::timeout(Duration::from_secs(5), serving).await {

@@ -12,15 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_api::Identity;
 use mesh_api::names::ip_to_wire;
 use mesh_api::workload::address::Type;
 use mesh_api::workload::{
     Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
-};
-use mesh_ca::{
-    Authenticated, Authority, CaClient, CaServer, RenewalConfig, SigningPolicy,
-    StaticNodeAuthorizer, StaticTokens,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,69 +24,12 @@ use ztunnel_core::hbone::pool::{HboneError, HbonePool, PoolKey};
 use ztunnel_core::tls::WorkloadTls;
 use ztunnel_core::{CertManager, Listeners, SharedState, Ztunnel, ZtunnelHandle};
 
+mod support;
+
+use support::mesh::{Ca, ca, echo_app, identity, round_trip};
+
 const WAIT: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
-
-fn identity(uri: &str) -> Identity {
-    Identity::parse_uri(uri).expect("identity")
-}
-
-struct Ca {
-    certs: Arc<CertManager>,
-    authority: Arc<Authority>,
-    _handle: mesh_ca::CaHandle,
-    _dir: tempfile::TempDir,
-}
-
-/// A CA on loopback and a certificate manager fetching from it for any of
-/// `identities` (as a node agent).
-async fn ca(identities: &[&str], shutdown: &CancellationToken) -> Ca {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let material = mesh_ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(86400))
-        .expect("CA files");
-    let authority = Arc::new(
-        Authority::new(&material, "cluster.local", SigningPolicy::default()).expect("authority"),
-    );
-    let agent = identity("spiffe://cluster.local/ns/istio-system/sa/ztunnel");
-    let mut node = StaticNodeAuthorizer::new();
-    for uri in identities {
-        node = node.workload("node-a", identity(uri));
-    }
-    let handle = CaServer::builder()
-        .authority(authority.clone())
-        .authenticator(StaticTokens::new().caller(
-            "agent",
-            Authenticated {
-                identity: agent.clone(),
-                node: Some("node-a".into()),
-                pod: None,
-            },
-        ))
-        .node_agent(agent)
-        .node_authorizer(node)
-        .build()
-        .expect("CA")
-        .spawn(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
-        .expect("spawn");
-    let client = CaClient::builder()
-        .address(handle.local_addr())
-        .server_name("istiod.istio-system.svc")
-        .roots(authority.roots().iter().cloned())
-        .token("agent")
-        .build()
-        .expect("client");
-    Ca {
-        certs: Arc::new(CertManager::new(
-            client,
-            true,
-            RenewalConfig::default(),
-            shutdown,
-        )),
-        authority,
-        _handle: handle,
-        _dir: dir,
-    }
-}
 
 fn workload(namespace: &str, name: &str, account: &str, ip: &str) -> Workload {
     Workload {
@@ -186,26 +124,6 @@ fn allow_only(state: &SharedState, app_port: u16, principal: &str) {
     put(state, echo_workload(app_port, &["default/allow-shell"]));
 }
 
-/// An application that echoes what it reads, then closes its side when the
-/// client closes its own (half-close both ways).
-async fn echo_app(ip: &str) -> SocketAddr {
-    let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
-    let address = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-    address
-}
-
 async fn instance(
     state: &SharedState,
     certs: &Arc<CertManager>,
@@ -251,23 +169,6 @@ async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<Tc
     stream.read_exact(&mut reply).await?;
     assert_eq!(reply[1], 0, "SOCKS5 success");
     Ok(stream)
-}
-
-/// Sends `size` bytes, closes the sending side, and reads everything back:
-/// whether it all came back intact.
-async fn round_trip(mut stream: TcpStream, size: usize) -> std::io::Result<bool> {
-    let payload: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-    let (mut reader, mut writer) = stream.split();
-    let send = async {
-        writer.write_all(&payload).await?;
-        writer.shutdown().await
-    };
-    let mut received = Vec::with_capacity(size);
-    let receive = reader.read_to_end(&mut received);
-    let (sent, read) = tokio::join!(send, receive);
-    sent?;
-    read?;
-    Ok(received == payload)
 }
 
 struct Mesh {

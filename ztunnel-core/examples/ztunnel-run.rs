@@ -1,0 +1,195 @@
+//! One proxy instance in dedicated mode, run inside the workload's network
+//! namespace (next to redirect rules such as WIRE.md §6):
+//!
+//! ```text
+//! cargo run -p ztunnel-core --example ztunnel-run -- \
+//!     --control-plane 10.0.0.1:15012 --root root-cert.pem --token <token> \
+//!     --workload-uid Kubernetes//Pod/default/shell [--node-id <id>] \
+//!     [--cert-ttl <seconds>] [--socks5 127.0.0.1:15080] [--hbone-port 15008]
+//! ```
+//!
+//! The control plane (`xds-serve --ca-dir ...`) serves xDS and the CA on one
+//! TLS port; the token authenticates this instance (a node agent's token, as
+//! certificates are asked for on the workload's behalf). Listeners: 15001,
+//! 15006 and 15008 on all addresses. Prints `ready` once the workload is known
+//! and has its certificate; drains on SIGTERM or Ctrl-C.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_ca::{CaClient, RenewalConfig};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio_util::sync::CancellationToken;
+use ztunnel_core::{CertManager, XdsClient, Ztunnel};
+
+const USAGE: &str = "usage: ztunnel-run --control-plane <addr> --root <pem> --token <token> \
+--workload-uid <uid> [--node-id <id>] [--cert-ttl <seconds>] [--socks5 <addr>] [--hbone-port <port>]";
+
+struct Args {
+    control_plane: SocketAddr,
+    root: PathBuf,
+    token: String,
+    workload_uid: String,
+    node_id: String,
+    cert_ttl: Option<Duration>,
+    socks5: Option<SocketAddr>,
+    hbone_port: u16,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut control_plane = None;
+    let mut root = None;
+    let mut token = None;
+    let mut workload_uid = None;
+    let mut node_id = None;
+    let mut cert_ttl = None;
+    let mut socks5 = None;
+    let mut hbone_port = ztunnel_core::hbone::HBONE_PORT;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--control-plane" => {
+                control_plane = Some(
+                    value()?
+                        .parse()
+                        .map_err(|err| format!("--control-plane: {err}"))?,
+                );
+            }
+            "--root" => root = Some(PathBuf::from(value()?)),
+            "--token" => token = Some(value()?),
+            "--workload-uid" => workload_uid = Some(value()?),
+            "--node-id" => node_id = Some(value()?),
+            "--cert-ttl" => {
+                let seconds: u64 = value()?
+                    .parse()
+                    .map_err(|err| format!("--cert-ttl: {err}"))?;
+                cert_ttl = Some(Duration::from_secs(seconds));
+            }
+            "--socks5" => {
+                socks5 = Some(value()?.parse().map_err(|err| format!("--socks5: {err}"))?);
+            }
+            "--hbone-port" => {
+                hbone_port = value()?
+                    .parse()
+                    .map_err(|err| format!("--hbone-port: {err}"))?;
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let workload_uid: String =
+        workload_uid.ok_or(format!("--workload-uid is required\n{USAGE}"))?;
+    Ok(Args {
+        control_plane: control_plane.ok_or(format!("--control-plane is required\n{USAGE}"))?,
+        root: root.ok_or(format!("--root is required\n{USAGE}"))?,
+        token: token.ok_or(format!("--token is required\n{USAGE}"))?,
+        node_id: node_id.unwrap_or_else(|| format!("ztunnel~0.0.0.0~{workload_uid}~cluster.local")),
+        workload_uid,
+        cert_ttl,
+        socks5,
+        hbone_port,
+    })
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let roots = CertificateDer::pem_file_iter(&args.root)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|err| format!("--root {}: {err}", args.root.display()))?;
+    let ca = CaClient::builder()
+        .address(args.control_plane)
+        .server_name("istiod.istio-system.svc")
+        .roots(roots)
+        .token(args.token.clone())
+        .build()
+        .map_err(|err| err.to_string())?;
+    let shutdown = CancellationToken::new();
+    let xds = XdsClient::builder()
+        .channel(ca.channel())
+        .node_id(args.node_id.clone())
+        .token(args.token.clone())
+        .build()
+        .map_err(|err| err.to_string())?;
+    let state = xds.state();
+    let renewal = RenewalConfig {
+        ttl: args.cert_ttl,
+        ..RenewalConfig::default()
+    };
+    let certs = Arc::new(CertManager::new(ca, true, renewal, &shutdown));
+    tokio::spawn(xds.run(shutdown.clone()));
+
+    let mut builder = Ztunnel::builder()
+        .state(state)
+        .certificates(certs)
+        .workload_uid(args.workload_uid.clone())
+        .hbone_port(args.hbone_port);
+    if let Some(socks5) = args.socks5 {
+        builder = builder.socks5(socks5);
+    }
+    let handle = builder
+        .build()
+        .map_err(|err| err.to_string())?
+        .spawn()
+        .await
+        .map_err(|err| format!("binding the listeners: {err}"))?;
+    handle
+        .ready(Duration::from_secs(60))
+        .await
+        .map_err(|err| format!("not ready: {err}"))?;
+    println!("ready");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|err| err.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    let finished = handle.drain(Duration::from_secs(5)).await;
+    shutdown.cancel();
+    eprintln!(
+        "ztunnel-run: drained ({})",
+        if finished {
+            "all connections finished"
+        } else {
+            "deadline reached"
+        }
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("ztunnel-run: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ztunnel-run: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

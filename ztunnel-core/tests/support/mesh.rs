@@ -1,0 +1,116 @@
+//! Mesh parts the tests share: a CA with a certificate manager, an echo
+//! application, and a checked round trip.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::Identity;
+use mesh_ca::{
+    Authenticated, Authority, CaClient, CaServer, RenewalConfig, SigningPolicy,
+    StaticNodeAuthorizer, StaticTokens,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use ztunnel_core::CertManager;
+
+/// A SPIFFE identity from its URI.
+pub fn identity(uri: &str) -> Identity {
+    Identity::parse_uri(uri).expect("identity")
+}
+
+/// A CA serving on loopback, and a certificate manager using it.
+pub struct Ca {
+    pub certs: Arc<CertManager>,
+    pub authority: Arc<Authority>,
+    _handle: mesh_ca::CaHandle,
+    _dir: tempfile::TempDir,
+}
+
+/// A CA on loopback and a certificate manager fetching from it for any of
+/// `identities` (as a node agent).
+pub async fn ca(identities: &[&str], shutdown: &CancellationToken) -> Ca {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let material = mesh_ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(86400))
+        .expect("CA files");
+    let authority = Arc::new(
+        Authority::new(&material, "cluster.local", SigningPolicy::default()).expect("authority"),
+    );
+    let agent = identity("spiffe://cluster.local/ns/istio-system/sa/ztunnel");
+    let mut node = StaticNodeAuthorizer::new();
+    for uri in identities {
+        node = node.workload("node-a", identity(uri));
+    }
+    let handle = CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(StaticTokens::new().caller(
+            "agent",
+            Authenticated {
+                identity: agent.clone(),
+                node: Some("node-a".into()),
+                pod: None,
+            },
+        ))
+        .node_agent(agent)
+        .node_authorizer(node)
+        .build()
+        .expect("CA")
+        .spawn(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        .expect("spawn");
+    let client = CaClient::builder()
+        .address(handle.local_addr())
+        .server_name("istiod.istio-system.svc")
+        .roots(authority.roots().iter().cloned())
+        .token("agent")
+        .build()
+        .expect("client");
+    Ca {
+        certs: Arc::new(CertManager::new(
+            client,
+            true,
+            RenewalConfig::default(),
+            shutdown,
+        )),
+        authority,
+        _handle: handle,
+        _dir: dir,
+    }
+}
+
+/// An application that echoes what it reads, then closes its side when the
+/// client closes its own (half-close both ways).
+pub async fn echo_app(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let address = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+/// Sends `size` bytes, closes the sending side, and reads everything back:
+/// whether it all came back intact.
+pub async fn round_trip(mut stream: TcpStream, size: usize) -> std::io::Result<bool> {
+    let payload: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        writer.write_all(&payload).await?;
+        writer.shutdown().await
+    };
+    let mut received = Vec::with_capacity(size);
+    let receive = reader.read_to_end(&mut received);
+    let (sent, read) = tokio::join!(send, receive);
+    sent?;
+    read?;
+    Ok(received == payload)
+}

@@ -1,0 +1,186 @@
+//! Network namespaces for end-to-end tests: created with unique names,
+//! joined by a bridge, removed on drop (also when a test fails), and a way to
+//! run async code whose sockets live inside one of them.
+
+use std::future::Future;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Runs a command; panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("{program} {args:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `command` with `stdin` inside `namespace`.
+pub fn run_with_input(namespace: &str, command: &[&str], stdin: &str) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", namespace])
+        .args(command)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let output = child.wait_with_output().expect("wait");
+    assert!(
+        output.status.success(),
+        "{command:?} in {namespace}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    /// Its name under /var/run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> Self {
+        run("ip", &["netns", "add", &name]);
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// `ip -n <name> <args>`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// Runs `make` on a thread inside this namespace, with its own runtime:
+    /// every socket the future opens belongs to the namespace.
+    /// The thread starts at once; the returned future waits for its result.
+    pub fn run<T, F, Fut>(&self, make: F) -> impl Future<Output = T> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        let (done, result) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _ = done.send(runtime.block_on(make()));
+        });
+        async move { result.await.expect("the namespace thread finished") }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A name prefix no other test process uses.
+pub fn unique_prefix(test: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "pl{}{}{n}",
+        std::process::id() % 100_000,
+        &test[..test.len().min(3)]
+    )
+}
+
+/// A control-plane namespace holding a bridge, and workload namespaces each
+/// joined to it by a veth pair, all on `10.77.0.0/24` (private to these
+/// namespaces): the control plane is `.1`, workloads `.2`, `.3`, ...
+#[derive(Debug)]
+pub struct Topology {
+    /// The control plane's namespace.
+    pub control: Netns,
+    /// The workloads' namespaces, in order.
+    pub workloads: Vec<Netns>,
+}
+
+impl Topology {
+    /// Builds it with `count` workload namespaces.
+    pub fn new(test: &str, count: usize) -> Self {
+        let prefix = unique_prefix(test);
+        let control = Netns::create(format!("{prefix}-cp"));
+        control.ip(&["link", "add", "br0", "type", "bridge"]);
+        control.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+        control.ip(&["link", "set", "br0", "up"]);
+        let mut workloads = Vec::new();
+        for i in 0..count {
+            let netns = Netns::create(format!("{prefix}-w{i}"));
+            let outside = format!("v{i}");
+            control.ip(&[
+                "link",
+                "add",
+                &outside,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns.name,
+            ]);
+            control.ip(&["link", "set", &outside, "master", "br0"]);
+            control.ip(&["link", "set", &outside, "up"]);
+            let address = format!("10.77.0.{}/24", i + 2);
+            netns.ip(&["addr", "add", &address, "dev", "eth0"]);
+            netns.ip(&["link", "set", "eth0", "up"]);
+            netns.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+            workloads.push(netns);
+        }
+        Self { control, workloads }
+    }
+
+    /// The address of workload `i`.
+    pub fn workload_ip(i: usize) -> String {
+        format!("10.77.0.{}", i + 2)
+    }
+}
+
+/// Redirect rules for a workload namespace running its own proxy (WIRE.md §6
+/// for dedicated mode): its outbound TCP to 15001 and inbound TCP (except
+/// HBONE) to 15006; the proxy's own sockets (mark 1337) pass.
+pub fn install_redirect(netns: &Netns) {
+    run_with_input(
+        &netns.name,
+        &["nft", "-f", "-"],
+        "table inet podless {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname \"lo\" return
+    tcp dport 15008 return
+    meta l4proto tcp redirect to :15006
+  }
+  chain output {
+    type nat hook output priority -100; policy accept;
+    meta mark & 0xfff == 0x539 return
+    ip daddr 127.0.0.0/8 return
+    meta l4proto tcp redirect to :15001
+  }
+}
+",
+    );
+}
