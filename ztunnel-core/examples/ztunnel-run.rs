@@ -163,7 +163,20 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Lets the proxy hold many connections: two descriptors each, beyond the
+/// usual 1024. (A binary's choice; the library never changes limits.)
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANTED: u64 = 1 << 20;
+    if setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_files_limit();
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {

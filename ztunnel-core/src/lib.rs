@@ -6,6 +6,7 @@
 //! - [`dns`]: the state as `dns-proxy`'s mesh view.
 //! - [`hbone`]: HBONE: wire constants, request headers, the client pool and
 //!   the stream copy.
+//! - [`metrics`]: connection metrics with Istio's names.
 //! - [`proxy`]: the proxy instance: listeners, routing, policy, lifecycle.
 //! - [`tls`]: TLS configurations from workload certificates.
 //! - [`state`]: workloads, services and policies as the data plane knows them.
@@ -14,6 +15,7 @@
 pub mod certs;
 pub mod dns;
 pub mod hbone;
+pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod tls;

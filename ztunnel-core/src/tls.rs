@@ -166,6 +166,14 @@ impl TlsConfigs {
         }
     }
 
+    /// The configurations built last, if any.
+    pub fn current(&self) -> Option<WorkloadTls> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The configurations of `certificate` (the ones built last time if it is
     /// the same certificate).
     pub fn for_certificate(

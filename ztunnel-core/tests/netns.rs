@@ -374,6 +374,7 @@ async fn mesh_traffic_policy_foreign_roots_and_a_lost_control_plane() {
                 source: shell,
                 expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
                 address: echo_hbone,
+                source_ip: None,
             };
             pool.connect(&tls, &key, echo_pod(), &[])
                 .await
@@ -499,6 +500,7 @@ async fn traffic_keeps_flowing_through_a_root_rotation() {
                 source: shell,
                 expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
                 address: echo_hbone,
+                source_ip: None,
             };
             pool.connect(&tls, &key, echo_pod(), &[])
                 .await

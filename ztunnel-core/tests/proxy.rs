@@ -17,6 +17,7 @@ use mesh_api::workload::address::Type;
 use mesh_api::workload::{
     Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
 };
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -130,14 +131,19 @@ async fn instance(
     uid: &str,
     ip: &str,
     hbone_port: u16,
+    registry: Option<&mut Registry>,
 ) -> ZtunnelHandle {
     let bind =
         |port: u16| async move { TcpListener::bind((ip, port)).await.expect("bind listener") };
-    let handle = Ztunnel::builder()
+    let mut builder = Ztunnel::builder()
         .state(state.clone())
         .certificates(certs.clone())
         .workload_uid(uid)
-        .hbone_port(hbone_port)
+        .hbone_port(hbone_port);
+    if let Some(registry) = registry {
+        builder = builder.metrics(registry);
+    }
+    let handle = builder
         .build()
         .expect("built")
         .spawn_with(Listeners {
@@ -172,6 +178,7 @@ async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<Tc
 }
 
 struct Mesh {
+    registry: Arc<Registry>,
     state: SharedState,
     ca: Ca,
     app: SocketAddr,
@@ -205,12 +212,14 @@ async fn mesh() -> Mesh {
         let probe = TcpListener::bind("127.0.0.2:0").await.expect("probe");
         probe.local_addr().expect("addr").port()
     };
+    let mut registry = Registry::default();
     let echo = instance(
         &state,
         &ca.certs,
         "Kubernetes//Pod/default/echo",
         "127.0.0.2",
         hbone_port,
+        Some(&mut registry),
     )
     .await;
     let shell = instance(
@@ -219,6 +228,7 @@ async fn mesh() -> Mesh {
         "Kubernetes//Pod/default/shell",
         "127.0.0.3",
         hbone_port,
+        None,
     )
     .await;
     let other = instance(
@@ -227,9 +237,11 @@ async fn mesh() -> Mesh {
         "Kubernetes//Pod/other/shell",
         "127.0.0.4",
         hbone_port,
+        None,
     )
     .await;
     Mesh {
+        registry: Arc::new(registry),
         state,
         ca,
         app,
@@ -312,6 +324,7 @@ async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates(
         source: shell.clone(),
         expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
         address: SocketAddr::new("127.0.0.2".parse().expect("ip"), mesh.hbone_port),
+        source_ip: None,
     };
     let status = |result: Result<_, HboneError>| match result {
         Err(HboneError::Refused { status, .. }) => status.as_u16(),
@@ -392,4 +405,81 @@ async fn drain_lets_open_connections_finish() {
         "every connection finished on its own"
     );
     echo.shutdown().await;
+}
+
+/// An HTTP/1.1 GET against `address`: (status, body).
+async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_server_reports_readiness_config_and_istio_metrics() {
+    let mesh = mesh().await;
+    let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind admin");
+    let address = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        mesh.echo
+            .admin(Some(mesh.registry.clone()))
+            .serve(listener, stop.clone()),
+    );
+    let to_pod = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    assert!(round_trip(to_pod, 1000).await.expect("round trip"));
+
+    assert_eq!(get(address, "/healthz/ready").await.0, 200);
+    let (status, dump) = get(address, "/config_dump").await;
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
+    assert_eq!(dump["served_workload"], "Kubernetes//Pod/default/echo");
+    assert_eq!(dump["workloads"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        dump["serving_certificate"]["identity"],
+        "spiffe://cluster.local/ns/default/sa/echo"
+    );
+    assert_eq!(
+        dump["services"][0]["hostname"],
+        "echo.default.svc.cluster.local"
+    );
+
+    // The connection is counted once it has ended.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        let (status, body) = get(address, "/metrics").await;
+        assert_eq!(status, 200);
+        metrics = body;
+        if metrics.contains("istio_tcp_connections_closed_total{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for expected in [
+        "istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"shell\",source_workload_namespace=\"default\",source_principal=\"spiffe://cluster.local/ns/default/sa/shell\",destination_workload=\"echo\"",
+        "connection_security_policy=\"mutual_tls\"} 1",
+        "istio_tcp_sent_bytes_total{",
+    ] {
+        assert!(metrics.contains(expected), "{expected} in\n{metrics}");
+    }
+    assert_eq!(get(address, "/nothing").await.0, 404);
+    stop.cancel();
 }

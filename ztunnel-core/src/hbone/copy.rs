@@ -12,12 +12,14 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-/// Read buffer per direction: large reads mean fewer, larger DATA frames.
+/// The largest read per direction: large reads mean fewer, larger DATA frames.
 const READ_CHUNK: usize = 256 << 10;
+/// The first read's size: small, so short exchanges cost little memory.
+const FIRST_CHUNK: usize = 16 << 10;
 
 /// Bytes moved by a finished copy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,19 +55,33 @@ pub async fn copy_bidirectional(
 }
 
 /// TCP → stream until the TCP peer's FIN, then END_STREAM.
-async fn tcp_to_stream(mut reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
-    let mut buffer = BytesMut::with_capacity(READ_CHUNK);
+///
+/// Memory follows the traffic: nothing is allocated until the socket is
+/// readable (an idle connection holds no buffer), reads start at
+/// [`FIRST_CHUNK`] and double up to [`READ_CHUNK`] while they fill the buffer.
+async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+    let socket: &TcpStream = reader.as_ref();
+    let mut chunk_size = FIRST_CHUNK;
+    let mut buffer = BytesMut::new();
     let mut total = 0u64;
     loop {
-        if buffer.capacity() < READ_CHUNK / 4 {
-            buffer.reserve(READ_CHUNK);
+        socket.readable().await?;
+        if buffer.capacity() < chunk_size / 2 {
+            buffer.reserve(chunk_size);
         }
-        let read = reader.read_buf(&mut buffer).await?;
+        let read = match socket.try_read_buf(&mut buffer) {
+            Ok(read) => read,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        };
         if read == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(total);
         }
         total += read as u64;
+        if read >= chunk_size && chunk_size < READ_CHUNK {
+            chunk_size *= 2;
+        }
         let mut chunk = buffer.split().freeze();
         send.reserve_capacity(chunk.len());
         while !chunk.is_empty() {

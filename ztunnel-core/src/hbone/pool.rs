@@ -6,7 +6,7 @@
 //! server proves one of the identities expected of it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -92,6 +92,8 @@ pub struct PoolKey {
     pub expected: Vec<Identity>,
     /// The server's HBONE address (`ip:15008`).
     pub address: SocketAddr,
+    /// The client's source address, if bound to one (the served workload's).
+    pub source_ip: Option<IpAddr>,
 }
 
 /// An open CONNECT stream: send with `send`, receive with `recv`. Counts
@@ -234,7 +236,7 @@ impl HbonePool {
         key: &PoolKey,
     ) -> Result<(Arc<Pooled>, StreamSlot), HboneError> {
         let address = key.address;
-        let tcp = socket::connect(address, self.inner.mark)
+        let tcp = socket::connect_from(address, key.source_ip, self.inner.mark)
             .await
             .map_err(|source| HboneError::Connect { address, source })?;
         let stream = TlsConnector::from(tls.client.clone())

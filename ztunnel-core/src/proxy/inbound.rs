@@ -142,7 +142,12 @@ async fn hbone_stream(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let mut log = AccessLog::new(Direction::Inbound, source, Some(peer.clone()));
+    let mut log = AccessLog::new(
+        Direction::Inbound,
+        source,
+        Some(peer.clone()),
+        ctx.metrics.clone(),
+    );
     if request.method() != Method::CONNECT {
         refuse(&mut respond, StatusCode::BAD_REQUEST);
         log.failed(started, "not a CONNECT request");
@@ -165,6 +170,7 @@ async fn hbone_stream(
     };
     let (workload, decision) = {
         let state = ctx.state.read();
+        log.source_workload = state.workload_by_ip(&ctx.network, source.ip()).cloned();
         match local_workload(&state, &ctx.served_uid, &ctx.network, destination.ip()) {
             Some(workload) => {
                 let decision = inbound.evaluate(&state, &workload);
@@ -209,6 +215,7 @@ async fn hbone_stream(
         }
     };
     let recv = request.into_body();
+    log.opened();
     let outcome = tokio::select! {
         copied = copy_bidirectional(&mut upstream, send, recv) => copied.map_err(|err| err.to_string()),
         () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
@@ -257,7 +264,12 @@ pub(super) async fn serve_plaintext(
 async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let mut log = AccessLog::new(Direction::InboundPlaintext, source, None);
+    let mut log = AccessLog::new(
+        Direction::InboundPlaintext,
+        source,
+        None,
+        ctx.metrics.clone(),
+    );
     let destination = match socket::original_destination(&tcp) {
         Ok(destination) => destination,
         Err(err) => {
@@ -305,6 +317,7 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
             return;
         }
     };
+    log.opened();
     let outcome = tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied.map_err(|err| err.to_string()),
         () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),

@@ -1,6 +1,7 @@
 //! One structured access-log event per connection (target `access`), when it
 //! ends: direction, addresses, identities, workloads, bytes, duration, and
-//! the error if it failed.
+//! the error if it failed; and the connection's metrics (opened when it is
+//! established, closed with its bytes when it ends).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,8 @@ use std::sync::Arc;
 use mesh_api::Identity;
 use mesh_api::workload::Workload;
 use tokio::time::Instant;
+
+use crate::metrics::{ConnectionLabels, Metrics};
 
 /// Which listener took the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +45,16 @@ pub struct AccessLog {
     pub destination_workload: Option<Arc<Workload>>,
     /// The destination's identity, once known.
     pub destination_identity: Option<Identity>,
+    /// The source workload, once known.
+    pub source_workload: Option<Arc<Workload>>,
+    /// The service reached through, once known.
+    pub service: Option<String>,
     /// Bytes from the connection's client towards the destination.
     pub sent: u64,
     /// Bytes from the destination back to the client.
     pub received: u64,
+    metrics: Option<Metrics>,
+    labels: Option<ConnectionLabels>,
 }
 
 impl AccessLog {
@@ -54,6 +63,7 @@ impl AccessLog {
         direction: Direction,
         source: SocketAddr,
         source_identity: Option<Identity>,
+        metrics: Option<Metrics>,
     ) -> Self {
         Self {
             direction,
@@ -62,9 +72,65 @@ impl AccessLog {
             destination: None,
             destination_workload: None,
             destination_identity: None,
+            source_workload: None,
+            service: None,
             sent: 0,
             received: 0,
+            metrics,
+            labels: None,
         }
+    }
+
+    /// The connection is established: counts it as opened.
+    pub fn opened(&mut self) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let principal = |identity: &Option<Identity>| {
+            identity
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |i| i.as_uri().to_owned())
+        };
+        let name = |w: &Option<Arc<Workload>>| {
+            w.as_ref().map_or_else(
+                || "unknown".to_owned(),
+                |w| {
+                    if w.workload_name.is_empty() {
+                        w.name.clone()
+                    } else {
+                        w.workload_name.clone()
+                    }
+                },
+            )
+        };
+        let namespace = |w: &Option<Arc<Workload>>| {
+            w.as_ref()
+                .map_or_else(|| "unknown".to_owned(), |w| w.namespace.clone())
+        };
+        let labels = ConnectionLabels {
+            reporter: match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound | Direction::InboundPlaintext => "destination",
+            }
+            .to_owned(),
+            source_workload: name(&self.source_workload),
+            source_workload_namespace: namespace(&self.source_workload),
+            source_principal: principal(&self.source_identity),
+            destination_workload: name(&self.destination_workload),
+            destination_workload_namespace: namespace(&self.destination_workload),
+            destination_principal: principal(&self.destination_identity),
+            destination_service: self.service.clone().unwrap_or_else(|| "unknown".to_owned()),
+            connection_security_policy: if self.direction == Direction::Inbound
+                || self.destination_identity.is_some()
+            {
+                "mutual_tls"
+            } else {
+                "none"
+            }
+            .to_owned(),
+        };
+        metrics.opened(&labels);
+        self.labels = Some(labels);
     }
 
     /// Emits the event of a connection that completed.
@@ -78,6 +144,9 @@ impl AccessLog {
     }
 
     fn emit(&self, started: Instant, error: Option<&str>) {
+        if let (Some(metrics), Some(labels)) = (&self.metrics, &self.labels) {
+            metrics.closed(labels, self.sent, self.received);
+        }
         let destination = self.destination.map(|d| d.to_string());
         let workload = self
             .destination_workload

@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod authorize;
 mod inbound;
 pub mod log;
@@ -50,9 +51,11 @@ use crate::certs::{CertError, CertManager};
 use crate::hbone::HBONE_PORT;
 use crate::hbone::headers::Baggage;
 use crate::hbone::pool::HbonePool;
+use crate::metrics::Metrics;
 use crate::state::SharedState;
 use crate::tls::{TlsConfigs, TlsError, WorkloadTls};
 use authorize::LiveConnections;
+use prometheus_client::registry::Registry;
 use route::workload_identity;
 
 /// Default outbound capture port.
@@ -114,6 +117,7 @@ pub struct ZtunnelBuilder {
     hbone_port: u16,
     addresses: [SocketAddr; 3],
     socks5: Option<SocketAddr>,
+    metrics: Option<Metrics>,
 }
 
 impl Default for ZtunnelBuilder {
@@ -135,6 +139,7 @@ impl Default for ZtunnelBuilder {
                 any(HBONE_PORT),
             ],
             socks5: None,
+            metrics: None,
         }
     }
 }
@@ -216,6 +221,13 @@ impl ZtunnelBuilder {
         self
     }
 
+    /// Counts connections into `registry` with Istio's metric names (see
+    /// [`crate::metrics`]).
+    pub fn metrics(mut self, registry: &mut Registry) -> Self {
+        self.metrics = Some(Metrics::register(registry));
+        self
+    }
+
     /// Checks and assembles; binds nothing.
     pub fn build(self) -> Result<Ztunnel, BuildError> {
         let shutdown = CancellationToken::new();
@@ -238,6 +250,7 @@ impl ZtunnelBuilder {
             hbone_port: self.hbone_port,
             pool: HbonePool::new(self.mark, &shutdown),
             live: Arc::new(LiveConnections::default()),
+            metrics: self.metrics,
             tasks: TaskTracker::new(),
             force_close: shutdown.child_token(),
             shutdown,
@@ -264,6 +277,7 @@ struct Context {
     hbone_port: u16,
     pool: HbonePool,
     live: Arc<LiveConnections>,
+    metrics: Option<Metrics>,
     /// Connection tasks, waited for by a drain.
     tasks: TaskTracker,
     /// Ends every connection (drain deadline, shutdown).
@@ -294,6 +308,17 @@ impl Context {
             .certificate(&identity, self.certificate_wait)
             .await?;
         Ok(self.tls.for_certificate(&certificate)?)
+    }
+
+    /// The served workload's first address on its network: where its HBONE
+    /// connections come from.
+    fn served_ip(&self) -> Option<std::net::IpAddr> {
+        let state = self.state.read();
+        let workload = state.workload(&self.served_uid)?;
+        workload
+            .addresses
+            .iter()
+            .find_map(|bytes| mesh_api::names::ip_from_wire(bytes).ok())
     }
 
     /// The served workload's `baggage`.
@@ -441,6 +466,13 @@ impl ZtunnelHandle {
     /// The SOCKS5 listener's address, if enabled.
     pub fn socks5_addr(&self) -> Option<SocketAddr> {
         self.socks5
+    }
+
+    /// The admin endpoints of this instance, with `registry` (the one given
+    /// to [`ZtunnelBuilder::metrics`]) for `/metrics`. Serve them with
+    /// [`admin::Admin::serve`].
+    pub fn admin(&self, registry: Option<Arc<Registry>>) -> admin::Admin {
+        admin::Admin::new(self.ctx.clone(), registry)
     }
 
     /// Inbound connections open now.

@@ -72,7 +72,7 @@ async fn outbound_connection(
 ) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let log = AccessLog::new(Direction::Outbound, source, None);
+    let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
     match socket::original_destination(&tcp) {
         Ok(destination) => forward(&ctx, tcp, source, destination, random, log, started).await,
         Err(err) => {
@@ -120,7 +120,7 @@ async fn socks5_connection(
 ) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let log = AccessLog::new(Direction::Outbound, source, None);
+    let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
     let target = match socks5::handshake(&mut tcp).await {
         Ok(target) => target,
         Err(err) => {
@@ -183,6 +183,7 @@ async fn forward(
     let routed = {
         let state = ctx.state.read();
         let served = state.workload(&ctx.served_uid).cloned();
+        log.source_workload.clone_from(&served);
         route(
             &state,
             served.as_deref(),
@@ -193,15 +194,16 @@ async fn forward(
     };
     let outcome = match routed {
         Err(err) => Err(err.to_string()),
-        Ok(Route::Passthrough(address)) => plain(&mut tcp, address, ctx.mark).await,
+        Ok(Route::Passthrough(address)) => plain(&mut tcp, address, ctx.mark, &mut log).await,
         Ok(Route::Mesh(upstream)) => {
             log.destination = Some(upstream.address);
             log.destination_workload = Some(upstream.workload.clone());
             log.destination_identity.clone_from(&upstream.identity);
+            log.service = upstream.service.as_ref().map(|s| s.hostname.clone());
             if upstream.hbone {
-                hbone(ctx, &mut tcp, source, &upstream).await
+                hbone(ctx, &mut tcp, source, &upstream, &mut log).await
             } else {
-                plain(&mut tcp, upstream.address, ctx.mark).await
+                plain(&mut tcp, upstream.address, ctx.mark, &mut log).await
             }
         }
     };
@@ -222,10 +224,12 @@ async fn plain(
     tcp: &mut TcpStream,
     address: SocketAddr,
     mark: Option<u32>,
+    log: &mut AccessLog,
 ) -> Result<(u64, u64), String> {
     let mut upstream = socket::connect(address, mark)
         .await
         .map_err(|err| format!("connect to {address}: {err}"))?;
+    log.opened();
     match tokio::io::copy_bidirectional(tcp, &mut upstream).await {
         Ok(copied) => Ok(copied),
         Err(err) => {
@@ -240,6 +244,7 @@ async fn hbone(
     tcp: &mut TcpStream,
     source: SocketAddr,
     upstream: &Upstream,
+    log: &mut AccessLog,
 ) -> Result<(u64, u64), String> {
     let Some(expected) = upstream.identity.clone() else {
         return Err(format!(
@@ -252,6 +257,7 @@ async fn hbone(
         source: tls.identity().clone(),
         expected: vec![expected],
         address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
+        source_ip: ctx.served_ip(),
     };
     let headers = [
         ("forwarded", forwarded_for(source)),
@@ -262,6 +268,7 @@ async fn hbone(
         .connect(&tls, &key, upstream.address, &headers)
         .await
         .map_err(|err| err.to_string())?;
+    log.opened();
     let copied = copy_bidirectional(tcp, stream.send, stream.recv)
         .await
         .map_err(|err| err.to_string())?;

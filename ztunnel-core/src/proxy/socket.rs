@@ -3,7 +3,7 @@
 //! of the redirect rules (WIRE.md §6), and resets.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -37,12 +37,27 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
 /// Connects to `address` from a socket carrying `mark` (when set), with
 /// `TCP_NODELAY`.
 pub async fn connect(address: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    connect_from(address, None, mark).await
+}
+
+/// [`connect`] from the local address `source` (when set). The port is
+/// chosen at connect time (`IP_BIND_ADDRESS_NO_PORT`), per destination, so
+/// many connections from one address do not exhaust the ephemeral ports.
+pub async fn connect_from(
+    address: SocketAddr,
+    source: Option<IpAddr>,
+    mark: Option<u32>,
+) -> io::Result<TcpStream> {
     let socket = match address {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     if let Some(mark) = mark {
         setsockopt(&socket, sockopt::Mark, &mark).map_err(io::Error::from)?;
+    }
+    if let Some(source) = source.filter(|source| source.is_ipv4() == address.is_ipv4()) {
+        setsockopt(&socket, sockopt::IpBindAddressNoPort, &true).map_err(io::Error::from)?;
+        socket.bind(SocketAddr::new(source, 0))?;
     }
     socket.set_nodelay(true)?;
     socket.connect(address).await

@@ -132,6 +132,16 @@ impl ProxyState {
         &self.policies
     }
 
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
     /// How many workloads, services and policies are known.
     pub fn counts(&self) -> (usize, usize, usize) {
         (

@@ -164,23 +164,35 @@ impl Topology {
 /// for dedicated mode): its outbound TCP to 15001 and inbound TCP (except
 /// HBONE) to 15006; the proxy's own sockets (mark 1337) pass.
 pub fn install_redirect(netns: &Netns) {
+    install_redirect_except(netns, &[]);
+}
+
+/// [`install_redirect`], with inbound `exempt` ports left alone (a baseline
+/// measured without the mesh between the same namespaces).
+pub fn install_redirect_except(netns: &Netns, exempt: &[u16]) {
+    let exempt: String = exempt
+        .iter()
+        .map(|port| format!("    tcp dport {port} return\n"))
+        .collect();
     run_with_input(
         &netns.name,
         &["nft", "-f", "-"],
-        "table inet podless {
-  chain prerouting {
+        &format!(
+            "table inet podless {{
+  chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"lo\" return
     tcp dport 15008 return
-    meta l4proto tcp redirect to :15006
-  }
-  chain output {
+{exempt}    meta l4proto tcp redirect to :15006
+  }}
+  chain output {{
     type nat hook output priority -100; policy accept;
     meta mark & 0xfff == 0x539 return
     ip daddr 127.0.0.0/8 return
     meta l4proto tcp redirect to :15001
-  }
-}
-",
+  }}
+}}
+"
+        ),
     );
 }

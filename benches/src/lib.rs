@@ -1,0 +1,9 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Modules
+//!
+//! - [`stats`]: summaries of samples (medians, percentiles) and ratios.
+//! - [`process`]: what a process costs (resident memory).
+
+pub mod process;
+pub mod stats;
