@@ -294,8 +294,17 @@ async fn open_many(to: SocketAddr, count: usize) -> Vec<TcpStream> {
 }
 
 fn raise_open_files_limit() {
+    use nix::sys::resource::getrlimit;
     use nix::sys::resource::{Resource, setrlimit};
-    setrlimit(Resource::RLIMIT_NOFILE, 1 << 20, 1 << 20).expect("raise the open files limit");
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    if setrlimit(Resource::RLIMIT_NOFILE, most, most).is_err() {
+        // Without CAP_SYS_RESOURCE: up to the hard limit.
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("limit");
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the open files limit");
+    }
 }
 
 #[derive(Default)]
@@ -307,9 +316,35 @@ struct Figures {
     rate: Vec<f64>,
 }
 
+/// The server pod's applications, in their own process (each end of 10,000
+/// connections needs its own descriptors): echo and sink, mesh and plain.
+fn serve_apps() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for port in [ECHO, PLAIN_ECHO] {
+            let listener = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
+            tokio::spawn(serve_echo(listener));
+        }
+        for port in [SINK, PLAIN_SINK] {
+            let listener = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
+            tokio::spawn(serve_sink(listener));
+        }
+        println!("serving");
+        std::future::pending::<()>().await;
+    });
+}
+
 fn main() {
-    let options = options();
     raise_open_files_limit();
+    if std::env::args().any(|arg| arg == "--serve-apps") {
+        serve_apps();
+        return;
+    }
+    let options = options();
     let xds_serve = example("xds-server", "xds-serve");
     let ztunnel_run = example("ztunnel-core", "ztunnel-run");
     let topology = Topology::new("bench", 2);
@@ -357,17 +392,12 @@ fn main() {
     }
     let idle: Vec<u64> = proxies.iter().map(Process::rss).collect();
 
-    let server = runtime_in(&topology.workloads[1]);
-    on(&server, async {
-        for port in [ECHO, PLAIN_ECHO] {
-            let listener = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
-            tokio::spawn(serve_echo(listener));
-        }
-        for port in [SINK, PLAIN_SINK] {
-            let listener = TcpListener::bind(("0.0.0.0", port)).await.expect("bind");
-            tokio::spawn(serve_sink(listener));
-        }
-    });
+    let _server = Process::start(
+        &topology.workloads[1],
+        &std::env::current_exe().expect("bench path"),
+        &["--serve-apps"],
+        "serving",
+    );
     let client = runtime_in(&topology.workloads[0]);
     let server_ip = Topology::workload_ip(1);
     let at = |port: u16| -> SocketAddr { format!("{server_ip}:{port}").parse().expect("addr") };
@@ -453,5 +483,4 @@ fn main() {
         );
     }
     client.shutdown_background();
-    server.shutdown_background();
 }

@@ -19,7 +19,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use tokio::net::TcpStream;
+use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -102,6 +102,7 @@ pub struct CaClientBuilder {
     client_certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     provider: Option<Arc<CryptoProvider>>,
     timeout: Duration,
+    mark: Option<u32>,
 }
 
 impl Default for CaClientBuilder {
@@ -114,11 +115,19 @@ impl Default for CaClientBuilder {
             client_certificate: None,
             provider: None,
             timeout: Duration::from_secs(10),
+            mark: None,
         }
     }
 }
 
 impl CaClientBuilder {
+    /// A mark (`SO_MARK`) on the connections to the CA, e.g. a data plane's
+    /// own mark so its redirect rules let them pass (needs `CAP_NET_ADMIN`).
+    pub fn socket_mark(mut self, mark: u32) -> Self {
+        self.mark = Some(mark);
+        self
+    }
+
     /// Where the CA listens.
     pub fn address(mut self, address: SocketAddr) -> Self {
         self.address = Some(address);
@@ -200,11 +209,21 @@ impl CaClientBuilder {
             ClientError::Tls(format!("server name {:?}: {err}", self.server_name))
         })?;
         let connector = TlsConnector::from(Arc::new(tls));
+        let mark = self.mark;
         let connect = tower::service_fn(move |_: http::Uri| {
             let connector = connector.clone();
             let server_name = server_name.clone();
             async move {
-                let tcp = TcpStream::connect(address).await?;
+                let socket = if address.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                if let Some(mark) = mark {
+                    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+                        .map_err(std::io::Error::from)?;
+                }
+                let tcp = socket.connect(address).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))

@@ -107,6 +107,9 @@ async fn run(args: Args) -> Result<(), String> {
         .server_name("istiod.istio-system.svc")
         .roots(roots)
         .token(args.token.clone())
+        // The control plane's connections must not be captured by the
+        // redirect rules around this proxy.
+        .socket_mark(ztunnel_core::proxy::socket::PROXY_MARK)
         .build()
         .map_err(|err| err.to_string())?;
     let shutdown = CancellationToken::new();
@@ -167,8 +170,11 @@ async fn run(args: Args) -> Result<(), String> {
 /// usual 1024. (A binary's choice; the library never changes limits.)
 fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    const WANTED: u64 = 1 << 20;
-    if setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED).is_err()
+    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err()
         && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use mesh_api::Identity;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -246,16 +247,25 @@ async fn hbone(
     upstream: &Upstream,
     log: &mut AccessLog,
 ) -> Result<(u64, u64), String> {
-    let Some(expected) = upstream.identity.clone() else {
+    let Some(identity) = upstream.identity.clone() else {
         return Err(format!(
             "workload {} has no valid identity",
             upstream.workload.uid
         ));
     };
+    // The workload's own identity, or any the service vouches for.
+    let mut expected = vec![identity];
+    if let Some(service) = &upstream.service {
+        expected.extend(service.subject_alt_names.iter().filter_map(|san| {
+            Identity::parse_uri(san)
+                .or_else(|_| Identity::from_principal(san))
+                .ok()
+        }));
+    }
     let tls = ctx.workload_tls().await.map_err(|err| err.to_string())?;
     let key = PoolKey {
         source: tls.identity().clone(),
-        expected: vec![expected],
+        expected,
         address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
         source_ip: ctx.served_ip(),
     };
