@@ -36,6 +36,7 @@ struct Options {
     rounds: usize,
     seconds: u64,
     connections: usize,
+    proxy_threads: usize,
 }
 
 fn options() -> Options {
@@ -43,6 +44,7 @@ fn options() -> Options {
         rounds: 3,
         seconds: 3,
         connections: 10_000,
+        proxy_threads: 2,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -55,6 +57,7 @@ fn options() -> Options {
             "--rounds" => options.rounds = number() as usize,
             "--seconds" => options.seconds = number(),
             "--connections" => options.connections = number() as usize,
+            "--proxy-threads" => options.proxy_threads = number() as usize,
             // cargo bench passes --bench.
             _ => {}
         }
@@ -348,6 +351,24 @@ fn main() {
     let xds_serve = example("xds-server", "xds-serve");
     let ztunnel_run = example("ztunnel-core", "ztunnel-run");
     let topology = Topology::new("bench", 2);
+    // Load-generator settings, for plain TCP and the mesh alike: the
+    // connection test closes tens of thousands of connections, whose
+    // TIME_WAIT entries would otherwise exhaust the ephemeral ports.
+    for netns in &topology.workloads {
+        netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns.name,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65000",
+            ],
+        );
+    }
     let manifests = tempfile::tempdir().expect("tempdir");
     std::fs::write(manifests.path().join("cluster.yaml"), manifest()).expect("manifest");
     let ca_dir = tempfile::tempdir().expect("tempdir");
@@ -386,6 +407,8 @@ fn main() {
                 AGENT_TOKEN,
                 "--workload-uid",
                 uid,
+                "--worker-threads",
+                &options.proxy_threads.to_string(),
             ],
             "ready",
         ));

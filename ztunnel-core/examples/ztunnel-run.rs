@@ -5,7 +5,8 @@
 //! cargo run -p ztunnel-core --example ztunnel-run -- \
 //!     --control-plane 10.0.0.1:15012 --root root-cert.pem --token <token> \
 //!     --workload-uid Kubernetes//Pod/default/shell [--node-id <id>] \
-//!     [--cert-ttl <seconds>] [--socks5 127.0.0.1:15080] [--hbone-port 15008]
+//!     [--cert-ttl <seconds>] [--socks5 127.0.0.1:15080] [--hbone-port 15008] \
+//!     [--worker-threads 2]
 //! ```
 //!
 //! The control plane (`xds-serve --ca-dir ...`) serves xDS and the CA on one
@@ -29,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use ztunnel_core::{CertManager, XdsClient, Ztunnel};
 
 const USAGE: &str = "usage: ztunnel-run --control-plane <addr> --root <pem> --token <token> \
---workload-uid <uid> [--node-id <id>] [--cert-ttl <seconds>] [--socks5 <addr>] [--hbone-port <port>]";
+--workload-uid <uid> [--node-id <id>] [--cert-ttl <seconds>] [--socks5 <addr>] [--hbone-port <port>] \
+[--worker-threads <n>]";
 
 struct Args {
     control_plane: SocketAddr,
@@ -40,6 +42,7 @@ struct Args {
     cert_ttl: Option<Duration>,
     socks5: Option<SocketAddr>,
     hbone_port: u16,
+    worker_threads: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
     let mut cert_ttl = None;
     let mut socks5 = None;
     let mut hbone_port = ztunnel_core::hbone::HBONE_PORT;
+    let mut worker_threads = 2;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
@@ -80,6 +84,11 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|err| format!("--hbone-port: {err}"))?;
             }
+            "--worker-threads" => {
+                worker_threads = value()?
+                    .parse()
+                    .map_err(|err| format!("--worker-threads: {err}"))?;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -95,6 +104,7 @@ fn parse_args() -> Result<Args, String> {
         cert_ttl,
         socks5,
         hbone_port,
+        worker_threads,
     })
 }
 
@@ -195,6 +205,7 @@ fn main() -> ExitCode {
         .with_max_level(tracing::Level::INFO)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
         .enable_all()
         .build()
     {

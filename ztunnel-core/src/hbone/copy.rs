@@ -16,8 +16,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-/// The largest read per direction: large reads mean fewer, larger DATA frames.
-const READ_CHUNK: usize = 256 << 10;
+/// The largest read per direction: large reads mean fewer, larger DATA
+/// frames; kept below the allocator's mmap threshold (128 KiB in glibc) so
+/// buffers are recycled rather than mapped and faulted in afresh.
+const READ_CHUNK: usize = 64 << 10;
 /// The first read's size: small, so short exchanges cost little memory.
 const FIRST_CHUNK: usize = 16 << 10;
 
@@ -57,8 +59,9 @@ pub async fn copy_bidirectional(
 /// TCP → stream until the TCP peer's FIN, then END_STREAM.
 ///
 /// Memory follows the traffic: nothing is allocated until the socket is
-/// readable (an idle connection holds no buffer), reads start at
-/// [`FIRST_CHUNK`] and double up to [`READ_CHUNK`] while they fill the buffer.
+/// readable, a short read lets the buffer go (an idle connection holds
+/// none), reads start at [`FIRST_CHUNK`] and double up to [`READ_CHUNK`]
+/// while they fill the buffer.
 async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
     let socket: &TcpStream = reader.as_ref();
     let mut chunk_size = FIRST_CHUNK;
@@ -79,10 +82,16 @@ async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io
             return Ok(total);
         }
         total += read as u64;
-        if read >= chunk_size && chunk_size < READ_CHUNK {
+        let filled = read >= chunk_size;
+        if filled && chunk_size < READ_CHUNK {
             chunk_size *= 2;
         }
         let mut chunk = buffer.split().freeze();
+        if !filled {
+            // A short read: the peer may now go quiet. An idle connection
+            // keeps no buffer; the next read takes a fresh one.
+            buffer = BytesMut::new();
+        }
         send.reserve_capacity(chunk.len());
         while !chunk.is_empty() {
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {

@@ -179,7 +179,9 @@ impl HbonePool {
     ) -> Result<HboneStream, HboneError> {
         let (pooled, slot) = match self.reuse(key) {
             Some(found) => found,
-            None => self.open(tls, key).await?,
+            // Boxed: the handshakes' state is large and needed only here, so
+            // each connection's task stays small while it carries bytes.
+            None => Box::pin(self.open(tls, key)).await?,
         };
         let authority = authority.to_string();
         let mut request = Request::builder()

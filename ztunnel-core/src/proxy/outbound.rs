@@ -19,7 +19,7 @@ use super::route::{Route, Upstream, route};
 use super::{Context, socket, socks5};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::forwarded_for;
-use crate::hbone::pool::PoolKey;
+use crate::hbone::pool::{HboneStream, PoolKey};
 
 /// Accepts outbound connections until `stop`.
 pub(super) async fn serve_outbound(
@@ -247,6 +247,22 @@ async fn hbone(
     upstream: &Upstream,
     log: &mut AccessLog,
 ) -> Result<(u64, u64), String> {
+    // Boxed: setting up (certificate, pool, CONNECT) takes far more state than
+    // carrying bytes, and a connection's task should stay small while it lives.
+    let stream = Box::pin(open_hbone(ctx, source, upstream)).await?;
+    log.opened();
+    let copied = copy_bidirectional(tcp, stream.send, stream.recv)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok((copied.tcp_to_stream, copied.stream_to_tcp))
+}
+
+/// Opens the CONNECT stream to `upstream`.
+async fn open_hbone(
+    ctx: &Context,
+    source: SocketAddr,
+    upstream: &Upstream,
+) -> Result<HboneStream, String> {
     let Some(identity) = upstream.identity.clone() else {
         return Err(format!(
             "workload {} has no valid identity",
@@ -273,14 +289,8 @@ async fn hbone(
         ("forwarded", forwarded_for(source)),
         ("baggage", ctx.own_baggage()),
     ];
-    let stream = ctx
-        .pool
+    ctx.pool
         .connect(&tls, &key, upstream.address, &headers)
         .await
-        .map_err(|err| err.to_string())?;
-    log.opened();
-    let copied = copy_bidirectional(tcp, stream.send, stream.recv)
-        .await
-        .map_err(|err| err.to_string())?;
-    Ok((copied.tcp_to_stream, copied.stream_to_tcp))
+        .map_err(|err| err.to_string())
 }
