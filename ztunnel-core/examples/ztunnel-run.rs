@@ -6,7 +6,7 @@
 //!     --control-plane 10.0.0.1:15012 --root root-cert.pem --token <token> \
 //!     --workload-uid Kubernetes//Pod/default/shell [--node-id <id>] \
 //!     [--cert-ttl <seconds>] [--socks5 127.0.0.1:15080] [--hbone-port 15008] \
-//!     [--worker-threads 2]
+//!     [--worker-threads 2] [--on-demand]
 //! ```
 //!
 //! The control plane (`xds-serve --ca-dir ...`) serves xDS and the CA on one
@@ -31,7 +31,7 @@ use ztunnel_core::{CertManager, XdsClient, Ztunnel};
 
 const USAGE: &str = "usage: ztunnel-run --control-plane <addr> --root <pem> --token <token> \
 --workload-uid <uid> [--node-id <id>] [--cert-ttl <seconds>] [--socks5 <addr>] [--hbone-port <port>] \
-[--worker-threads <n>]";
+[--worker-threads <n>] [--on-demand]";
 
 struct Args {
     control_plane: SocketAddr,
@@ -43,6 +43,7 @@ struct Args {
     socks5: Option<SocketAddr>,
     hbone_port: u16,
     worker_threads: usize,
+    on_demand: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -55,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
     let mut socks5 = None;
     let mut hbone_port = ztunnel_core::hbone::HBONE_PORT;
     let mut worker_threads = 2;
+    let mut on_demand = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
@@ -89,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|err| format!("--worker-threads: {err}"))?;
             }
+            "--on-demand" => on_demand = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -105,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
         socks5,
         hbone_port,
         worker_threads,
+        on_demand,
     })
 }
 
@@ -127,9 +131,11 @@ async fn run(args: Args) -> Result<(), String> {
         .channel(ca.channel())
         .node_id(args.node_id.clone())
         .token(args.token.clone())
+        .on_demand(args.on_demand)
         .build()
         .map_err(|err| err.to_string())?;
     let state = xds.state();
+    let demander = xds.demander();
     let renewal = RenewalConfig {
         ttl: args.cert_ttl,
         ..RenewalConfig::default()
@@ -142,6 +148,9 @@ async fn run(args: Args) -> Result<(), String> {
         .certificates(certs)
         .workload_uid(args.workload_uid.clone())
         .hbone_port(args.hbone_port);
+    if let Some(demander) = demander {
+        builder = builder.demander(demander);
+    }
     if let Some(socks5) = args.socks5 {
         builder = builder.socks5(socks5);
     }

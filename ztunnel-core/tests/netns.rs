@@ -176,7 +176,9 @@ const UIDS: [&str; 3] = [
     "Kubernetes//Pod/other/shell",
 ];
 
-async fn scene(test: &str, cert_ttl: Option<u64>) -> Scene {
+/// The scene; with `on_demand_client`, the client pod's proxy learns
+/// addresses on demand instead of receiving them all.
+async fn scene(test: &str, cert_ttl: Option<u64>, on_demand_client: bool) -> Scene {
     let xds_serve = example("xds-server", "xds-serve");
     let ztunnel_run = example("ztunnel-core", "ztunnel-run");
     let topology = Topology::new(test, 3);
@@ -233,7 +235,7 @@ async fn scene(test: &str, cert_ttl: Option<u64>) -> Scene {
     listening.await.expect("echo server listening");
 
     let mut proxies = Vec::new();
-    for (netns, uid) in topology.workloads.iter().zip(UIDS) {
+    for (i, (netns, uid)) in topology.workloads.iter().zip(UIDS).enumerate() {
         install_redirect(netns);
         let mut args = vec![
             "--control-plane",
@@ -248,6 +250,9 @@ async fn scene(test: &str, cert_ttl: Option<u64>) -> Scene {
         let ttl = cert_ttl.map(|ttl| ttl.to_string());
         if let Some(ttl) = &ttl {
             args.extend(["--cert-ttl", ttl.as_str()]);
+        }
+        if on_demand_client && i == 0 {
+            args.push("--on-demand");
         }
         proxies.push(Process::start(netns, &ztunnel_run, &args, "ready"));
     }
@@ -302,7 +307,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_traffic_policy_foreign_roots_and_a_lost_control_plane() {
-    let scene = scene("traffic", None).await;
+    // The client's proxy learns addresses on demand.
+    let scene = scene("traffic", None, true).await;
 
     // To a pod IP: 8 MiB both ways, intact, with half-close.
     assert!(
@@ -426,7 +432,7 @@ type RotationStep = fn(&Path) -> mesh_ca::store::CaMaterial;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_keeps_flowing_through_a_root_rotation() {
     // Certificates live 6 s, so each step reaches every proxy within seconds.
-    let scene = scene("rotate", Some(6)).await;
+    let scene = scene("rotate", Some(6), false).await;
     let renewals = Duration::from_secs(8);
     let ca_dir = scene.ca_dir.path().to_owned();
 

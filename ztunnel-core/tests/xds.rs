@@ -159,3 +159,65 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
     shutdown.cancel();
     running.await.expect("join");
 }
+
+#[tokio::test]
+async fn on_demand_clients_learn_only_what_they_ask_for() {
+    let store = Store::new(MeshConfig::default());
+    apply(&store, CLUSTER);
+    apply(&store, &pod("echo-1", "10.0.0.1"));
+    apply(&store, &pod("echo-2", "10.0.0.2"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _server = serve(&store, listener).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    let client = XdsClient::builder()
+        .channel(channel)
+        .node_id("ztunnel~10.0.0.9~ztunnel-x.istio-system~istio-system.svc.cluster.local")
+        .on_demand(true)
+        .build()
+        .expect("client");
+    let state = client.state();
+    let demander = client.demander().expect("on demand");
+    let mut synced = client.synced();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(client.run(shutdown.clone()));
+    tokio::time::timeout(PATIENCE, synced.wait_for(|synced| *synced))
+        .await
+        .expect("synced in time")
+        .expect("synced");
+    assert_eq!(
+        state.read().counts(),
+        (0, 0, 1),
+        "no addresses until asked; policies are streamed"
+    );
+
+    assert!(demander.demand("/10.0.0.1", PATIENCE).await, "answered");
+    assert!(
+        state
+            .read()
+            .workload_by_ip("", "10.0.0.1".parse().expect("ip"))
+            .is_some()
+    );
+    assert_eq!(state.read().counts().0, 1, "only what was asked for");
+    assert!(demander.demand("/10.96.0.10", PATIENCE).await, "a VIP");
+    assert!(
+        state
+            .read()
+            .service_by_vip("", "10.96.0.10".parse().expect("ip"))
+            .is_some()
+    );
+    // An unknown name is answered too, and adds nothing.
+    assert!(demander.demand("/10.9.9.9", PATIENCE).await);
+    assert_eq!(state.read().counts().0, 1);
+
+    // What was asked for keeps being pushed.
+    store.delete(&ObjectKey::new(Kind::Pod, "default", "echo-1"));
+    eventually("echo-1 removed", &state, |s| {
+        s.workload_by_ip("", "10.0.0.1".parse().expect("ip"))
+            .is_none()
+    })
+    .await;
+    shutdown.cancel();
+}

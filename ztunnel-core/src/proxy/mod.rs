@@ -54,6 +54,7 @@ use crate::hbone::pool::HbonePool;
 use crate::metrics::Metrics;
 use crate::state::SharedState;
 use crate::tls::{TlsConfigs, TlsError, WorkloadTls};
+use crate::xds::Demander;
 use authorize::LiveConnections;
 use prometheus_client::registry::Registry;
 use route::workload_identity;
@@ -118,6 +119,7 @@ pub struct ZtunnelBuilder {
     addresses: [SocketAddr; 3],
     socks5: Option<SocketAddr>,
     metrics: Option<Metrics>,
+    demander: Option<Demander>,
 }
 
 impl Default for ZtunnelBuilder {
@@ -140,6 +142,7 @@ impl Default for ZtunnelBuilder {
             ],
             socks5: None,
             metrics: None,
+            demander: None,
         }
     }
 }
@@ -228,6 +231,13 @@ impl ZtunnelBuilder {
         self
     }
 
+    /// Looks up unknown destinations (and the served workload) on demand,
+    /// through an on-demand [`crate::XdsClient`]'s [`Demander`].
+    pub fn demander(mut self, demander: Demander) -> Self {
+        self.demander = Some(demander);
+        self
+    }
+
     /// Checks and assembles; binds nothing.
     pub fn build(self) -> Result<Ztunnel, BuildError> {
         let shutdown = CancellationToken::new();
@@ -251,6 +261,7 @@ impl ZtunnelBuilder {
             pool: HbonePool::new(self.mark, &shutdown),
             live: Arc::new(LiveConnections::default()),
             metrics: self.metrics,
+            demander: self.demander,
             tasks: TaskTracker::new(),
             force_close: shutdown.child_token(),
             shutdown,
@@ -278,6 +289,7 @@ struct Context {
     pool: HbonePool,
     live: Arc<LiveConnections>,
     metrics: Option<Metrics>,
+    demander: Option<Demander>,
     /// Connection tasks, waited for by a drain.
     tasks: TaskTracker,
     /// Ends every connection (drain deadline, shutdown).
@@ -490,6 +502,11 @@ impl ZtunnelHandle {
     pub async fn ready(&self, wait: Duration) -> Result<(), IdentityError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.ctx.state.changes();
+        if let (Err(IdentityError::UnknownWorkload(uid)), Some(demander)) =
+            (self.ctx.served_identity(), &self.ctx.demander)
+        {
+            demander.demand(&uid, wait).await;
+        }
         let identity = loop {
             match self.ctx.served_identity() {
                 Ok(identity) => break identity,

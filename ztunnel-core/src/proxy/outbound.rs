@@ -21,6 +21,10 @@ use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
 
+/// How long a connection to an unknown destination waits for an on-demand
+/// lookup before leaving the mesh as plain TCP.
+const DEMAND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Accepts outbound connections until `stop`.
 pub(super) async fn serve_outbound(
     ctx: Arc<Context>,
@@ -181,7 +185,7 @@ async fn forward(
     started: Instant,
 ) {
     log.destination = Some(destination);
-    let routed = {
+    let route_now = |log: &mut AccessLog| {
         let state = ctx.state.read();
         let served = state.workload(&ctx.served_uid).cloned();
         log.source_workload.clone_from(&served);
@@ -193,6 +197,14 @@ async fn forward(
             &mut |bound| random.below(bound),
         )
     };
+    let mut routed = route_now(&mut log);
+    if let (Ok(Route::Passthrough(_)), Some(demander)) = (&routed, &ctx.demander) {
+        // Unknown here: ask the control plane, then route again.
+        let name = format!("{}/{}", ctx.network, destination.ip());
+        if demander.demand(&name, DEMAND_WAIT).await {
+            routed = route_now(&mut log);
+        }
+    }
     let outcome = match routed {
         Err(err) => Err(err.to_string()),
         Ok(Route::Passthrough(address)) => plain(&mut tcp, address, ctx.mark, &mut log).await,

@@ -245,13 +245,32 @@ impl ProxyState {
     /// Removes a resource of `kind` by name; whether it was known.
     pub fn remove(&mut self, kind: ResourceType, name: &str) -> bool {
         let removed = match kind {
-            ResourceType::Address => self.remove_workload(name) | self.remove_service(name),
+            ResourceType::Address => {
+                self.remove_workload(name)
+                    || self.remove_service(name)
+                    || self.remove_by_alias(name)
+            }
             ResourceType::Authorization => self.policies.remove(name),
         };
         if removed {
             self.generation += 1;
         }
         removed
+    }
+
+    /// An on-demand client asked by address (`<network>/<ip>`): the server
+    /// may announce the removal under that name.
+    fn remove_by_alias(&mut self, name: &str) -> bool {
+        let Ok(alias) = name.parse::<NetworkIp>() else {
+            return false;
+        };
+        if let Some(uid) = self.workloads_by_ip.get(&alias.network, alias.ip).cloned() {
+            return self.remove_workload(&uid);
+        }
+        if let Some(service) = self.services_by_vip.get(&alias.network, alias.ip).cloned() {
+            return self.remove_service(&service);
+        }
+        false
     }
 
     fn remove_workload(&mut self, uid: &str) -> bool {

@@ -3,14 +3,22 @@
 //! with exponential backoff, announcing what it holds
 //! (`initial_resource_versions`) so the server sends only what changed. While
 //! the control plane is unreachable the state stays as it was: last known good.
+//!
+//! On demand (`XdsClientBuilder::on_demand`), `Address` resources are not
+//! streamed wholesale: the first request subscribes to nothing (`*` in and out
+//! at once, as ztunnel does), and each lookup asks for one name through a
+//! [`Demander`] (`<network>/<ip>`, `<namespace>/<hostname>` or a uid), which
+//! resolves once a response names it (sent, aliased or removed). Demanded
+//! names stay subscribed, across reconnects too. Policies are always streamed.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use mesh_api::ResourceType;
 use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_api::envoy_core::Node;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
@@ -46,9 +54,17 @@ pub struct XdsClientBuilder {
     token: Option<String>,
     state: Option<SharedState>,
     max_backoff: Option<Duration>,
+    on_demand: bool,
 }
 
 impl XdsClientBuilder {
+    /// Ask for `Address` resources one name at a time, through
+    /// [`XdsClient::demander`], instead of all of them (default: all).
+    pub fn on_demand(mut self, on_demand: bool) -> Self {
+        self.on_demand = on_demand;
+        self
+    }
+
     /// The channel to the control plane (e.g. `mesh_ca::CaClient::channel`, TLS
     /// to the same server as the CA).
     pub fn channel(mut self, channel: Channel) -> Self {
@@ -113,6 +129,15 @@ impl XdsClientBuilder {
             known: KnownVersions::default(),
             max_backoff: self.max_backoff.unwrap_or(Duration::from_secs(15)),
             synced: watch::Sender::new(false),
+            on_demand: self.on_demand.then(|| {
+                let (sender, receiver) = mpsc::channel(256);
+                OnDemand {
+                    sender,
+                    receiver,
+                    names: BTreeSet::new(),
+                    waiting: Vec::new(),
+                }
+            }),
         })
     }
 }
@@ -128,6 +153,37 @@ pub struct XdsClient {
     known: KnownVersions,
     max_backoff: Duration,
     synced: watch::Sender<bool>,
+    on_demand: Option<OnDemand>,
+}
+
+/// The on-demand side of a client.
+#[derive(Debug)]
+struct OnDemand {
+    sender: mpsc::Sender<(String, oneshot::Sender<()>)>,
+    receiver: mpsc::Receiver<(String, oneshot::Sender<()>)>,
+    /// Every name asked for: subscribed again on each new stream.
+    names: BTreeSet<String>,
+    /// Asks not answered yet.
+    waiting: Vec<(String, oneshot::Sender<()>)>,
+}
+
+/// Asks an on-demand client for `Address` resources. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Demander {
+    sender: mpsc::Sender<(String, oneshot::Sender<()>)>,
+}
+
+impl Demander {
+    /// Asks for `name` (`<network>/<ip>`, `<namespace>/<hostname>` or a uid)
+    /// and waits up to `wait` for the answer to reach the state; whether it
+    /// came (an unknown name is answered too, as a removal).
+    pub async fn demand(&self, name: &str, wait: Duration) -> bool {
+        let (done, answered) = oneshot::channel();
+        if self.sender.send((name.to_owned(), done)).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, answered).await, Ok(Ok(())))
+    }
 }
 
 /// How long the first reconnection attempt waits.
@@ -142,6 +198,14 @@ impl XdsClient {
     /// The state this client keeps up to date.
     pub fn state(&self) -> SharedState {
         self.state.clone()
+    }
+
+    /// The handle for on-demand lookups; `None` unless built with
+    /// [`XdsClientBuilder::on_demand`].
+    pub fn demander(&self) -> Option<Demander> {
+        self.on_demand.as_ref().map(|on_demand| Demander {
+            sender: on_demand.sender.clone(),
+        })
     }
 
     /// Becomes `true` once the first stream delivered both types (the proxy is
@@ -178,12 +242,17 @@ impl XdsClient {
     async fn stream(&mut self) -> Result<bool, tonic::Status> {
         let (requests, outbound) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         for kind in ResourceType::ALL {
-            let first = DeltaDiscoveryRequest {
+            let mut first = DeltaDiscoveryRequest {
                 node: Some(self.node.clone()),
                 type_url: kind.type_url().to_owned(),
                 initial_resource_versions: self.known.of(kind).clone().into_iter().collect(),
                 ..DeltaDiscoveryRequest::default()
             };
+            if kind == ResourceType::Address && self.on_demand.is_some() {
+                // Subscribe to nothing (asked-for names follow).
+                first.resource_names_subscribe = vec!["*".to_owned()];
+                first.resource_names_unsubscribe = vec!["*".to_owned()];
+            }
             requests
                 .send(first)
                 .await
@@ -203,9 +272,44 @@ impl XdsClient {
             .delta_aggregated_resources(request)
             .await?
             .into_inner();
+        // Names asked for on an earlier stream, asked for again.
+        if let Some(on_demand) = &self.on_demand
+            && !on_demand.names.is_empty()
+        {
+            let again = DeltaDiscoveryRequest {
+                type_url: ResourceType::Address.type_url().to_owned(),
+                resource_names_subscribe: on_demand.names.iter().cloned().collect(),
+                ..DeltaDiscoveryRequest::default()
+            };
+            requests
+                .send(again)
+                .await
+                .map_err(|_| tonic::Status::internal("request queue closed"))?;
+        }
         let mut seen = [false; 2];
         let mut delivered = false;
-        while let Some(response) = responses.message().await? {
+        loop {
+            let response = tokio::select! {
+                response = responses.message() => match response? {
+                    Some(response) => response,
+                    None => break,
+                },
+                asked = next_demand(self.on_demand.as_mut()) => {
+                    let Some((name, done)) = asked else { continue };
+                    let Some(on_demand) = self.on_demand.as_mut() else { continue };
+                    on_demand.names.insert(name.clone());
+                    on_demand.waiting.push((name.clone(), done));
+                    let request = DeltaDiscoveryRequest {
+                        type_url: ResourceType::Address.type_url().to_owned(),
+                        resource_names_subscribe: vec![name],
+                        ..DeltaDiscoveryRequest::default()
+                    };
+                    if requests.send(request).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
             delivered = true;
             let kind = response.type_url.parse::<ResourceType>().ok();
             let answer = {
@@ -215,6 +319,11 @@ impl XdsClient {
             };
             if requests.send(answer).await.is_err() {
                 break;
+            }
+            if let Some(on_demand) = self.on_demand.as_mut()
+                && kind == Some(ResourceType::Address)
+            {
+                on_demand.answered(&response);
             }
             if let Some(kind) = kind {
                 seen[ResourceType::ALL
@@ -227,5 +336,35 @@ impl XdsClient {
             }
         }
         Ok(delivered)
+    }
+}
+
+/// The next on-demand ask, or never without on-demand.
+async fn next_demand(on_demand: Option<&mut OnDemand>) -> Option<(String, oneshot::Sender<()>)> {
+    match on_demand {
+        Some(on_demand) => on_demand.receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl OnDemand {
+    /// Completes the asks that `response` answers: a name it sends (or
+    /// aliases) or removes.
+    fn answered(&mut self, response: &mesh_api::discovery::DeltaDiscoveryResponse) {
+        let mentioned = |name: &str| {
+            response.removed_resources.iter().any(|n| n == name)
+                || response
+                    .resources
+                    .iter()
+                    .any(|r| r.name == name || r.aliases.iter().any(|a| a == name))
+        };
+        let waiting = std::mem::take(&mut self.waiting);
+        for (name, done) in waiting {
+            if mentioned(&name) {
+                let _ = done.send(());
+            } else if !done.is_closed() {
+                self.waiting.push((name, done));
+            }
+        }
     }
 }

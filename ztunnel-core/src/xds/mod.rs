@@ -4,4 +4,4 @@ mod apply;
 mod client;
 
 pub use apply::{KnownVersions, apply_response};
-pub use client::{BuildError, XdsClient, XdsClientBuilder};
+pub use client::{BuildError, Demander, XdsClient, XdsClientBuilder};
