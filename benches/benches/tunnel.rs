@@ -8,17 +8,14 @@
 mod netns;
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_benches::process::resident_bytes;
 use mesh_benches::stats::{median, percentile};
-use netns::{Netns, Topology, install_redirect_except};
+use netns::{Netns, Process, Topology, example, install_redirect_except};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -65,56 +62,9 @@ fn options() -> Options {
     options
 }
 
-fn example(package: &str, name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("bench path");
-    let profile = exe.parent().and_then(Path::parent).expect("profile dir");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            package,
-            "--example",
-            name,
-        ])
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "building {name}");
-    profile.join("examples").join(name)
-}
-
-struct Process(Child);
-
-impl Process {
-    fn start(netns: &Netns, program: &Path, args: &[&str], ready_prefix: &str) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &netns.name])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let out = child.stdout.take().expect("stdout");
-        let ready = BufReader::new(out)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.starts_with(ready_prefix));
-        assert!(ready, "{} did not start", program.display());
-        Self(child)
-    }
-
-    fn rss(&self) -> u64 {
-        resident_bytes(self.0.id()).expect("RSS")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A proxy's resident memory.
+fn rss(process: &Process) -> u64 {
+    resident_bytes(process.pid()).expect("RSS")
 }
 
 fn manifest() -> String {
@@ -348,8 +298,8 @@ fn main() {
         return;
     }
     let options = options();
-    let xds_serve = example("xds-server", "xds-serve");
-    let ztunnel_run = example("ztunnel-core", "ztunnel-run");
+    let xds_serve = example("xds-server", "xds-serve", true);
+    let ztunnel_run = example("ztunnel-core", "ztunnel-run", true);
     let topology = Topology::new("bench", 2);
     // Load-generator settings, for plain TCP and the mesh alike: the
     // connection test closes tens of thousands of connections, whose
@@ -413,7 +363,7 @@ fn main() {
             "ready",
         ));
     }
-    let idle: Vec<u64> = proxies.iter().map(Process::rss).collect();
+    let idle: Vec<u64> = proxies.iter().map(rss).collect();
 
     let _server = Process::start(
         &topology.workloads[1],
@@ -460,7 +410,7 @@ fn main() {
 
     let open = on(&client, open_many(at(ECHO), options.connections));
     std::thread::sleep(Duration::from_millis(500));
-    let loaded: Vec<u64> = proxies.iter().map(Process::rss).collect();
+    let loaded: Vec<u64> = proxies.iter().map(rss).collect();
     drop(open);
 
     let m = |values: &[f64]| median(values).unwrap_or(f64::NAN);

@@ -9,15 +9,13 @@
 mod support;
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::mesh::{ca, identity, round_trip};
-use support::netns::{Netns, Topology, install_redirect};
+use support::netns::{Process, Topology, example, install_redirect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -29,82 +27,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const CONTROL_PLANE: &str = "10.77.0.1:15012";
 const VIP: &str = "10.96.0.10:80";
 const AGENT_TOKEN: &str = "node-agent-token";
-
-/// Builds an example binary of the workspace and returns its path.
-fn example(package: &str, name: &str) -> PathBuf {
-    let test_exe = std::env::current_exe().expect("test path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("profile dir");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package, "--example", name])
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "building the {name} example failed");
-    profile_dir.join("examples").join(name)
-}
-
-/// A child process, killed on drop; its stderr lines are kept.
-struct Process {
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Starts `program` in `netns` and waits for a stdout line starting with
-    /// `ready_prefix`.
-    fn start(netns: &Netns, program: &Path, args: &[&str], ready_prefix: &str) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &netns.name])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                lines.lock().expect("lines").push(line);
-            }
-        });
-        let out = child.stdout.take().expect("stdout");
-        let process = Self { child, stderr };
-        let ready = BufReader::new(out)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.starts_with(ready_prefix));
-        assert!(
-            ready,
-            "{} never printed {ready_prefix:?}: {:?}",
-            program.display(),
-            process.stderr_lines()
-        );
-        process
-    }
-
-    fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.lock().expect("lines").clone()
-    }
-
-    fn signal(&self, signal: &str) {
-        // `ip netns exec` execs the program: the child's pid is the program's.
-        support::netns::run(
-            "kill",
-            &[&format!("-{signal}"), &self.child.id().to_string()],
-        );
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn cluster_yaml() -> String {
     let pod = |namespace: &str, name: &str, account: &str, ip: &str, app: &str| {
@@ -179,8 +101,8 @@ const UIDS: [&str; 3] = [
 /// The scene; with `on_demand_client`, the client pod's proxy learns
 /// addresses on demand instead of receiving them all.
 async fn scene(test: &str, cert_ttl: Option<u64>, on_demand_client: bool) -> Scene {
-    let xds_serve = example("xds-server", "xds-serve");
-    let ztunnel_run = example("ztunnel-core", "ztunnel-run");
+    let xds_serve = example("xds-server", "xds-serve", false);
+    let ztunnel_run = example("ztunnel-core", "ztunnel-run", false);
     let topology = Topology::new(test, 3);
     let manifests = tempfile::tempdir().expect("tempdir");
     std::fs::write(manifests.path().join("cluster.yaml"), cluster_yaml()).expect("write");

@@ -22,34 +22,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::authorize::{Inbound, local_workload};
 use super::log::{AccessLog, Direction};
-use super::{Context, socket};
+use super::{Context, accept_loop, socket};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::parse_authority;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 
-/// Accepts HBONE connections until `stop`.
+/// Accepts HBONE connections until `stop` (which also tells open HTTP/2
+/// connections to go away).
 pub(super) async fn serve_hbone(ctx: Arc<Context>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "HBONE accept failed");
-                    continue;
-                }
-            },
-        };
-        let task_ctx = ctx.clone();
-        let draining = stop.clone();
-        ctx.tasks.spawn(async move {
-            let force_close = task_ctx.force_close.clone();
-            tokio::select! {
-                () = hbone_connection(task_ctx, tcp, peer, draining) => {}
-                () = force_close.cancelled() => {}
-            }
-        });
-    }
+    let draining = stop.clone();
+    accept_loop(ctx, listener, stop, "HBONE", move |ctx, tcp, peer| {
+        hbone_connection(ctx, tcp, peer, draining.clone())
+    })
+    .await;
 }
 
 async fn hbone_connection(
@@ -239,26 +224,14 @@ pub(super) async fn serve_plaintext(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, source) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "inbound accept failed");
-                    continue;
-                }
-            },
-        };
-        let task_ctx = ctx.clone();
-        ctx.tasks.spawn(async move {
-            let force_close = task_ctx.force_close.clone();
-            tokio::select! {
-                () = plaintext_connection(task_ctx, tcp, source) => {}
-                () = force_close.cancelled() => {}
-            }
-        });
-    }
+    accept_loop(
+        ctx,
+        listener,
+        stop,
+        "inbound plaintext",
+        plaintext_connection,
+    )
+    .await;
 }
 
 async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {

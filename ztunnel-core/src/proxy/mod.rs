@@ -343,6 +343,40 @@ impl Context {
     }
 }
 
+/// Accepts on `listener` until `stop`; each connection runs `handle` as a
+/// task the instance tracks (a drain waits for it) and a forced close ends.
+async fn accept_loop<F, Fut>(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    name: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(listener = name, error = %err, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let connection = handle(ctx.clone(), tcp, peer);
+        let force_close = ctx.force_close.clone();
+        ctx.tasks.spawn(async move {
+            tokio::select! {
+                () = connection => {}
+                () = force_close.cancelled() => {}
+            }
+        });
+    }
+}
+
 /// A workload described as a `baggage` header value.
 pub fn baggage(workload: &Workload) -> String {
     let kind = match WorkloadType::try_from(workload.workload_type) {

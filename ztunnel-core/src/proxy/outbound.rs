@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
 use super::route::{Route, Upstream, route};
-use super::{Context, socket, socks5};
+use super::{Context, accept_loop, socket, socks5};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
@@ -32,27 +32,11 @@ pub(super) async fn serve_outbound(
     stop: CancellationToken,
 ) {
     let random = Arc::new(Random::default());
-    loop {
-        let (tcp, source) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "outbound accept failed");
-                    continue;
-                }
-            },
-        };
-        let task_ctx = ctx.clone();
+    accept_loop(ctx, listener, stop, "outbound", move |ctx, tcp, source| {
         let random = random.clone();
-        ctx.tasks.spawn(async move {
-            let force_close = task_ctx.force_close.clone();
-            tokio::select! {
-                () = outbound_connection(task_ctx, tcp, source, &random) => {}
-                () = force_close.cancelled() => {}
-            }
-        });
-    }
+        async move { outbound_connection(ctx, tcp, source, &random).await }
+    })
+    .await;
 }
 
 /// Numbers for load balancing: cheap, and different per connection.
@@ -94,27 +78,11 @@ pub(super) async fn serve_socks5(
     stop: CancellationToken,
 ) {
     let random = Arc::new(Random::default());
-    loop {
-        let (tcp, source) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "SOCKS5 accept failed");
-                    continue;
-                }
-            },
-        };
-        let task_ctx = ctx.clone();
+    accept_loop(ctx, listener, stop, "SOCKS5", move |ctx, tcp, source| {
         let random = random.clone();
-        ctx.tasks.spawn(async move {
-            let force_close = task_ctx.force_close.clone();
-            tokio::select! {
-                () = socks5_connection(task_ctx, tcp, source, &random) => {}
-                () = force_close.cancelled() => {}
-            }
-        });
-    }
+        async move { socks5_connection(ctx, tcp, source, &random).await }
+    })
+    .await;
 }
 
 async fn socks5_connection(

@@ -3,8 +3,11 @@
 //! run async code whose sockets live inside one of them.
 
 use std::future::Future;
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Runs a command; panics with its output if it fails.
 pub fn run(program: &str, args: &[&str]) {
@@ -25,8 +28,8 @@ pub fn run_with_input(namespace: &str, command: &[&str], stdin: &str) {
     let mut child = Command::new("ip")
         .args(["netns", "exec", namespace])
         .args(command)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
     child
@@ -195,4 +198,91 @@ pub fn install_redirect_except(netns: &Netns, exempt: &[u16]) {
 "
         ),
     );
+}
+
+/// Builds an example binary of the workspace (release or debug) and returns
+/// its path, next to the running test's or bench's own profile folder.
+pub fn example(package: &str, name: &str, release: bool) -> PathBuf {
+    let test_exe = std::env::current_exe().expect("test path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("profile dir");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package, "--example", name])
+        .args(release.then_some("--release"))
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "building the {name} example failed");
+    profile_dir.join("examples").join(name)
+}
+
+/// A child process, killed on drop; its stderr lines are kept.
+pub struct Process {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `program` in `netns` and waits for a stdout line starting with
+    /// `ready_prefix`.
+    pub fn start(netns: &Netns, program: &Path, args: &[&str], ready_prefix: &str) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns.name])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                lines.lock().expect("lines").push(line);
+            }
+        });
+        let out = child.stdout.take().expect("stdout");
+        let process = Self { child, stderr };
+        let ready = BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.starts_with(ready_prefix));
+        assert!(
+            ready,
+            "{} never printed {ready_prefix:?}: {:?}",
+            program.display(),
+            process.stderr_lines()
+        );
+        process
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().expect("lines").clone()
+    }
+
+    /// Sends it `signal` (e.g. `HUP`).
+    pub fn signal(&self, signal: &str) {
+        // `ip netns exec` execs the program: the child's pid is the program's.
+        run(
+            "kill",
+            &[&format!("-{signal}"), &self.child.id().to_string()],
+        );
+    }
+}
+
+impl Process {
+    /// Its process id (the program's: `ip netns exec` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
