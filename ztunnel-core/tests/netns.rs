@@ -214,6 +214,30 @@ fn vip() -> SocketAddr {
     VIP.parse().expect("vip")
 }
 
+/// Opens an HBONE stream to the echo pod through its proxy, presenting
+/// `cert` as `source` (run inside a pod namespace).
+async fn connect_to_echo(
+    cert: Arc<mesh_ca::WorkloadCertificate>,
+    source: mesh_api::Identity,
+) -> Result<(), String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = WorkloadTls::new(cert, &provider).expect("tls");
+    let shutdown = CancellationToken::new();
+    let pool = HbonePool::new(Some(PROXY_MARK), &shutdown);
+    let key = PoolKey {
+        source,
+        expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
+        address: format!("{}:15008", Topology::workload_ip(1))
+            .parse()
+            .expect("addr"),
+        source_ip: None,
+    };
+    pool.connect(&tls, &key, echo_pod(), &[])
+        .await
+        .map(|_| ())
+        .map_err(|err| err.to_string())
+}
+
 /// Polls `check` until it holds.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -282,9 +306,6 @@ async fn mesh_traffic_policy_foreign_roots_and_a_lost_control_plane() {
 
     // A peer whose certificate comes from another root is refused by the
     // echo pod's HBONE server.
-    let echo_hbone: SocketAddr = format!("{}:15008", Topology::workload_ip(1))
-        .parse()
-        .expect("addr");
     let refused = scene.topology.workloads[0]
         .run(move || async move {
             let shutdown = CancellationToken::new();
@@ -295,19 +316,7 @@ async fn mesh_traffic_policy_foreign_roots_and_a_lost_control_plane() {
                 .certificate(&shell, WAIT)
                 .await
                 .expect("foreign cert");
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let tls = WorkloadTls::new(cert, &provider).expect("tls");
-            let pool = HbonePool::new(Some(PROXY_MARK), &shutdown);
-            let key = PoolKey {
-                source: shell,
-                expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
-                address: echo_hbone,
-                source_ip: None,
-            };
-            pool.connect(&tls, &key, echo_pod(), &[])
-                .await
-                .err()
-                .map(|err| err.to_string())
+            connect_to_echo(cert, shell).await.err()
         })
         .await;
     assert!(refused.is_some(), "a foreign certificate is refused");
@@ -398,9 +407,6 @@ async fn traffic_keeps_flowing_through_a_root_rotation() {
     // Only the new root is trusted now, and the echo pod's proxy presents a
     // certificate under it: a client trusting nothing else gets through.
     let new_root = std::fs::read(ca_dir.join(mesh_ca::store::ROOT_CERT_FILE)).expect("root");
-    let echo_hbone: SocketAddr = format!("{}:15008", Topology::workload_ip(1))
-        .parse()
-        .expect("addr");
     let connected = scene.topology.workloads[0]
         .run(move || async move {
             use rustls_pki_types::pem::PemObject;
@@ -420,20 +426,7 @@ async fn traffic_keeps_flowing_through_a_root_rotation() {
                 .certificate(&shell, true, None)
                 .await
                 .expect("a certificate under the new root");
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let tls = WorkloadTls::new(Arc::new(cert), &provider).expect("tls");
-            let shutdown = CancellationToken::new();
-            let pool = HbonePool::new(Some(PROXY_MARK), &shutdown);
-            let key = PoolKey {
-                source: shell,
-                expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
-                address: echo_hbone,
-                source_ip: None,
-            };
-            pool.connect(&tls, &key, echo_pod(), &[])
-                .await
-                .map(|_| ())
-                .map_err(|err| err.to_string())
+            connect_to_echo(Arc::new(cert), shell).await
         })
         .await;
     assert_eq!(

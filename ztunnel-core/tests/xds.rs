@@ -61,6 +61,11 @@ async fn serve(store: &Store, listener: TcpListener) -> XdsHandle {
 }
 
 fn client(addr: SocketAddr) -> XdsClient {
+    client_with(addr, false)
+}
+
+/// A client of the server at `addr`, streaming everything or on demand.
+fn client_with(addr: SocketAddr, on_demand: bool) -> XdsClient {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect_lazy();
@@ -68,6 +73,7 @@ fn client(addr: SocketAddr) -> XdsClient {
         .channel(channel)
         .node_id("ztunnel~10.0.0.9~ztunnel-x.istio-system~istio-system.svc.cluster.local")
         .max_backoff(Duration::from_millis(200))
+        .on_demand(on_demand)
         .build()
         .expect("client")
 }
@@ -169,15 +175,7 @@ async fn on_demand_clients_learn_only_what_they_ask_for() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let _server = serve(&store, listener).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect_lazy();
-    let client = XdsClient::builder()
-        .channel(channel)
-        .node_id("ztunnel~10.0.0.9~ztunnel-x.istio-system~istio-system.svc.cluster.local")
-        .on_demand(true)
-        .build()
-        .expect("client");
+    let client = client_with(addr, true);
     let state = client.state();
     let demander = client.demander().expect("on demand");
     let mut synced = client.synced();
