@@ -483,3 +483,56 @@ async fn the_admin_server_reports_readiness_config_and_istio_metrics() {
     assert_eq!(get(address, "/nothing").await.0, 404);
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_opens_another_connection_past_100_streams_and_closes_idle_ones() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    // Pinged every second (a pong may take as long), closed after two
+    // seconds without streams.
+    let pool = HbonePool::with_keep_alive(
+        None,
+        &shutdown,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    );
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+    let cert = mesh.ca.certs.certificate(&shell, WAIT).await.expect("cert");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = WorkloadTls::new(cert, &provider).expect("tls");
+    let key = PoolKey {
+        source: shell,
+        expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
+        address: SocketAddr::new("127.0.0.2".parse().expect("ip"), mesh.hbone_port),
+        source_ip: None,
+    };
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(
+            pool.connect(&tls, &key, mesh.app, &[])
+                .await
+                .expect("stream"),
+        );
+    }
+    assert_eq!(
+        pool.connection_count(),
+        1,
+        "100 streams share one connection"
+    );
+    open.push(
+        pool.connect(&tls, &key, mesh.app, &[])
+            .await
+            .expect("stream 101"),
+    );
+    assert_eq!(pool.connection_count(), 2, "the 101st opens another");
+
+    drop(open);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pool.connection_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle connections are closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -136,17 +136,40 @@ struct Inner {
     connections: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
     mark: Option<u32>,
     shutdown: CancellationToken,
+    keep_alive: KeepAlive,
+}
+
+/// When pooled connections are pinged and when idle ones close.
+#[derive(Clone, Copy, Debug)]
+struct KeepAlive {
+    ping_interval: Duration,
+    idle_timeout: Duration,
 }
 
 impl HbonePool {
     /// A pool whose sockets carry `mark` (see [`socket::PROXY_MARK`]); its
     /// connections close on `shutdown`.
     pub fn new(mark: Option<u32>, shutdown: &CancellationToken) -> Self {
+        Self::with_keep_alive(mark, shutdown, PING_INTERVAL, POOL_IDLE_TIMEOUT)
+    }
+
+    /// [`HbonePool::new`] with its own PING interval and idle timeout (WIRE.md
+    /// §4 gives 10 s and 5 minutes).
+    pub fn with_keep_alive(
+        mark: Option<u32>,
+        shutdown: &CancellationToken,
+        ping_interval: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connections: Mutex::new(HashMap::new()),
                 mark,
                 shutdown: shutdown.child_token(),
+                keep_alive: KeepAlive {
+                    ping_interval,
+                    idle_timeout,
+                },
             }),
         }
     }
@@ -265,6 +288,7 @@ impl HbonePool {
             closed: closed.clone(),
         });
         let ping = connection.ping_pong();
+        let timing = self.inner.keep_alive;
         tokio::spawn(async move {
             tokio::select! {
                 result = &mut connection => {
@@ -272,7 +296,7 @@ impl HbonePool {
                         tracing::debug!(%address, error = %err, "HBONE connection ended");
                     }
                 }
-                () = keep_alive(ping, streams) => {}
+                () = keep_alive(ping, streams, timing) => {}
                 () = closed.cancelled() => {}
             }
             closed.cancel();
@@ -288,21 +312,22 @@ impl HbonePool {
 
 /// Returns when the connection should close: idle too long, or a PING went
 /// unanswered.
-async fn keep_alive(ping: Option<h2::PingPong>, streams: Arc<AtomicUsize>) {
+async fn keep_alive(ping: Option<h2::PingPong>, streams: Arc<AtomicUsize>, timing: KeepAlive) {
     let mut idle_for = Duration::ZERO;
     let mut ping = ping;
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
+        tokio::time::sleep(timing.ping_interval).await;
         if streams.load(Ordering::Acquire) == 0 {
-            idle_for += PING_INTERVAL;
-            if idle_for >= POOL_IDLE_TIMEOUT {
+            idle_for += timing.ping_interval;
+            if idle_for >= timing.idle_timeout {
                 return;
             }
         } else {
             idle_for = Duration::ZERO;
         }
         if let Some(pinger) = ping.as_mut() {
-            let pong = tokio::time::timeout(PING_INTERVAL, pinger.ping(h2::Ping::opaque())).await;
+            let pong =
+                tokio::time::timeout(timing.ping_interval, pinger.ping(h2::Ping::opaque())).await;
             if !matches!(pong, Ok(Ok(_))) {
                 return;
             }
