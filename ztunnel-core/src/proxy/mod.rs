@@ -301,45 +301,33 @@ struct Context {
 impl Context {
     /// The served workload's identity.
     fn served_identity(&self) -> Result<Identity, IdentityError> {
+        self.identity_of(self.state.read().workload(&self.served_uid).map(|w| &**w))
+    }
+
+    /// The served workload's identity, given the workload as the state knows
+    /// it (`None`: not known): the configured one, else the workload's.
+    fn identity_of(&self, served: Option<&Workload>) -> Result<Identity, IdentityError> {
         if let Some(identity) = &self.identity {
             return Ok(identity.clone());
         }
-        let state = self.state.read();
-        let workload = state
-            .workload(&self.served_uid)
-            .ok_or_else(|| IdentityError::UnknownWorkload(self.served_uid.clone()))?;
+        let workload =
+            served.ok_or_else(|| IdentityError::UnknownWorkload(self.served_uid.clone()))?;
         workload_identity(workload)
             .ok_or_else(|| IdentityError::NoIdentity(self.served_uid.clone()))
     }
 
     /// TLS with the served workload's current certificate.
     async fn workload_tls(&self) -> Result<WorkloadTls, IdentityError> {
-        let identity = self.served_identity()?;
+        self.tls_for(&self.served_identity()?).await
+    }
+
+    /// TLS with `identity`'s current certificate.
+    async fn tls_for(&self, identity: &Identity) -> Result<WorkloadTls, IdentityError> {
         let certificate = self
             .certs
-            .certificate(&identity, self.certificate_wait)
+            .certificate(identity, self.certificate_wait)
             .await?;
         Ok(self.tls.for_certificate(&certificate)?)
-    }
-
-    /// The served workload's first address on its network: where its HBONE
-    /// connections come from.
-    fn served_ip(&self) -> Option<std::net::IpAddr> {
-        let state = self.state.read();
-        let workload = state.workload(&self.served_uid)?;
-        workload
-            .addresses
-            .iter()
-            .find_map(|bytes| mesh_api::names::ip_from_wire(bytes).ok())
-    }
-
-    /// The served workload's `baggage`.
-    fn own_baggage(&self) -> String {
-        self.state
-            .read()
-            .workload(&self.served_uid)
-            .map(|workload| baggage(workload))
-            .unwrap_or_default()
     }
 }
 

@@ -9,14 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mesh_api::Identity;
+use mesh_api::workload::Workload;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
-use super::route::{Route, Upstream, route};
-use super::{Context, accept_loop, socket, socks5};
+use super::route::{Route, Upstream, first_ip, route};
+use super::{Context, accept_loop, baggage, socket, socks5};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
@@ -229,7 +230,9 @@ async fn hbone(
 ) -> Result<(u64, u64), String> {
     // Boxed: setting up (certificate, pool, CONNECT) takes far more state than
     // carrying bytes, and a connection's task should stay small while it lives.
-    let stream = Box::pin(open_hbone(ctx, source, upstream)).await?;
+    // The served workload as routing saw it: no second look at the state.
+    let served = log.source_workload.clone();
+    let stream = Box::pin(open_hbone(ctx, source, upstream, served.as_deref())).await?;
     log.opened();
     let copied = copy_bidirectional(tcp, stream.send, stream.recv)
         .await
@@ -237,11 +240,13 @@ async fn hbone(
     Ok((copied.tcp_to_stream, copied.stream_to_tcp))
 }
 
-/// Opens the CONNECT stream to `upstream`.
+/// Opens the CONNECT stream to `upstream` for the served workload (`served`,
+/// as the state knows it).
 async fn open_hbone(
     ctx: &Context,
     source: SocketAddr,
     upstream: &Upstream,
+    served: Option<&Workload>,
 ) -> Result<HboneStream, String> {
     let Some(identity) = upstream.identity.clone() else {
         return Err(format!(
@@ -258,16 +263,20 @@ async fn open_hbone(
                 .ok()
         }));
     }
-    let tls = ctx.workload_tls().await.map_err(|err| err.to_string())?;
+    let identity = ctx.identity_of(served).map_err(|err| err.to_string())?;
+    let tls = ctx
+        .tls_for(&identity)
+        .await
+        .map_err(|err| err.to_string())?;
     let key = PoolKey {
         source: tls.identity().clone(),
         expected,
         address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
-        source_ip: ctx.served_ip(),
+        source_ip: served.and_then(first_ip),
     };
     let headers = [
         ("forwarded", forwarded_for(source)),
-        ("baggage", ctx.own_baggage()),
+        ("baggage", served.map(baggage).unwrap_or_default()),
     ];
     ctx.pool
         .connect(&tls, &key, upstream.address, &headers)

@@ -105,6 +105,14 @@ fn upstream(
     }
 }
 
+/// A workload's first address that decodes.
+pub fn first_ip(workload: &Workload) -> Option<IpAddr> {
+    workload
+        .addresses
+        .iter()
+        .find_map(|bytes| ip_from_wire(bytes).ok())
+}
+
 /// A workload's SPIFFE identity, if its parts make one.
 pub fn workload_identity(workload: &Workload) -> Option<Identity> {
     let trust_domain = if workload.trust_domain.is_empty() {
@@ -192,11 +200,7 @@ fn balance(
     for (endpoint, target, _) in &candidates {
         let w = weight(endpoint);
         if pick < w {
-            let Some(ip) = endpoint
-                .addresses
-                .iter()
-                .find_map(|bytes| ip_from_wire(bytes).ok())
-            else {
+            let Some(ip) = first_ip(endpoint) else {
                 break;
             };
             return Ok(upstream(endpoint, ip, *target, Some(service)));
