@@ -202,20 +202,15 @@ async fn hbone_stream(
     let recv = request.into_body();
     log.opened();
     let outcome = tokio::select! {
-        copied = copy_bidirectional(&mut upstream, send, recv) => copied.map_err(|err| err.to_string()),
+        copied = copy_bidirectional(&mut upstream, send, recv) => copied
+            .map(|copied| (copied.tcp_to_stream, copied.stream_to_tcp))
+            .map_err(|err| err.to_string()),
         () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
     };
-    match outcome {
-        Ok(copied) => {
-            log.received = copied.stream_to_tcp;
-            log.sent = copied.tcp_to_stream;
-            log.done(started);
-        }
-        Err(err) => {
-            socket::reset(upstream);
-            log.failed(started, &err);
-        }
+    if outcome.is_err() {
+        socket::reset(upstream);
     }
+    log.finish(started, &outcome);
 }
 
 /// Accepts plaintext inbound connections (redirected to 15006) until `stop`.
@@ -295,16 +290,9 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
         copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied.map_err(|err| err.to_string()),
         () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
     };
-    match outcome {
-        Ok((sent, received)) => {
-            log.sent = sent;
-            log.received = received;
-            log.done(started);
-        }
-        Err(err) => {
-            socket::reset(tcp);
-            socket::reset(upstream);
-            log.failed(started, &err);
-        }
+    if outcome.is_err() {
+        socket::reset(tcp);
+        socket::reset(upstream);
     }
+    log.finish(started, &outcome);
 }

@@ -133,6 +133,19 @@ impl AccessLog {
         self.labels = Some(labels);
     }
 
+    /// Emits the event of a connection that ended: completed with the bytes
+    /// (sent, received), or failed with an error.
+    pub fn finish(&mut self, started: Instant, outcome: &Result<(u64, u64), String>) {
+        match outcome {
+            Ok((sent, received)) => {
+                self.sent = *sent;
+                self.received = *received;
+                self.done(started);
+            }
+            Err(err) => self.failed(started, err),
+        }
+    }
+
     /// Emits the event of a connection that completed.
     pub fn done(&self, started: Instant) {
         self.emit(started, None);

@@ -189,17 +189,10 @@ async fn forward(
             }
         }
     };
-    match outcome {
-        Ok((sent, received)) => {
-            log.sent = sent;
-            log.received = received;
-            log.done(started);
-        }
-        Err(err) => {
-            socket::reset(tcp);
-            log.failed(started, &err);
-        }
+    if outcome.is_err() {
+        socket::reset(tcp);
     }
+    log.finish(started, &outcome);
 }
 
 async fn plain(
