@@ -60,6 +60,18 @@ async fn serve(store: &Store, listener: TcpListener) -> XdsHandle {
         .expect("spawn")
 }
 
+/// The cluster with pods echo-1 and echo-2, served on loopback.
+async fn two_echoes() -> (Store, SocketAddr, XdsHandle) {
+    let store = Store::new(MeshConfig::default());
+    apply(&store, CLUSTER);
+    apply(&store, &pod("echo-1", "10.0.0.1"));
+    apply(&store, &pod("echo-2", "10.0.0.2"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = serve(&store, listener).await;
+    (store, addr, server)
+}
+
 fn client(addr: SocketAddr) -> XdsClient {
     client_with(addr, false)
 }
@@ -95,13 +107,7 @@ async fn eventually(
 
 #[tokio::test]
 async fn the_state_follows_the_control_plane_and_outlives_it() {
-    let store = Store::new(MeshConfig::default());
-    apply(&store, CLUSTER);
-    apply(&store, &pod("echo-1", "10.0.0.1"));
-    apply(&store, &pod("echo-2", "10.0.0.2"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = serve(&store, listener).await;
+    let (store, addr, server) = two_echoes().await;
 
     let client = client(addr);
     let state = client.state();
@@ -168,13 +174,7 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
 
 #[tokio::test]
 async fn on_demand_clients_learn_only_what_they_ask_for() {
-    let store = Store::new(MeshConfig::default());
-    apply(&store, CLUSTER);
-    apply(&store, &pod("echo-1", "10.0.0.1"));
-    apply(&store, &pod("echo-2", "10.0.0.2"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let _server = serve(&store, listener).await;
+    let (store, addr, _server) = two_echoes().await;
     let client = client_with(addr, true);
     let state = client.state();
     let demander = client.demander().expect("on demand");
