@@ -92,15 +92,13 @@ async fn hbone_connection(
         let Some(accepted) = accepted else { return };
         match accepted {
             Ok((request, respond)) => {
-                let ctx_for_stream = ctx.clone();
-                let peer = peer.clone();
-                ctx.tasks.spawn(async move {
-                    let force_close = ctx_for_stream.force_close.clone();
-                    tokio::select! {
-                        () = hbone_stream(ctx_for_stream, peer, source, request, respond) => {}
-                        () = force_close.cancelled() => {}
-                    }
-                });
+                ctx.spawn_tracked(hbone_stream(
+                    ctx.clone(),
+                    peer.clone(),
+                    source,
+                    request,
+                    respond,
+                ));
             }
             Err(err) => {
                 tracing::debug!(%source, error = %err, "HBONE connection ended");

@@ -316,6 +316,18 @@ impl Context {
             .ok_or_else(|| IdentityError::NoIdentity(self.served_uid.clone()))
     }
 
+    /// Runs a connection's work as a task a drain waits for and a forced close
+    /// ends.
+    fn spawn_tracked(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let force_close = self.force_close.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = work => {}
+                () = force_close.cancelled() => {}
+            }
+        });
+    }
+
     /// TLS with the served workload's current certificate.
     async fn workload_tls(&self) -> Result<WorkloadTls, IdentityError> {
         self.tls_for(&self.served_identity()?).await
@@ -354,14 +366,7 @@ async fn accept_loop<F, Fut>(
                 }
             },
         };
-        let connection = handle(ctx.clone(), tcp, peer);
-        let force_close = ctx.force_close.clone();
-        ctx.tasks.spawn(async move {
-            tokio::select! {
-                () = connection => {}
-                () = force_close.cancelled() => {}
-            }
-        });
+        ctx.spawn_tracked(handle(ctx.clone(), tcp, peer));
     }
 }
 
