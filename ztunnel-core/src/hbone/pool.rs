@@ -243,6 +243,11 @@ impl HbonePool {
         let mut connections = self.lock();
         let list = connections.get_mut(key)?;
         list.retain(|c| !c.closed.is_cancelled());
+        if list.is_empty() {
+            // No entry left behind for a destination no longer in use.
+            connections.remove(key);
+            return None;
+        }
         list.iter().find_map(|pooled| {
             let taken = pooled
                 .streams
