@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_benches::process::resident_bytes;
+use mesh_benches::process::{cpu_time, resident_bytes};
 use mesh_benches::stats::{median, percentile};
 use netns::{Netns, Process, Topology, example, install_redirect_except};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +34,14 @@ struct Options {
     seconds: u64,
     connections: usize,
     proxy_threads: usize,
+    /// Figures to measure (`single`, `eight`, `rr`, `rate`, `memory`); all when empty.
+    only: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|name| name == figure)
+    }
 }
 
 fn options() -> Options {
@@ -42,6 +50,7 @@ fn options() -> Options {
         seconds: 3,
         connections: 10_000,
         proxy_threads: 2,
+        only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -55,6 +64,10 @@ fn options() -> Options {
             "--seconds" => options.seconds = number(),
             "--connections" => options.connections = number() as usize,
             "--proxy-threads" => options.proxy_threads = number() as usize,
+            "--only" => {
+                let names = args.next().expect("--only needs a comma-separated list");
+                options.only = names.split(',').map(str::to_owned).collect();
+            }
             // cargo bench passes --bench.
             _ => {}
         }
@@ -162,8 +175,9 @@ async fn connect(to: SocketAddr, bypass: bool) -> std::io::Result<TcpStream> {
     socket.connect(to).await
 }
 
-/// Sends for `seconds` on each of `streams` connections; bytes per second.
-async fn bulk(to: SocketAddr, bypass: bool, streams: usize, seconds: u64) -> f64 {
+/// Sends for `seconds` on each of `streams` connections: the bytes received
+/// and the time taken.
+async fn bulk(to: SocketAddr, bypass: bool, streams: usize, seconds: u64) -> (u64, Duration) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -184,7 +198,7 @@ async fn bulk(to: SocketAddr, bypass: bool, streams: usize, seconds: u64) -> f64
     for task in tasks {
         total += task.await.expect("stream");
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    (total, started.elapsed())
 }
 
 /// 1 KiB request/response on one connection: (p50, p99).
@@ -267,6 +281,17 @@ struct Figures {
     p50: Vec<f64>,
     p99: Vec<f64>,
     rate: Vec<f64>,
+    /// Both proxies' CPU time per byte in the bulk tests, in nanoseconds.
+    single_cpu: Vec<f64>,
+    eight_cpu: Vec<f64>,
+}
+
+/// The proxies' CPU time so far, together.
+fn proxies_cpu(proxies: &[Process]) -> Duration {
+    proxies
+        .iter()
+        .map(|process| cpu_time(process.pid()).expect("CPU time"))
+        .sum()
 }
 
 /// The server pod's applications, in their own process (each end of 10,000
@@ -383,21 +408,48 @@ fn main() {
             ("mesh", &mut mesh, false, at(ECHO), at(SINK)),
         ] {
             let seconds = options.seconds;
-            let (single, eight, (p50, p99), rate) = on(&client, async move {
-                let single = bulk(sink, bypass, 1, seconds).await;
-                let eight = bulk(sink, bypass, 8, seconds).await;
-                let latency = request_response(echo, bypass, 5000).await;
-                let rate = connection_rate(echo, bypass, 8, seconds).await;
-                (single, eight, latency, rate)
-            });
+            // Both proxies' CPU time while `bulk` runs, per byte carried.
+            let bulk_with_cpu = |streams: usize| -> (f64, f64) {
+                let before = proxies_cpu(&proxies);
+                let (bytes, elapsed) = on(&client, bulk(sink, bypass, streams, seconds));
+                let cpu = proxies_cpu(&proxies) - before;
+                (
+                    bytes as f64 / elapsed.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e9 / bytes as f64,
+                )
+            };
+            let (single, single_cpu) = if options.wants("single") {
+                bulk_with_cpu(1)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
+            let (eight, eight_cpu) = if options.wants("eight") {
+                bulk_with_cpu(8)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
+            let (p50, p99) = if options.wants("rr") {
+                on(&client, request_response(echo, bypass, 5000))
+            } else {
+                (Duration::ZERO, Duration::ZERO)
+            };
+            let rate = if options.wants("rate") {
+                on(&client, connection_rate(echo, bypass, 8, seconds))
+            } else {
+                f64::NAN
+            };
             println!(
-                "round {round} {name:>5}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s",
+                "round {round} {name:>5}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B",
                 single / 1048576.0,
                 eight / 1048576.0,
                 p50.as_secs_f64() * 1e6,
                 p99.as_secs_f64() * 1e6,
-                rate
+                rate,
+                single_cpu,
+                eight_cpu,
             );
+            figures.single_cpu.push(single_cpu);
+            figures.eight_cpu.push(eight_cpu);
             figures.single.push(single);
             figures.eight.push(eight);
             figures.p50.push(p50.as_secs_f64() * 1e6);
@@ -408,10 +460,13 @@ fn main() {
         }
     }
 
-    let open = on(&client, open_many(at(ECHO), options.connections));
-    std::thread::sleep(Duration::from_millis(500));
-    let loaded: Vec<u64> = proxies.iter().map(rss).collect();
-    drop(open);
+    let loaded: Vec<u64> = if options.wants("memory") {
+        let _open = on(&client, open_many(at(ECHO), options.connections));
+        std::thread::sleep(Duration::from_millis(500));
+        proxies.iter().map(rss).collect()
+    } else {
+        idle.clone()
+    };
 
     let m = |values: &[f64]| median(values).unwrap_or(f64::NAN);
     println!("\nmedians of {} rounds (mesh / plain TCP):", options.rounds);
@@ -426,6 +481,11 @@ fn main() {
         m(&mesh.eight) / 1048576.0,
         m(&plain.eight) / 1048576.0,
         m(&mesh.eight) / m(&plain.eight)
+    );
+    println!(
+        "  proxies' CPU per byte:    {:.2} ns (1 stream), {:.2} ns (8 streams), both proxies together",
+        m(&mesh.single_cpu),
+        m(&mesh.eight_cpu)
     );
     println!(
         "  1 KiB RR p50:             {:.1} vs {:.1} µs: +{:.1} µs",

@@ -3,7 +3,7 @@
 //! # Modules
 //!
 //! - [`stats`]: summaries of samples (medians, percentiles) and ratios.
-//! - [`process`]: what a process costs (resident memory).
+//! - [`process`]: what a process costs (resident memory, CPU time).
 
 pub mod process;
 pub mod stats;

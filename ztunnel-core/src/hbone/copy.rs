@@ -10,18 +10,26 @@
 use std::future::poll_fn;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+/// The largest TLS record's plaintext (TLS 1.3, no record size limit).
+const TLS_RECORD: usize = 16 << 10;
+/// An HTTP/2 frame header.
+const FRAME_HEADER: usize = 9;
 /// The largest read per direction: large reads mean fewer, larger DATA
 /// frames; kept below the allocator's mmap threshold (128 KiB in glibc) so
 /// buffers are recycled rather than mapped and faulted in afresh.
-const READ_CHUNK: usize = 64 << 10;
+///
+/// Reads are sized so that a full read's DATA frame, header included, fills
+/// whole TLS records: a 64 KiB payload would leave its last 9 bytes to a
+/// record of their own, often written by a syscall of their own.
+const READ_CHUNK: usize = 4 * TLS_RECORD - FRAME_HEADER;
 /// The first read's size: small, so short exchanges cost little memory.
-const FIRST_CHUNK: usize = 16 << 10;
+const FIRST_CHUNK: usize = TLS_RECORD - FRAME_HEADER;
 
 /// Bytes moved by a finished copy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,10 +77,8 @@ async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io
     let mut total = 0u64;
     loop {
         socket.readable().await?;
-        if buffer.capacity() < chunk_size / 2 {
-            buffer.reserve(chunk_size);
-        }
-        let read = match socket.try_read_buf(&mut buffer) {
+        buffer.reserve(chunk_size);
+        let read = match socket.try_read_buf(&mut (&mut buffer).limit(chunk_size)) {
             Ok(read) => read,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err),
@@ -84,7 +90,7 @@ async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io
         total += read as u64;
         let filled = read >= chunk_size;
         if filled && chunk_size < READ_CHUNK {
-            chunk_size *= 2;
+            chunk_size = (chunk_size + FRAME_HEADER) * 2 - FRAME_HEADER;
         }
         let mut chunk = buffer.split().freeze();
         if !filled {
