@@ -2,6 +2,14 @@
 //! into the caller's `prometheus_client` registry: connections opened and
 //! closed, bytes sent and received, per source and destination workload,
 //! principal and service, from this proxy's point of view (`reporter`).
+//!
+//! Bytes follow Istio's definitions for both reporters: `received` counts the
+//! request's bytes (client to destination), `sent` the response's
+//! (destination to client).
+//!
+//! A connection looks its label set up once, when it opens, and keeps the
+//! counters themselves ([`ConnectionCounters`]): closing it touches no map and
+//! no label strings stay with it while it lives.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,28 +66,45 @@ impl Metrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent by the client over TCP connections",
+            "Bytes of TCP connections' responses (destination to client)",
             metrics.sent.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received by the client over TCP connections",
+            "Bytes of TCP connections' requests (client to destination)",
             metrics.received.clone(),
         );
         metrics
     }
 
-    /// A connection was established.
-    pub fn opened(&self, labels: &ConnectionLabels) {
+    /// A connection with `labels` was established: counted, and its
+    /// closing counters returned.
+    pub fn opened(&self, labels: &ConnectionLabels) -> ConnectionCounters {
         self.opened.get_or_create(labels).inc();
+        ConnectionCounters {
+            closed: self.closed.get_or_create(labels).clone(),
+            sent: self.sent.get_or_create(labels).clone(),
+            received: self.received.get_or_create(labels).clone(),
+        }
     }
+}
 
-    /// A connection ended, having carried `sent` bytes from the client and
-    /// `received` bytes back.
-    pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
-        self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(sent);
-        self.received.get_or_create(labels).inc_by(received);
+/// The counters an open connection updates when it closes (shared with
+/// every connection of the same labels).
+#[derive(Clone, Debug)]
+pub struct ConnectionCounters {
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl ConnectionCounters {
+    /// The connection ended, having carried `request_bytes` from its client
+    /// to its destination and `response_bytes` back.
+    pub fn closed(&self, request_bytes: u64, response_bytes: u64) {
+        self.closed.inc();
+        self.received.inc_by(request_bytes);
+        self.sent.inc_by(response_bytes);
     }
 }
 
@@ -98,8 +123,8 @@ mod tests {
             connection_security_policy: "mutual_tls".into(),
             ..ConnectionLabels::default()
         };
-        metrics.opened(&labels);
-        metrics.closed(&labels, 10, 20);
+        let counters = metrics.opened(&labels);
+        counters.closed(10, 20);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for expected in [
@@ -112,6 +137,20 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} in\n{text}");
         }
-        assert!(text.contains("} 10\n") && text.contains("} 20\n"), "{text}");
+        let value = |name: &str| {
+            text.lines()
+                .find(|line| line.starts_with(name))
+                .and_then(|line| line.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            value("istio_tcp_received_bytes_total{").as_deref(),
+            Some("10")
+        );
+        assert_eq!(value("istio_tcp_sent_bytes_total{").as_deref(), Some("20"));
+        assert_eq!(
+            value("istio_tcp_connections_closed_total{").as_deref(),
+            Some("1")
+        );
     }
 }

@@ -178,7 +178,10 @@ async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<Tc
 }
 
 struct Mesh {
+    /// The echo instance's metrics.
     registry: Arc<Registry>,
+    /// The `default/shell` instance's metrics.
+    shell_registry: Registry,
     state: SharedState,
     ca: Ca,
     app: SocketAddr,
@@ -222,13 +225,14 @@ async fn mesh() -> Mesh {
         Some(&mut registry),
     )
     .await;
+    let mut shell_registry = Registry::default();
     let shell = instance(
         &state,
         &ca.certs,
         "Kubernetes//Pod/default/shell",
         "127.0.0.3",
         hbone_port,
-        None,
+        Some(&mut shell_registry),
     )
     .await;
     let other = instance(
@@ -242,6 +246,7 @@ async fn mesh() -> Mesh {
     .await;
     Mesh {
         registry: Arc::new(registry),
+        shell_registry,
         state,
         ca,
         app,
@@ -482,6 +487,72 @@ async fn the_admin_server_reports_readiness_config_and_istio_metrics() {
     }
     assert_eq!(get(address, "/nothing").await.0, 404);
     stop.cancel();
+}
+
+/// The value of the first sample of `metric` whose labels include `labels`.
+fn sample(registry: &Registry, metric: &str, labels: &str) -> Option<u64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+    text.lines()
+        .find(|line| line.starts_with(&format!("{metric}{{")) && line.contains(labels))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counters_follow_istio_directions_at_both_ends() {
+    let mesh = mesh().await;
+    // An application on the echo workload's IP that answers a 100-byte
+    // request with 5,000 bytes.
+    let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let app = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.expect("request");
+        stream.write_all(&vec![1u8; 5000]).await.expect("response");
+        stream.shutdown().await.expect("shutdown");
+    });
+    let mut stream = socks5(&mesh.shell, app).await.expect("connect");
+    stream.write_all(&[2u8; 100]).await.expect("request");
+    stream.shutdown().await.expect("close the request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("response");
+    assert_eq!(response.len(), 5000);
+
+    // Counted once each proxy has seen the connection end.
+    let closed = |registry: &Registry, reporter: &str| {
+        sample(
+            registry,
+            "istio_tcp_connections_closed_total",
+            &format!("reporter=\"{reporter}\""),
+        )
+    };
+    for _ in 0..100 {
+        if closed(&mesh.shell_registry, "source") == Some(1)
+            && closed(&mesh.registry, "destination") == Some(1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (registry, reporter) in [
+        (&mesh.shell_registry, "source"),
+        (&*mesh.registry, "destination"),
+    ] {
+        let labels = format!("reporter=\"{reporter}\"");
+        assert_eq!(closed(registry, reporter), Some(1), "{reporter}");
+        assert_eq!(
+            sample(registry, "istio_tcp_received_bytes_total", &labels),
+            Some(100),
+            "{reporter}: the request's bytes are received"
+        );
+        assert_eq!(
+            sample(registry, "istio_tcp_sent_bytes_total", &labels),
+            Some(5000),
+            "{reporter}: the response's bytes are sent"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,9 +67,13 @@ pub async fn copy_bidirectional(
 /// TCP → stream until the TCP peer's FIN, then END_STREAM.
 ///
 /// Memory follows the traffic: nothing is allocated until the socket is
-/// readable, a short read lets the buffer go (an idle connection holds
-/// none), reads start at [`FIRST_CHUNK`] and double up to [`READ_CHUNK`]
-/// while they fill the buffer.
+/// readable, and an idle connection holds no buffer. Reads start at
+/// [`FIRST_CHUNK`] into a buffer on the thread's stack, copied out into an
+/// allocation of the read's own size, so a short message costs a few bytes
+/// rather than a mostly empty 16 KiB block (which would also fragment the
+/// heap between long-lived connections). Reads that fill it double up to
+/// [`READ_CHUNK`], read in place; a read shorter than the first size goes
+/// back to it.
 async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
     let socket: &TcpStream = reader.as_ref();
     let mut chunk_size = FIRST_CHUNK;
@@ -77,26 +81,25 @@ async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io
     let mut total = 0u64;
     loop {
         socket.readable().await?;
-        buffer.reserve(chunk_size);
-        let read = match socket.try_read_buf(&mut (&mut buffer).limit(chunk_size)) {
-            Ok(read) => read,
+        let mut chunk = match try_read_chunk(socket, &mut buffer, chunk_size) {
+            Ok(chunk) => chunk,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err),
         };
-        if read == 0 {
+        if chunk.is_empty() {
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(total);
         }
-        total += read as u64;
-        let filled = read >= chunk_size;
-        if filled && chunk_size < READ_CHUNK {
-            chunk_size = (chunk_size + FRAME_HEADER) * 2 - FRAME_HEADER;
-        }
-        let mut chunk = buffer.split().freeze();
-        if !filled {
+        total += chunk.len() as u64;
+        if chunk.len() < chunk_size {
             // A short read: the peer may now go quiet. An idle connection
-            // keeps no buffer; the next read takes a fresh one.
+            // keeps no buffer; a small message starts small again.
             buffer = BytesMut::new();
+            if chunk.len() < FIRST_CHUNK {
+                chunk_size = FIRST_CHUNK;
+            }
+        } else if chunk_size < READ_CHUNK {
+            chunk_size = (chunk_size + FRAME_HEADER) * 2 - FRAME_HEADER;
         }
         send.reserve_capacity(chunk.len());
         while !chunk.is_empty() {
@@ -111,6 +114,24 @@ async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io
             send.send_data(part, false).map_err(h2_error)?;
         }
     }
+}
+
+/// One read of at most `chunk_size` bytes; empty at the end of the stream.
+/// The first size reads into the stack and copies out what came; larger
+/// ones read into `buffer` in place.
+fn try_read_chunk(
+    socket: &TcpStream,
+    buffer: &mut BytesMut,
+    chunk_size: usize,
+) -> io::Result<Bytes> {
+    if chunk_size <= FIRST_CHUNK {
+        let mut stack = [0u8; FIRST_CHUNK];
+        let read = socket.try_read(&mut stack[..chunk_size])?;
+        return Ok(Bytes::copy_from_slice(&stack[..read]));
+    }
+    buffer.reserve(chunk_size);
+    socket.try_read_buf(&mut buffer.limit(chunk_size))?;
+    Ok(buffer.split().freeze())
 }
 
 /// Stream → TCP until END_STREAM, then shuts the TCP write side.

@@ -200,8 +200,9 @@ async fn hbone_stream(
     let recv = request.into_body();
     log.opened();
     let outcome = tokio::select! {
+        // The request flows from the stream to the application.
         copied = copy_bidirectional(&mut upstream, send, recv) => copied
-            .map(|copied| (copied.tcp_to_stream, copied.stream_to_tcp))
+            .map(|copied| (copied.stream_to_tcp, copied.tcp_to_stream))
             .map_err(|err| err.to_string()),
         () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
     };

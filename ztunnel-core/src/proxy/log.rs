@@ -10,7 +10,7 @@ use mesh_api::Identity;
 use mesh_api::workload::Workload;
 use tokio::time::Instant;
 
-use crate::metrics::{ConnectionLabels, Metrics};
+use crate::metrics::{ConnectionCounters, ConnectionLabels, Metrics};
 
 /// Which listener took the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,11 +50,11 @@ pub struct AccessLog {
     /// The service reached through, once known.
     pub service: Option<String>,
     /// Bytes from the connection's client towards the destination.
-    pub sent: u64,
+    pub request_bytes: u64,
     /// Bytes from the destination back to the client.
-    pub received: u64,
+    pub response_bytes: u64,
     metrics: Option<Metrics>,
-    labels: Option<ConnectionLabels>,
+    counters: Option<ConnectionCounters>,
 }
 
 impl AccessLog {
@@ -74,10 +74,10 @@ impl AccessLog {
             destination_identity: None,
             source_workload: None,
             service: None,
-            sent: 0,
-            received: 0,
+            request_bytes: 0,
+            response_bytes: 0,
             metrics,
-            labels: None,
+            counters: None,
         }
     }
 
@@ -129,17 +129,17 @@ impl AccessLog {
             }
             .to_owned(),
         };
-        metrics.opened(&labels);
-        self.labels = Some(labels);
+        self.counters = Some(metrics.opened(&labels));
     }
 
     /// Emits the event of a connection that ended: completed with the bytes
-    /// (sent, received), or failed with an error.
+    /// (request, response: client to destination, destination to client),
+    /// or failed with an error.
     pub fn finish(&mut self, started: Instant, outcome: &Result<(u64, u64), String>) {
         match outcome {
-            Ok((sent, received)) => {
-                self.sent = *sent;
-                self.received = *received;
+            Ok((request, response)) => {
+                self.request_bytes = *request;
+                self.response_bytes = *response;
                 self.done(started);
             }
             Err(err) => self.failed(started, err),
@@ -157,8 +157,8 @@ impl AccessLog {
     }
 
     fn emit(&self, started: Instant, error: Option<&str>) {
-        if let (Some(metrics), Some(labels)) = (&self.metrics, &self.labels) {
-            metrics.closed(labels, self.sent, self.received);
+        if let Some(counters) = &self.counters {
+            counters.closed(self.request_bytes, self.response_bytes);
         }
         let destination = self.destination.map(|d| d.to_string());
         let workload = self
@@ -173,8 +173,8 @@ impl AccessLog {
             dst.addr = destination.as_deref(),
             dst.workload = workload.as_deref(),
             dst.identity = self.destination_identity.as_ref().map(Identity::as_uri),
-            bytes_sent = self.sent,
-            bytes_recv = self.received,
+            bytes_request = self.request_bytes,
+            bytes_response = self.response_bytes,
             duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             error,
             "connection complete"
