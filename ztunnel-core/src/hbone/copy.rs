@@ -44,14 +44,11 @@ pub struct Copied {
 /// TCP connection is dropped by the caller, reset with linger 0 if it wants).
 pub async fn copy_bidirectional(
     tcp: &mut TcpStream,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
+    send: &mut SendStream<Bytes>,
+    recv: &mut RecvStream,
 ) -> io::Result<Copied> {
     let (reader, writer) = tcp.split();
-    let outcome = tokio::try_join!(
-        tcp_to_stream(reader, &mut send),
-        stream_to_tcp(&mut recv, writer)
-    );
+    let outcome = tokio::try_join!(tcp_to_stream(reader, send), stream_to_tcp(recv, writer));
     match outcome {
         Ok((tcp_to_stream, stream_to_tcp)) => Ok(Copied {
             tcp_to_stream,

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use h2::RecvStream;
 use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_api::Identity;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::authorize::{Inbound, local_workload};
+use super::authorize::{Inbound, Registered, local_workload};
 use super::log::{AccessLog, Direction};
 use super::{Context, accept_loop, socket};
 use crate::hbone::copy::copy_bidirectional;
@@ -92,13 +92,23 @@ async fn hbone_connection(
         let Some(accepted) = accepted else { return };
         match accepted {
             Ok((request, respond)) => {
-                ctx.spawn_tracked(hbone_stream(
+                // Checking and connecting a stream takes far more state than
+                // carrying its bytes: boxed, and freed once established, so
+                // the stream's task stays small while it lives.
+                let setup = Box::pin(establish_stream(
                     ctx.clone(),
                     peer.clone(),
                     source,
                     request,
                     respond,
                 ));
+                ctx.spawn_tracked(move || async move {
+                    let Some(mut established) = setup.await else {
+                        return;
+                    };
+                    let outcome = established.carry().await;
+                    established.finish(&outcome);
+                });
             }
             Err(err) => {
                 tracing::debug!(%source, error = %err, "HBONE connection ended");
@@ -117,13 +127,15 @@ fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
-async fn hbone_stream(
+/// Checks a CONNECT stream (authority, policy) and connects it to the
+/// application. `None` if refused (answered, and logged).
+async fn establish_stream(
     ctx: Arc<Context>,
     peer: Identity,
     source: SocketAddr,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<EstablishedStream> {
     let started = Instant::now();
     let mut log = AccessLog::new(
         Direction::Inbound,
@@ -134,7 +146,7 @@ async fn hbone_stream(
     if request.method() != Method::CONNECT {
         refuse(&mut respond, StatusCode::BAD_REQUEST);
         log.failed(started, "not a CONNECT request");
-        return;
+        return None;
     }
     let authority = request.uri().authority().map_or("", |a| a.as_str());
     let destination = match parse_authority(authority) {
@@ -142,7 +154,7 @@ async fn hbone_stream(
         Err(err) => {
             refuse(&mut respond, StatusCode::BAD_REQUEST);
             log.failed(started, &err.to_string());
-            return;
+            return None;
         }
     };
     log.destination = Some(destination);
@@ -163,7 +175,7 @@ async fn hbone_stream(
                 drop(state);
                 refuse(&mut respond, StatusCode::BAD_REQUEST);
                 log.failed(started, &format!("{destination} is not served here"));
-                return;
+                return None;
             }
         }
     };
@@ -174,15 +186,15 @@ async fn hbone_stream(
             started,
             &format!("denied by policy ({:?})", decision.reason),
         );
-        return;
+        return None;
     }
     let registered = ctx.live.register(inbound);
-    let mut upstream = match socket::connect(destination, ctx.mark).await {
+    let upstream = match socket::connect(destination, ctx.mark).await {
         Ok(upstream) => upstream,
         Err(err) => {
             refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             log.failed(started, &format!("application unreachable: {err}"));
-            return;
+            return None;
         }
     };
     let response = Response::builder()
@@ -194,22 +206,52 @@ async fn hbone_stream(
         Ok(send) => send,
         Err(err) => {
             log.failed(started, &format!("the peer went away: {err}"));
-            return;
+            return None;
         }
     };
     let recv = request.into_body();
     log.opened();
-    let outcome = tokio::select! {
-        // The request flows from the stream to the application.
-        copied = copy_bidirectional(&mut upstream, send, recv) => copied
-            .map(|copied| (copied.stream_to_tcp, copied.tcp_to_stream))
-            .map_err(|err| err.to_string()),
-        () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
-    };
-    if outcome.is_err() {
-        socket::reset(upstream);
+    Some(EstablishedStream {
+        upstream,
+        send,
+        recv,
+        registered,
+        log,
+        started,
+    })
+}
+
+/// An established inbound stream: all that carrying its bytes needs.
+struct EstablishedStream {
+    upstream: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    registered: Registered,
+    log: AccessLog,
+    started: Instant,
+}
+
+impl EstablishedStream {
+    /// Copies both ways until both ends closed, or policy revokes the
+    /// connection: the bytes (request, response). Borrowed, so the future
+    /// holds no second copy of the stream.
+    async fn carry(&mut self) -> Result<(u64, u64), String> {
+        tokio::select! {
+            // The request flows from the stream to the application.
+            copied = copy_bidirectional(&mut self.upstream, &mut self.send, &mut self.recv) => copied
+                .map(|copied| (copied.stream_to_tcp, copied.tcp_to_stream))
+                .map_err(|err| err.to_string()),
+            () = self.registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
+        }
     }
-    log.finish(started, &outcome);
+
+    /// Logs the stream; an error resets the application's side.
+    fn finish(mut self, outcome: &Result<(u64, u64), String>) {
+        if outcome.is_err() {
+            socket::reset(self.upstream);
+        }
+        self.log.finish(self.started, outcome);
+    }
 }
 
 /// Accepts plaintext inbound connections (redirected to 15006) until `stop`.

@@ -316,13 +316,20 @@ impl Context {
             .ok_or_else(|| IdentityError::NoIdentity(self.served_uid.clone()))
     }
 
-    /// Runs a connection's work as a task a drain waits for and a forced close
-    /// ends.
-    fn spawn_tracked(&self, work: impl Future<Output = ()> + Send + 'static) {
+    /// Runs a connection's work, made by `make`, as a task a drain waits for
+    /// and a forced close ends.
+    ///
+    /// The work is made inside the task rather than passed in: a future
+    /// captured by the task and then raced would be stored twice in it, and
+    /// each connection's task lives as long as the connection.
+    fn spawn_tracked<Work>(&self, make: impl FnOnce() -> Work + Send + 'static)
+    where
+        Work: Future<Output = ()> + Send,
+    {
         let force_close = self.force_close.clone();
         self.tasks.spawn(async move {
             tokio::select! {
-                () = work => {}
+                () = make() => {}
                 () = force_close.cancelled() => {}
             }
         });
@@ -352,7 +359,7 @@ async fn accept_loop<F, Fut>(
     name: &'static str,
     handle: F,
 ) where
-    F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -366,7 +373,9 @@ async fn accept_loop<F, Fut>(
                 }
             },
         };
-        ctx.spawn_tracked(handle(ctx.clone(), tcp, peer));
+        let connection = ctx.clone();
+        let handle = handle.clone();
+        ctx.spawn_tracked(move || handle(connection, tcp, peer));
     }
 }
 

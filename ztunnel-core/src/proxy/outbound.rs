@@ -3,8 +3,10 @@
 //! HBONE (or plain TCP if it takes no HBONE), else plain TCP as it was going.
 //! A destination that cannot be routed, refused or reached resets the client.
 
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,8 +36,12 @@ pub(super) async fn serve_outbound(
 ) {
     let random = Arc::new(Random::default());
     accept_loop(ctx, listener, stop, "outbound", move |ctx, tcp, source| {
-        let random = random.clone();
-        async move { outbound_connection(ctx, tcp, source, &random).await }
+        run(Box::pin(establish_outbound(
+            ctx,
+            tcp,
+            source,
+            random.clone(),
+        )))
     })
     .await;
 }
@@ -54,20 +60,34 @@ impl Random {
     }
 }
 
-async fn outbound_connection(
+/// Runs a connection. Setting up (routing, lookups, certificates, the
+/// CONNECT) takes far more state than carrying bytes: `setup` comes boxed and
+/// is freed once established, so a connection's task stays small while it
+/// lives.
+async fn run(setup: Pin<Box<impl Future<Output = Option<Established>>>>) {
+    let Some(mut established) = setup.await else {
+        return;
+    };
+    let outcome = established.carry().await;
+    established.finish(&outcome);
+}
+
+/// Sets up a connection redirected to the outbound listener.
+async fn establish_outbound(
     ctx: Arc<Context>,
     tcp: TcpStream,
     source: SocketAddr,
-    random: &Random,
-) {
+    random: Arc<Random>,
+) -> Option<Established> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
     match socket::original_destination(&tcp) {
-        Ok(destination) => forward(&ctx, tcp, source, destination, random, log, started).await,
+        Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started).await,
         Err(err) => {
             socket::reset(tcp);
             log.failed(started, &format!("no destination: {err}"));
+            None
         }
     }
 }
@@ -80,18 +100,18 @@ pub(super) async fn serve_socks5(
 ) {
     let random = Arc::new(Random::default());
     accept_loop(ctx, listener, stop, "SOCKS5", move |ctx, tcp, source| {
-        let random = random.clone();
-        async move { socks5_connection(ctx, tcp, source, &random).await }
+        run(Box::pin(establish_socks5(ctx, tcp, source, random.clone())))
     })
     .await;
 }
 
-async fn socks5_connection(
+/// Sets up a SOCKS5 connection: the handshake, then as if redirected.
+async fn establish_socks5(
     ctx: Arc<Context>,
     mut tcp: TcpStream,
     source: SocketAddr,
-    random: &Random,
-) {
+    random: Arc<Random>,
+) -> Option<Established> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
@@ -99,7 +119,7 @@ async fn socks5_connection(
         Ok(target) => target,
         Err(err) => {
             log.failed(started, &format!("SOCKS5: {err}"));
-            return;
+            return None;
         }
     };
     let destination = match target {
@@ -111,7 +131,7 @@ async fn socks5_connection(
             .write_all(&socks5::reply(socks5::Reply::HostUnreachable))
             .await;
         log.failed(started, "SOCKS5: the name does not resolve");
-        return;
+        return None;
     };
     if tcp
         .write_all(&socks5::reply(socks5::Reply::Succeeded))
@@ -119,9 +139,9 @@ async fn socks5_connection(
         .is_err()
     {
         log.failed(started, "SOCKS5: the client went away");
-        return;
+        return None;
     }
-    forward(&ctx, tcp, source, destination, random, log, started).await;
+    forward(&ctx, tcp, source, destination, &random, log, started).await
 }
 
 /// A mesh hostname's VIP from the state, else the system resolver's answer.
@@ -143,16 +163,17 @@ async fn resolve(ctx: &Context, name: &str, port: u16) -> Option<SocketAddr> {
     tokio::net::lookup_host((name, port)).await.ok()?.next()
 }
 
-/// Routes and carries a connection to `destination`.
+/// Routes a connection to `destination` and connects it there: what is left
+/// to do is carrying its bytes. `None` if it failed (reset, and logged).
 async fn forward(
     ctx: &Context,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     source: SocketAddr,
     destination: SocketAddr,
     random: &Random,
     mut log: AccessLog,
     started: Instant,
-) {
+) -> Option<Established> {
     log.destination = Some(destination);
     let route_now = |log: &mut AccessLog| {
         let state = ctx.state.read();
@@ -174,63 +195,94 @@ async fn forward(
             routed = route_now(&mut log);
         }
     }
-    let outcome = match routed {
+    let link = match routed {
         Err(err) => Err(err.to_string()),
-        Ok(Route::Passthrough(address)) => plain(&mut tcp, address, ctx.mark, &mut log).await,
+        Ok(Route::Passthrough(address)) => plain(address, ctx.mark).await,
         Ok(Route::Mesh(upstream)) => {
             log.destination = Some(upstream.address);
             log.destination_workload = Some(upstream.workload.clone());
             log.destination_identity.clone_from(&upstream.identity);
             log.service = upstream.service.as_ref().map(|s| s.hostname.clone());
             if upstream.hbone {
-                hbone(ctx, &mut tcp, source, &upstream, &mut log).await
+                let served = log.source_workload.clone();
+                open_hbone(ctx, source, &upstream, served.as_deref())
+                    .await
+                    .map(Link::Hbone)
             } else {
-                plain(&mut tcp, upstream.address, ctx.mark, &mut log).await
+                plain(upstream.address, ctx.mark).await
             }
         }
     };
-    if outcome.is_err() {
-        socket::reset(tcp);
-    }
-    log.finish(started, &outcome);
-}
-
-async fn plain(
-    tcp: &mut TcpStream,
-    address: SocketAddr,
-    mark: Option<u32>,
-    log: &mut AccessLog,
-) -> Result<(u64, u64), String> {
-    let mut upstream = socket::connect(address, mark)
-        .await
-        .map_err(|err| format!("connect to {address}: {err}"))?;
-    log.opened();
-    match tokio::io::copy_bidirectional(tcp, &mut upstream).await {
-        Ok(copied) => Ok(copied),
+    match link {
+        Ok(link) => {
+            log.opened();
+            Some(Established {
+                tcp,
+                link,
+                log,
+                started,
+            })
+        }
         Err(err) => {
-            socket::reset(upstream);
-            Err(err.to_string())
+            socket::reset(tcp);
+            log.failed(started, &err);
+            None
         }
     }
 }
 
-async fn hbone(
-    ctx: &Context,
-    tcp: &mut TcpStream,
-    source: SocketAddr,
-    upstream: &Upstream,
-    log: &mut AccessLog,
-) -> Result<(u64, u64), String> {
-    // Boxed: setting up (certificate, pool, CONNECT) takes far more state than
-    // carrying bytes, and a connection's task should stay small while it lives.
-    // The served workload as routing saw it: no second look at the state.
-    let served = log.source_workload.clone();
-    let stream = Box::pin(open_hbone(ctx, source, upstream, served.as_deref())).await?;
-    log.opened();
-    let copied = copy_bidirectional(tcp, stream.send, stream.recv)
+/// A plain TCP connection to `address`.
+async fn plain(address: SocketAddr, mark: Option<u32>) -> Result<Link, String> {
+    socket::connect(address, mark)
         .await
-        .map_err(|err| err.to_string())?;
-    Ok((copied.tcp_to_stream, copied.stream_to_tcp))
+        .map(Link::Plain)
+        .map_err(|err| format!("connect to {address}: {err}"))
+}
+
+/// Where an established connection's bytes go.
+enum Link {
+    /// A CONNECT stream over HBONE.
+    Hbone(HboneStream),
+    /// Plain TCP.
+    Plain(TcpStream),
+}
+
+/// An established outbound connection: all that carrying its bytes needs.
+struct Established {
+    tcp: TcpStream,
+    link: Link,
+    log: AccessLog,
+    started: Instant,
+}
+
+impl Established {
+    /// Copies both ways until both ends closed: the bytes (request,
+    /// response). Borrowed, so the future holds no second copy of the
+    /// connection.
+    async fn carry(&mut self) -> Result<(u64, u64), String> {
+        match &mut self.link {
+            Link::Plain(upstream) => tokio::io::copy_bidirectional(&mut self.tcp, upstream)
+                .await
+                .map_err(|err| err.to_string()),
+            Link::Hbone(stream) => {
+                copy_bidirectional(&mut self.tcp, &mut stream.send, &mut stream.recv)
+                    .await
+                    .map(|copied| (copied.tcp_to_stream, copied.stream_to_tcp))
+                    .map_err(|err| err.to_string())
+            }
+        }
+    }
+
+    /// Logs the connection; an error resets both ends.
+    fn finish(mut self, outcome: &Result<(u64, u64), String>) {
+        if outcome.is_err() {
+            if let Link::Plain(upstream) = self.link {
+                socket::reset(upstream);
+            }
+            socket::reset(self.tcp);
+        }
+        self.log.finish(self.started, outcome);
+    }
 }
 
 /// Opens the CONNECT stream to `upstream` for the served workload (`served`,
