@@ -489,6 +489,46 @@ async fn the_admin_server_reports_readiness_config_and_istio_metrics() {
     stop.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_every_size_arrive_intact_in_order() {
+    let mesh = mesh().await;
+    let mut stream = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    // Each message is echoed in full before the next is sent, so the proxies
+    // read them one by one: small reads, reads that fill and grow the
+    // buffer, short reads at full size, and small ones again.
+    let sizes = [
+        1,
+        100,
+        16_375,
+        16_376,
+        70_000,
+        5,
+        300_000,
+        20_000,
+        3,
+        1 << 20,
+        7,
+    ];
+    for (round, size) in sizes.into_iter().enumerate() {
+        let message: Vec<u8> = (0..size).map(|i| ((i + round) % 251) as u8).collect();
+        stream.write_all(&message).await.expect("send");
+        let mut echoed = vec![0u8; size];
+        // Bounded: a lost byte would otherwise wait forever.
+        tokio::time::timeout(WAIT, stream.read_exact(&mut echoed))
+            .await
+            .unwrap_or_else(|_| panic!("message {round} ({size} bytes) was not echoed in full"))
+            .expect("echo");
+        assert!(
+            echoed == message,
+            "message {round} ({size} bytes) came back intact"
+        );
+    }
+    stream.shutdown().await.expect("close");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.expect("end");
+    assert!(rest.is_empty());
+}
+
 /// The value of the first sample of `metric` whose labels include `labels`.
 fn sample(registry: &Registry, metric: &str, labels: &str) -> Option<u64> {
     let mut text = String::new();
