@@ -49,7 +49,7 @@ fn options() -> Options {
         rounds: 3,
         seconds: 3,
         connections: 10_000,
-        proxy_threads: 2,
+        proxy_threads: 1,
         only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
