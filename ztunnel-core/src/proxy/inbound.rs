@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::authorize::{Inbound, Registered, local_workload};
 use super::log::{AccessLog, Direction};
-use super::{Context, accept_loop, socket};
+use super::{Carried, Context, Established, accept_loop, run_connection, socket};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::parse_authority;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
@@ -102,13 +102,7 @@ async fn hbone_connection(
                     request,
                     respond,
                 ));
-                ctx.spawn_tracked(move || async move {
-                    let Some(mut established) = setup.await else {
-                        return;
-                    };
-                    let outcome = established.carry().await;
-                    established.finish(&outcome);
-                });
+                ctx.spawn_tracked(move || run_connection(setup));
             }
             Err(err) => {
                 tracing::debug!(%source, error = %err, "HBONE connection ended");
@@ -135,7 +129,7 @@ async fn establish_stream(
     source: SocketAddr,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) -> Option<EstablishedStream> {
+) -> Option<InboundStream> {
     let started = Instant::now();
     let mut log = AccessLog::new(
         Direction::Inbound,
@@ -211,7 +205,7 @@ async fn establish_stream(
     };
     let recv = request.into_body();
     log.opened();
-    Some(EstablishedStream {
+    Some(InboundStream {
         upstream,
         send,
         recv,
@@ -221,8 +215,8 @@ async fn establish_stream(
     })
 }
 
-/// An established inbound stream: all that carrying its bytes needs.
-struct EstablishedStream {
+/// An established inbound stream.
+struct InboundStream {
     upstream: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
@@ -231,11 +225,9 @@ struct EstablishedStream {
     started: Instant,
 }
 
-impl EstablishedStream {
-    /// Copies both ways until both ends closed, or policy revokes the
-    /// connection: the bytes (request, response). Borrowed, so the future
-    /// holds no second copy of the stream.
-    async fn carry(&mut self) -> Result<(u64, u64), String> {
+impl Established for InboundStream {
+    /// Also ends when policy revokes the connection.
+    async fn carry(&mut self) -> Carried {
         tokio::select! {
             // The request flows from the stream to the application.
             copied = copy_bidirectional(&mut self.upstream, &mut self.send, &mut self.recv) => copied
@@ -245,8 +237,8 @@ impl EstablishedStream {
         }
     }
 
-    /// Logs the stream; an error resets the application's side.
-    fn finish(mut self, outcome: &Result<(u64, u64), String>) {
+    /// An error resets the application's side.
+    fn finish(mut self, outcome: &Carried) {
         if outcome.is_err() {
             socket::reset(self.upstream);
         }

@@ -35,8 +35,10 @@ pub mod route;
 pub mod socket;
 pub mod socks5;
 
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -377,6 +379,32 @@ async fn accept_loop<F, Fut>(
         let handle = handle.clone();
         ctx.spawn_tracked(move || handle(connection, tcp, peer));
     }
+}
+
+/// The outcome of carrying a connection: bytes (request, response), or what
+/// went wrong.
+type Carried = Result<(u64, u64), String>;
+
+/// A connection past its setup: all that carrying its bytes needs.
+trait Established: Send {
+    /// Copies both ways until both ends closed. Borrowed, so the future holds
+    /// no second copy of the connection.
+    fn carry(&mut self) -> impl Future<Output = Carried> + Send;
+
+    /// Logs the connection; an error resets it.
+    fn finish(self, outcome: &Carried);
+}
+
+/// Runs a connection. Setting up (routing, lookups, certificates, policy,
+/// the CONNECT) takes far more state than carrying bytes: `setup` comes boxed
+/// and is freed once established, so a connection's task stays small while
+/// it lives.
+async fn run_connection<E: Established>(setup: Pin<Box<impl Future<Output = Option<E>>>>) {
+    let Some(mut established) = setup.await else {
+        return;
+    };
+    let outcome = established.carry().await;
+    established.finish(&outcome);
 }
 
 /// A workload described as a `baggage` header value.

@@ -3,10 +3,8 @@
 //! HBONE (or plain TCP if it takes no HBONE), else plain TCP as it was going.
 //! A destination that cannot be routed, refused or reached resets the client.
 
-use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
 use super::route::{Route, Upstream, first_ip, route};
-use super::{Context, accept_loop, baggage, socket, socks5};
+use super::{Carried, Context, Established, accept_loop, baggage, run_connection, socket, socks5};
 use crate::hbone::copy::copy_bidirectional;
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
@@ -36,7 +34,7 @@ pub(super) async fn serve_outbound(
 ) {
     let random = Arc::new(Random::default());
     accept_loop(ctx, listener, stop, "outbound", move |ctx, tcp, source| {
-        run(Box::pin(establish_outbound(
+        run_connection(Box::pin(establish_outbound(
             ctx,
             tcp,
             source,
@@ -60,25 +58,13 @@ impl Random {
     }
 }
 
-/// Runs a connection. Setting up (routing, lookups, certificates, the
-/// CONNECT) takes far more state than carrying bytes: `setup` comes boxed and
-/// is freed once established, so a connection's task stays small while it
-/// lives.
-async fn run(setup: Pin<Box<impl Future<Output = Option<Established>>>>) {
-    let Some(mut established) = setup.await else {
-        return;
-    };
-    let outcome = established.carry().await;
-    established.finish(&outcome);
-}
-
 /// Sets up a connection redirected to the outbound listener.
 async fn establish_outbound(
     ctx: Arc<Context>,
     tcp: TcpStream,
     source: SocketAddr,
     random: Arc<Random>,
-) -> Option<Established> {
+) -> Option<Outbound> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
@@ -100,7 +86,7 @@ pub(super) async fn serve_socks5(
 ) {
     let random = Arc::new(Random::default());
     accept_loop(ctx, listener, stop, "SOCKS5", move |ctx, tcp, source| {
-        run(Box::pin(establish_socks5(ctx, tcp, source, random.clone())))
+        run_connection(Box::pin(establish_socks5(ctx, tcp, source, random.clone())))
     })
     .await;
 }
@@ -111,7 +97,7 @@ async fn establish_socks5(
     mut tcp: TcpStream,
     source: SocketAddr,
     random: Arc<Random>,
-) -> Option<Established> {
+) -> Option<Outbound> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
@@ -173,7 +159,7 @@ async fn forward(
     random: &Random,
     mut log: AccessLog,
     started: Instant,
-) -> Option<Established> {
+) -> Option<Outbound> {
     log.destination = Some(destination);
     let route_now = |log: &mut AccessLog| {
         let state = ctx.state.read();
@@ -216,7 +202,7 @@ async fn forward(
     match link {
         Ok(link) => {
             log.opened();
-            Some(Established {
+            Some(Outbound {
                 tcp,
                 link,
                 log,
@@ -247,19 +233,16 @@ enum Link {
     Plain(TcpStream),
 }
 
-/// An established outbound connection: all that carrying its bytes needs.
-struct Established {
+/// An established outbound connection.
+struct Outbound {
     tcp: TcpStream,
     link: Link,
     log: AccessLog,
     started: Instant,
 }
 
-impl Established {
-    /// Copies both ways until both ends closed: the bytes (request,
-    /// response). Borrowed, so the future holds no second copy of the
-    /// connection.
-    async fn carry(&mut self) -> Result<(u64, u64), String> {
+impl Established for Outbound {
+    async fn carry(&mut self) -> Carried {
         match &mut self.link {
             Link::Plain(upstream) => tokio::io::copy_bidirectional(&mut self.tcp, upstream)
                 .await
@@ -273,8 +256,8 @@ impl Established {
         }
     }
 
-    /// Logs the connection; an error resets both ends.
-    fn finish(mut self, outcome: &Result<(u64, u64), String>) {
+    /// An error resets both ends.
+    fn finish(mut self, outcome: &Carried) {
         if outcome.is_err() {
             if let Link::Plain(upstream) = self.link {
                 socket::reset(upstream);
