@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// A service as DNS sees it.
@@ -46,6 +47,13 @@ pub trait MeshDns: Send + Sync + 'static {
 
     /// The namespace of the workload at `client`, if it is known.
     fn client_namespace(&self, client: IpAddr) -> Option<Arc<str>>;
+
+    /// A number that grows whenever an answer could change (any service or
+    /// client namespace). With one, the proxy reuses encoded answers until it
+    /// moves; `None` (the default) means answers are worked out every time.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +66,8 @@ struct State {
 #[derive(Debug, Default, Clone)]
 pub struct InMemoryMeshDns {
     state: Arc<RwLock<State>>,
+    /// Moved on by every change, under the write lock, after the change.
+    generation: Arc<AtomicU64>,
 }
 
 impl InMemoryMeshDns {
@@ -84,6 +94,7 @@ impl InMemoryMeshDns {
             .unwrap_or_default();
         entries.push(Arc::new(service));
         state.by_hostname.insert(hostname, entries.into());
+        self.changed();
     }
 
     /// Removes a service; `false` if it was not there.
@@ -104,6 +115,9 @@ impl InMemoryMeshDns {
         } else {
             state.by_hostname.insert(hostname, remaining.into());
         }
+        if removed {
+            self.changed();
+        }
         removed
     }
 
@@ -114,6 +128,11 @@ impl InMemoryMeshDns {
             Some(namespace) => state.namespaces.insert(ip.to_canonical(), namespace.into()),
             None => state.namespaces.remove(&ip.to_canonical()),
         };
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
@@ -143,5 +162,9 @@ impl MeshDns for InMemoryMeshDns {
 
     fn client_namespace(&self, client: IpAddr) -> Option<Arc<str>> {
         self.read().namespaces.get(&client.to_canonical()).cloned()
+    }
+
+    fn generation(&self) -> Option<u64> {
+        Some(self.generation.load(Ordering::Acquire))
     }
 }

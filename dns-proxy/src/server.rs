@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::lookup::MeshDns;
+use answers::AnswerCache;
+
+mod answers;
 use crate::resolve::{Resolution, resolve};
 use crate::upstream::{Relayed, Upstream, UpstreamConfig};
 
@@ -237,14 +240,16 @@ impl Handler {
         let Ok(info) = request.request_info() else {
             return Reply::code(ResponseCode::FormErr);
         };
-        match self.decide(info.query.original(), request.src().ip()) {
+        let namespace = self.mesh.client_namespace(request.src().ip());
+        match self.decide(info.query.original(), namespace.as_deref()) {
             Decision::Reply(reply) => reply,
             Decision::Forward(name, record_type) => self.forward(&name, record_type).await,
         }
     }
 
-    /// Answers from the mesh without waiting for anything, or says to forward.
-    fn decide(&self, query: &Query, client: IpAddr) -> Decision {
+    /// Answers from the mesh for a client in `namespace` without waiting for
+    /// anything, or says to forward.
+    fn decide(&self, query: &Query, namespace: Option<&str>) -> Decision {
         let question = query.name();
         let record_type = query.query_type();
         if query.query_class() != DNSClass::IN {
@@ -255,11 +260,10 @@ impl Handler {
         if name.ends_with('.') {
             name.pop();
         }
-        let namespace = self.mesh.client_namespace(client);
         match resolve(
             self.mesh.as_ref(),
             &self.domain,
-            namespace.as_deref(),
+            namespace,
             &name,
             record_type,
         ) {
@@ -358,11 +362,14 @@ impl RequestHandler for Handler {
 
 /// The UDP side: one receive loop that answers mesh questions inline (no task
 /// or channel per question) and hands only forwarded ones to tasks. hickory-proto
-/// reads and writes the messages. Unreadable datagrams with a query header get
-/// FORMERR; shorter ones, and responses, are dropped.
+/// reads and writes the messages; a mesh answer is kept encoded and reused
+/// for the same question while the mesh state is unchanged. Unreadable
+/// datagrams with a query header get FORMERR; shorter ones, and responses, are
+/// dropped.
 async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
     let forwards = TaskTracker::new();
     let mut buffer = vec![0u8; MAX_QUERY_BYTES];
+    let mut answers = AnswerCache::default();
     loop {
         let (len, client) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -378,6 +385,14 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
             continue;
         }
         let packet = &buffer[..len];
+        let namespace = handler.mesh.client_namespace(client.ip());
+        let generation = handler.mesh.generation();
+        if let Some(generation) = generation
+            && let Some(answer) = answers.get(generation, packet, namespace.as_deref())
+        {
+            send(&socket, answer, client).await;
+            continue;
+        }
         let Ok(request) = Message::from_vec(packet) else {
             // A readable query header: say what was wrong. Anything else: drop.
             if len >= 12 && packet[2] & 0x80 == 0 {
@@ -394,12 +409,15 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
             continue;
         }
         let decision = match request.queries.as_slice() {
-            [query] => handler.decide(query, client.ip()),
+            [query] => handler.decide(query, namespace.as_deref()),
             _ => Decision::Reply(Reply::code(ResponseCode::FormErr)),
         };
         match decision {
             Decision::Reply(reply) => {
                 if let Some(bytes) = encode_udp(request, reply) {
+                    if let Some(generation) = generation {
+                        answers.insert(generation, packet, namespace.as_deref(), &bytes);
+                    }
                     send(&socket, &bytes, client).await;
                 }
             }

@@ -115,6 +115,7 @@ fn service(namespace: &str, hostname: &str, vips: &[&str], endpoints: &[&str]) -
 
 struct Setup {
     proxy: DnsHandle,
+    mesh: InMemoryMeshDns,
     upstream_questions: Arc<AtomicUsize>,
     _upstream: Server<FakeUpstream>,
 }
@@ -152,7 +153,7 @@ async fn start() -> Setup {
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let tcp = TcpListener::bind(udp.local_addr().unwrap()).await.unwrap();
     let proxy = DnsProxy::builder()
-        .mesh(Arc::new(mesh))
+        .mesh(Arc::new(mesh.clone()))
         .upstream(UpstreamConfig {
             servers: vec![upstream],
             timeout: Duration::from_millis(500),
@@ -165,6 +166,7 @@ async fn start() -> Setup {
         .unwrap();
     Setup {
         proxy,
+        mesh,
         upstream_questions,
         _upstream: upstream_server,
     }
@@ -385,6 +387,63 @@ async fn headless_and_single_family_services() {
         0,
         "nothing went upstream"
     );
+}
+
+#[tokio::test]
+async fn repeated_questions_get_their_own_id_and_follow_mesh_changes() {
+    let setup = start().await;
+    let to = setup.proxy.udp_addr();
+    let ask = |id: u16, name: &str| {
+        let mut packet = question(name, RecordType::A, true);
+        packet[..2].copy_from_slice(&id.to_be_bytes());
+        async move { udp_exchange("127.0.0.1", to, &packet).await.unwrap() }
+    };
+    let echo = "echo.default.svc.cluster.local.";
+    for id in [1, 2, 0xbeef] {
+        let response = ask(id, echo).await;
+        assert_eq!(response.metadata.id, id);
+        assert_eq!(answers(&response), [format!("A {echo} 10.96.0.10")]);
+        assert!(response.metadata.authoritative);
+    }
+    // A changed service is answered from the new state at once.
+    setup.mesh.upsert_service(service(
+        "default",
+        "echo.default.svc.cluster.local",
+        &["10.96.0.99"],
+        &[],
+    ));
+    let response = ask(3, echo).await;
+    assert_eq!(response.metadata.id, 3);
+    assert_eq!(answers(&response), [format!("A {echo} 10.96.0.99")]);
+    // So is a client that moved to another namespace.
+    let short = "echo.";
+    assert_eq!(
+        answers(&ask(4, short).await),
+        [
+            format!("CNAME {short} {echo}"),
+            format!("A {echo} 10.96.0.99")
+        ]
+    );
+    setup
+        .mesh
+        .set_client_namespace("127.0.0.1".parse().unwrap(), Some("other".into()));
+    let other = "echo.other.svc.cluster.local.";
+    assert_eq!(
+        answers(&ask(5, short).await),
+        [
+            format!("CNAME {short} {other}"),
+            format!("A {other} 10.96.0.20")
+        ]
+    );
+    // And a removed service is no longer the mesh's to answer.
+    assert!(
+        setup
+            .mesh
+            .remove_service("other", "echo.other.svc.cluster.local")
+    );
+    let response = ask(6, other).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

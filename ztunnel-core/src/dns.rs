@@ -107,4 +107,8 @@ impl MeshDns for StateDns {
                 .clone()
         })
     }
+
+    fn generation(&self) -> Option<u64> {
+        Some(self.state.read().generation())
+    }
 }
