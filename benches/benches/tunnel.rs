@@ -9,6 +9,7 @@ mod netns;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use netns::{Netns, Process, Topology, example, install_redirect_except};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+const CONTROL_PLANE_IP: &str = "10.77.0.1";
 const CONTROL_PLANE: &str = "10.77.0.1:15012";
 const AGENT_TOKEN: &str = "bench-agent";
 /// Mesh ports on the server pod (redirected) and their plain twins (exempt).
@@ -34,6 +36,8 @@ struct Options {
     seconds: u64,
     connections: usize,
     proxy_threads: usize,
+    /// A real ztunnel binary, measured in the same run as a third carrier.
+    ztunnel: Option<PathBuf>,
     /// Figures to measure (`single`, `eight`, `rr`, `rate`, `memory`); all when empty.
     only: Vec<String>,
 }
@@ -50,6 +54,7 @@ fn options() -> Options {
         seconds: 3,
         connections: 10_000,
         proxy_threads: 1,
+        ztunnel: None,
         only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -64,6 +69,9 @@ fn options() -> Options {
             "--seconds" => options.seconds = number(),
             "--connections" => options.connections = number() as usize,
             "--proxy-threads" => options.proxy_threads = number() as usize,
+            "--ztunnel" => {
+                options.ztunnel = Some(args.next().expect("--ztunnel needs a path").into());
+            }
             "--only" => {
                 let names = args.next().expect("--only needs a comma-separated list");
                 options.only = names.split(',').map(str::to_owned).collect();
@@ -274,6 +282,120 @@ fn raise_open_files_limit() {
     }
 }
 
+/// What carries the traffic between the two pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carrier {
+    /// Plain TCP, around the redirect.
+    Plain,
+    /// Our `ztunnel-core` (`ztunnel-run`) in each pod.
+    Ours,
+    /// A real ztunnel in each pod (`--ztunnel`), dedicated mode.
+    Ztunnel,
+}
+
+impl Carrier {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Ours => "ours",
+            Self::Ztunnel => "ztunnel",
+        }
+    }
+}
+
+/// Starts each carrier's proxies in the two pods.
+struct Launcher<'a> {
+    topology: &'a Topology,
+    ztunnel_run: &'a Path,
+    root: &'a Path,
+    ztunnel_dir: &'a Path,
+    options: &'a Options,
+}
+
+/// The pods, as (name, service account, workload uid).
+const PODS: [(&str, &str); 2] = [
+    ("client", "Kubernetes//Pod/default/client"),
+    ("server", "Kubernetes//Pod/default/server"),
+];
+
+impl Launcher<'_> {
+    /// The client pod's proxy, then the server pod's (none for plain TCP).
+    fn start(&self, carrier: Carrier) -> Vec<Process> {
+        self.topology
+            .workloads
+            .iter()
+            .zip(PODS)
+            .filter_map(|(netns, (name, uid))| match carrier {
+                Carrier::Plain => None,
+                Carrier::Ours => Some(self.ours(netns, uid)),
+                Carrier::Ztunnel => Some(self.ztunnel(netns, name)),
+            })
+            .collect()
+    }
+
+    fn ours(&self, netns: &Netns, uid: &str) -> Process {
+        Process::start(
+            netns,
+            self.ztunnel_run,
+            &[
+                "--control-plane",
+                CONTROL_PLANE,
+                "--root",
+                self.root.to_str().expect("utf-8"),
+                "--token",
+                AGENT_TOKEN,
+                "--workload-uid",
+                uid,
+                "--worker-threads",
+                &self.options.proxy_threads.to_string(),
+            ],
+            "ready",
+        )
+    }
+
+    /// A real ztunnel serving the pod `name` (service account `name`),
+    /// authenticated with its own token, taking config and certificates from
+    /// our control plane. It reads its token from a path relative to its
+    /// working directory.
+    fn ztunnel(&self, netns: &Netns, name: &str) -> Process {
+        let program = self.options.ztunnel.as_deref().expect("--ztunnel");
+        let dir = self.ztunnel_dir.join(name);
+        let tokens = dir.join("var/run/secrets/tokens");
+        std::fs::create_dir_all(&tokens).expect("token dir");
+        std::fs::write(tokens.join("istio-token"), ztunnel_token(name)).expect("token");
+        let address = format!("https://{CONTROL_PLANE}");
+        let root = self.root.to_str().expect("utf-8");
+        let pod = format!("ztunnel-{name}");
+        let workload = format!("default/{name}/{name}");
+        let mark = BYPASS_MARK.to_string();
+        Process::start_in(
+            netns,
+            &dir,
+            &[
+                ("XDS_ADDRESS", &address),
+                ("CA_ADDRESS", &address),
+                ("XDS_ROOT_CA", root),
+                ("CA_ROOT_CA", root),
+                ("NODE_NAME", "node-a"),
+                ("POD_NAME", &pod),
+                ("POD_NAMESPACE", "default"),
+                ("CLUSTER_ID", "Kubernetes"),
+                ("PROXY_MODE", "dedicated"),
+                ("PROXY_WORKLOAD_INFO", &workload),
+                ("ENABLE_ORIG_SRC", "false"),
+                ("PACKET_MARK", &mark),
+            ],
+            program,
+            "marking server ready",
+        )
+    }
+}
+
+/// The bearer token a ztunnel in pod `name` presents.
+fn ztunnel_token(name: &str) -> String {
+    format!("ztunnel-{name}")
+}
+
 #[derive(Default)]
 struct Figures {
     single: Vec<f64>,
@@ -284,6 +406,104 @@ struct Figures {
     /// Both proxies' CPU time per byte in the bulk tests, in nanoseconds.
     single_cpu: Vec<f64>,
     eight_cpu: Vec<f64>,
+    /// Each proxy's resident bytes (client pod, server pod), idle and with
+    /// `--connections` open.
+    idle: Vec<u64>,
+    loaded: Vec<u64>,
+}
+
+fn m(values: &[f64]) -> f64 {
+    median(values).unwrap_or(f64::NAN)
+}
+
+impl Figures {
+    /// Medians against plain TCP.
+    fn summarize(&self, plain: &Figures, options: &Options) {
+        let mib = 1048576.0;
+        println!(
+            "  single-stream throughput: {:.1} vs {:.1} MiB/s = {:.2}x",
+            m(&self.single) / mib,
+            m(&plain.single) / mib,
+            m(&self.single) / m(&plain.single)
+        );
+        println!(
+            "  8-stream throughput:      {:.1} vs {:.1} MiB/s = {:.2}x",
+            m(&self.eight) / mib,
+            m(&plain.eight) / mib,
+            m(&self.eight) / m(&plain.eight)
+        );
+        println!(
+            "  proxies' CPU per byte:    {:.2} ns (1 stream), {:.2} ns (8 streams), both proxies together",
+            m(&self.single_cpu),
+            m(&self.eight_cpu)
+        );
+        println!(
+            "  1 KiB RR p50:             {:.1} vs {:.1} µs: +{:.1} µs",
+            m(&self.p50),
+            m(&plain.p50),
+            m(&self.p50) - m(&plain.p50)
+        );
+        println!(
+            "  1 KiB RR p99:             {:.1} vs {:.1} µs: +{:.1} µs",
+            m(&self.p99),
+            m(&plain.p99),
+            m(&self.p99) - m(&plain.p99)
+        );
+        println!(
+            "  connections/s:            {:.0} vs {:.0} = {:.2}x",
+            m(&self.rate),
+            m(&plain.rate),
+            m(&self.rate) / m(&plain.rate)
+        );
+        for (i, name) in ["client proxy", "server proxy"].iter().enumerate() {
+            println!(
+                "  {name}: idle {:.1} MiB, with {} connections {:.1} MiB ({:.0} B per connection)",
+                self.idle[i] as f64 / mib,
+                options.connections,
+                self.loaded[i] as f64 / mib,
+                self.per_connection(i, options)
+            );
+        }
+    }
+
+    fn per_connection(&self, proxy: usize, options: &Options) -> f64 {
+        self.loaded[proxy].saturating_sub(self.idle[proxy]) as f64 / options.connections as f64
+    }
+
+    /// Ratios of medians against `other`, measured in the same run. Added
+    /// latency is over plain TCP's.
+    fn compare(&self, other: &Figures, plain: &Figures) {
+        let added =
+            |mesh: &Figures, pick: fn(&Figures) -> &Vec<f64>| m(pick(mesh)) - m(pick(plain));
+        println!(
+            "  throughput: {:.2}x (1 stream), {:.2}x (8 streams)",
+            m(&self.single) / m(&other.single),
+            m(&self.eight) / m(&other.eight)
+        );
+        println!(
+            "  proxies' CPU per byte: {:.2}x (1 stream), {:.2}x (8 streams)",
+            m(&self.single_cpu) / m(&other.single_cpu),
+            m(&self.eight_cpu) / m(&other.eight_cpu)
+        );
+        println!(
+            "  added latency: {:.2}x (p50), {:.2}x (p99)",
+            added(self, |f| &f.p50) / added(other, |f| &f.p50),
+            added(self, |f| &f.p99) / added(other, |f| &f.p99)
+        );
+        println!("  connections/s: {:.2}x", m(&self.rate) / m(&other.rate));
+        let ratio = |mine: u64, theirs: u64| mine as f64 / theirs as f64;
+        println!(
+            "  idle memory: {:.2}x / {:.2}x (client / server proxy)",
+            ratio(self.idle[0], other.idle[0]),
+            ratio(self.idle[1], other.idle[1])
+        );
+        let per = |f: &Figures, i: usize| f.loaded[i].saturating_sub(f.idle[i]) as f64;
+        println!(
+            "  memory per connection: {:.2}x / {:.2}x (client / server proxy)",
+            per(self, 0) / per(other, 0),
+            per(self, 1) / per(other, 1)
+        );
+    }
 }
 
 /// The proxies' CPU time so far, together.
@@ -328,7 +548,9 @@ fn main() {
     let topology = Topology::new("bench", 2);
     // Load-generator settings, for plain TCP and the mesh alike: the
     // connection test closes tens of thousands of connections, whose
-    // TIME_WAIT entries would otherwise exhaust the ephemeral ports.
+    // TIME_WAIT entries would otherwise exhaust the ephemeral ports. Ephemeral
+    // ports stay above the proxies' 15xxx ports, which are bound afresh for
+    // every round.
     for netns in &topology.workloads {
         netns::run(
             "ip",
@@ -340,7 +562,7 @@ fn main() {
                 "-q",
                 "-w",
                 "net.ipv4.tcp_tw_reuse=1",
-                "net.ipv4.ip_local_port_range=1024 65000",
+                "net.ipv4.ip_local_port_range=16000 65000",
             ],
         );
     }
@@ -348,47 +570,68 @@ fn main() {
     std::fs::write(manifests.path().join("cluster.yaml"), manifest()).expect("manifest");
     let ca_dir = tempfile::tempdir().expect("tempdir");
     let agent = format!("{AGENT_TOKEN}=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a");
+    let mut control_plane_args: Vec<String> = [
+        "--manifests",
+        manifests.path().to_str().expect("utf-8"),
+        "--listen",
+        CONTROL_PLANE,
+        "--ca-dir",
+        ca_dir.path().to_str().expect("utf-8"),
+        "--node-agent",
+        &agent,
+    ]
+    .map(str::to_owned)
+    .into();
+    if options.ztunnel.is_some() {
+        // A real ztunnel in dedicated mode authenticates as its workload.
+        for (name, _) in PODS {
+            control_plane_args.push("--token".into());
+            control_plane_args.push(format!(
+                "{}=spiffe://cluster.local/ns/default/sa/{name}",
+                ztunnel_token(name)
+            ));
+        }
+    }
+    let control_plane_args: Vec<&str> = control_plane_args.iter().map(String::as_str).collect();
     let _control_plane = Process::start(
         &topology.control,
         &xds_serve,
-        &[
-            "--manifests",
-            manifests.path().to_str().expect("utf-8"),
-            "--listen",
-            CONTROL_PLANE,
-            "--ca-dir",
-            ca_dir.path().to_str().expect("utf-8"),
-            "--node-agent",
-            &agent,
-        ],
+        &control_plane_args,
         "listening on",
     );
     let root = ca_dir.path().join(mesh_ca::store::ROOT_CERT_FILE);
-    let mut proxies = Vec::new();
-    for (netns, uid) in topology.workloads.iter().zip([
-        "Kubernetes//Pod/default/client",
-        "Kubernetes//Pod/default/server",
-    ]) {
+    for netns in &topology.workloads {
         install_redirect_except(netns, &[PLAIN_ECHO, PLAIN_SINK]);
-        proxies.push(Process::start(
-            netns,
-            &ztunnel_run,
-            &[
-                "--control-plane",
-                CONTROL_PLANE,
-                "--root",
-                root.to_str().expect("utf-8"),
-                "--token",
-                AGENT_TOKEN,
-                "--workload-uid",
-                uid,
-                "--worker-threads",
-                &options.proxy_threads.to_string(),
-            ],
-            "ready",
-        ));
+        if options.ztunnel.is_some() {
+            // ztunnel does not mark its own connections to the control plane.
+            netns::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &netns.name,
+                    "nft",
+                    "insert",
+                    "rule",
+                    "inet",
+                    "podless",
+                    "output",
+                    "ip",
+                    "daddr",
+                    CONTROL_PLANE_IP,
+                    "return",
+                ],
+            );
+        }
     }
-    let idle: Vec<u64> = proxies.iter().map(rss).collect();
+    let ztunnel_dir = tempfile::tempdir().expect("tempdir");
+    let launcher = Launcher {
+        topology: &topology,
+        ztunnel_run: &ztunnel_run,
+        root: &root,
+        ztunnel_dir: ztunnel_dir.path(),
+        options: &options,
+    };
 
     let _server = Process::start(
         &topology.workloads[1],
@@ -400,13 +643,22 @@ fn main() {
     let server_ip = Topology::workload_ip(1);
     let at = |port: u16| -> SocketAddr { format!("{server_ip}:{port}").parse().expect("addr") };
 
-    let mut plain = Figures::default();
-    let mut mesh = Figures::default();
+    let mut carriers = vec![Carrier::Plain, Carrier::Ours];
+    if options.ztunnel.is_some() {
+        carriers.push(Carrier::Ztunnel);
+    }
+    let mut figures: Vec<Figures> = carriers.iter().map(|_| Figures::default()).collect();
     for round in 1..=options.rounds {
-        for (name, figures, bypass, echo, sink) in [
-            ("plain", &mut plain, true, at(PLAIN_ECHO), at(PLAIN_SINK)),
-            ("mesh", &mut mesh, false, at(ECHO), at(SINK)),
-        ] {
+        for (carrier, figures) in carriers.iter().zip(&mut figures) {
+            // Fresh proxies for each carrier and round: ours and ztunnel's
+            // use the same ports, and no round inherits another's state.
+            let proxies = launcher.start(*carrier);
+            let bypass = *carrier == Carrier::Plain;
+            let (echo, sink) = if bypass {
+                (at(PLAIN_ECHO), at(PLAIN_SINK))
+            } else {
+                (at(ECHO), at(SINK))
+            };
             let seconds = options.seconds;
             // Both proxies' CPU time while `bulk` runs, per byte carried.
             let bulk_with_cpu = |streams: usize| -> (f64, f64) {
@@ -439,7 +691,8 @@ fn main() {
                 f64::NAN
             };
             println!(
-                "round {round} {name:>5}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B",
+                "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B",
+                carrier.name(),
                 single / 1048576.0,
                 eight / 1048576.0,
                 p50.as_secs_f64() * 1e6,
@@ -455,65 +708,34 @@ fn main() {
             figures.p50.push(p50.as_secs_f64() * 1e6);
             figures.p99.push(p99.as_secs_f64() * 1e6);
             figures.rate.push(rate);
+            drop(proxies);
             // Let TIME_WAIT sockets from the connection test drain a little.
             std::thread::sleep(Duration::from_secs(1));
         }
     }
 
-    let loaded: Vec<u64> = if options.wants("memory") {
-        let _open = on(&client, open_many(at(ECHO), options.connections));
-        std::thread::sleep(Duration::from_millis(500));
-        proxies.iter().map(rss).collect()
-    } else {
-        idle.clone()
-    };
+    // Memory: fresh proxies of each carrier, idle, then holding connections.
+    for (carrier, figures) in carriers.iter().zip(&mut figures).skip(1) {
+        let proxies = launcher.start(*carrier);
+        figures.idle = proxies.iter().map(rss).collect();
+        figures.loaded = if options.wants("memory") {
+            let _open = on(&client, open_many(at(ECHO), options.connections));
+            std::thread::sleep(Duration::from_millis(500));
+            proxies.iter().map(rss).collect()
+        } else {
+            figures.idle.clone()
+        };
+    }
 
-    let m = |values: &[f64]| median(values).unwrap_or(f64::NAN);
-    println!("\nmedians of {} rounds (mesh / plain TCP):", options.rounds);
-    println!(
-        "  single-stream throughput: {:.1} vs {:.1} MiB/s = {:.2}x",
-        m(&mesh.single) / 1048576.0,
-        m(&plain.single) / 1048576.0,
-        m(&mesh.single) / m(&plain.single)
-    );
-    println!(
-        "  8-stream throughput:      {:.1} vs {:.1} MiB/s = {:.2}x",
-        m(&mesh.eight) / 1048576.0,
-        m(&plain.eight) / 1048576.0,
-        m(&mesh.eight) / m(&plain.eight)
-    );
-    println!(
-        "  proxies' CPU per byte:    {:.2} ns (1 stream), {:.2} ns (8 streams), both proxies together",
-        m(&mesh.single_cpu),
-        m(&mesh.eight_cpu)
-    );
-    println!(
-        "  1 KiB RR p50:             {:.1} vs {:.1} µs: +{:.1} µs",
-        m(&mesh.p50),
-        m(&plain.p50),
-        m(&mesh.p50) - m(&plain.p50)
-    );
-    println!(
-        "  1 KiB RR p99:             {:.1} vs {:.1} µs: +{:.1} µs",
-        m(&mesh.p99),
-        m(&plain.p99),
-        m(&mesh.p99) - m(&plain.p99)
-    );
-    println!(
-        "  connections/s:            {:.0} vs {:.0} = {:.2}x",
-        m(&mesh.rate),
-        m(&plain.rate),
-        m(&mesh.rate) / m(&plain.rate)
-    );
-    for (i, name) in ["client proxy", "server proxy"].iter().enumerate() {
-        let per_connection = loaded[i].saturating_sub(idle[i]) as f64 / options.connections as f64;
-        println!(
-            "  {name}: idle {:.1} MiB, with {} connections {:.1} MiB ({:.0} B per connection)",
-            idle[i] as f64 / 1048576.0,
-            options.connections,
-            loaded[i] as f64 / 1048576.0,
-            per_connection
-        );
+    let plain = &figures[0];
+    println!("\nmedians of {} rounds:", options.rounds);
+    for (carrier, mesh) in carriers.iter().zip(&figures).skip(1) {
+        println!("{} (against plain TCP):", carrier.name());
+        mesh.summarize(plain, &options);
+    }
+    if let [_, ours, ztunnel] = figures.as_slice() {
+        println!("ours / ztunnel, same run:");
+        ours.compare(ztunnel, plain);
     }
     client.shutdown_background();
 }

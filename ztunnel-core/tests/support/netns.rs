@@ -227,10 +227,34 @@ impl Process {
     /// Starts `program` in `netns` and waits for a stdout line starting with
     /// `ready_prefix`.
     pub fn start(netns: &Netns, program: &Path, args: &[&str], ready_prefix: &str) -> Self {
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &netns.name])
             .arg(program)
-            .args(args)
+            .args(args);
+        Self::spawn(command, program, |line| line.starts_with(ready_prefix))
+    }
+
+    /// Starts `program` in `netns` with `env`, in directory `dir`, and waits
+    /// for a stdout line containing `ready`; stdout is read on after that.
+    pub fn start_in(
+        netns: &Netns,
+        dir: &Path,
+        env: &[(&str, &str)],
+        program: &Path,
+        ready: &str,
+    ) -> Self {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &netns.name])
+            .arg(program)
+            .current_dir(dir)
+            .envs(env.iter().copied());
+        Self::spawn(command, program, |line| line.contains(ready))
+    }
+
+    fn spawn(mut command: Command, program: &Path, ready: impl Fn(&str) -> bool) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -245,16 +269,19 @@ impl Process {
         });
         let out = child.stdout.take().expect("stdout");
         let process = Self { child, stderr };
-        let ready = BufReader::new(out)
-            .lines()
+        let mut lines = BufReader::new(out).lines();
+        let ready = lines
+            .by_ref()
             .map_while(Result::ok)
-            .any(|line| line.starts_with(ready_prefix));
+            .any(|line| ready(&line));
         assert!(
             ready,
-            "{} never printed {ready_prefix:?}: {:?}",
+            "{} never said it was ready: {:?}",
             program.display(),
             process.stderr_lines()
         );
+        // Keep reading, so a program that logs to stdout never blocks on it.
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
         process
     }
 
