@@ -38,12 +38,7 @@ impl AnswerCache {
         question: &[u8],
         namespace: Option<&str>,
     ) -> Option<&[u8]> {
-        if generation != self.generation {
-            self.answers.clear();
-            self.generation = generation;
-            return None;
-        }
-        if !Self::fill_key(&mut self.key, question, namespace) {
+        if !self.follow(generation) || !Self::fill_key(&mut self.key, question, namespace) {
             return None;
         }
         let cached = self.answers.get(self.key.as_slice())?;
@@ -61,21 +56,28 @@ impl AnswerCache {
         namespace: Option<&str>,
         response: &[u8],
     ) {
-        if generation < self.generation {
-            return; // worked out from a state that has changed since
-        }
-        if generation > self.generation {
-            self.answers.clear();
-            self.generation = generation;
-        }
         let mut key = Vec::new();
-        if response.len() < 2 || !Self::fill_key(&mut key, question, namespace) {
+        if !self.follow(generation)
+            || response.len() < 2
+            || !Self::fill_key(&mut key, question, namespace)
+        {
             return;
         }
         if self.answers.len() >= CAPACITY {
             self.answers.clear();
         }
         self.answers.insert(key, response.into());
+    }
+
+    /// Moves to `generation`, forgetting every answer when it is newer;
+    /// `false` when it is older (an answer worked out from a state that has
+    /// changed since).
+    fn follow(&mut self, generation: u64) -> bool {
+        if generation > self.generation {
+            self.answers.clear();
+            self.generation = generation;
+        }
+        generation == self.generation
     }
 
     /// How many answers are kept.
