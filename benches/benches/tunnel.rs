@@ -312,7 +312,7 @@ struct Launcher<'a> {
     options: &'a Options,
 }
 
-/// The pods, as (name, service account, workload uid).
+/// The pods, as (name, workload uid); each pod's service account is its name.
 const PODS: [(&str, &str); 2] = [
     ("client", "Kubernetes//Pod/default/client"),
     ("server", "Kubernetes//Pod/default/server"),
@@ -466,8 +466,14 @@ impl Figures {
         }
     }
 
+    /// What `proxy` (0: client pod, 1: server pod) held for the open
+    /// connections, in bytes.
+    fn held(&self, proxy: usize) -> f64 {
+        self.loaded[proxy].saturating_sub(self.idle[proxy]) as f64
+    }
+
     fn per_connection(&self, proxy: usize, options: &Options) -> f64 {
-        self.loaded[proxy].saturating_sub(self.idle[proxy]) as f64 / options.connections as f64
+        self.held(proxy) / options.connections as f64
     }
 
     /// Ratios of medians against `other`, measured in the same run. Added
@@ -497,11 +503,10 @@ impl Figures {
             ratio(self.idle[0], other.idle[0]),
             ratio(self.idle[1], other.idle[1])
         );
-        let per = |f: &Figures, i: usize| f.loaded[i].saturating_sub(f.idle[i]) as f64;
         println!(
             "  memory per connection: {:.2}x / {:.2}x (client / server proxy)",
-            per(self, 0) / per(other, 0),
-            per(self, 1) / per(other, 1)
+            self.held(0) / other.held(0),
+            self.held(1) / other.held(1)
         );
     }
 }

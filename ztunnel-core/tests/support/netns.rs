@@ -217,6 +217,14 @@ pub fn example(package: &str, name: &str, release: bool) -> PathBuf {
     profile_dir.join("examples").join(name)
 }
 
+/// `program` to run in `netns` (`ip netns exec` execs it, so the child's pid
+/// is the program's).
+fn in_netns(netns: &Netns, program: &Path) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &netns.name]).arg(program);
+    command
+}
+
 /// A child process, killed on drop; its stderr lines are kept.
 pub struct Process {
     child: Child,
@@ -227,11 +235,8 @@ impl Process {
     /// Starts `program` in `netns` and waits for a stdout line starting with
     /// `ready_prefix`.
     pub fn start(netns: &Netns, program: &Path, args: &[&str], ready_prefix: &str) -> Self {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &netns.name])
-            .arg(program)
-            .args(args);
+        let mut command = in_netns(netns, program);
+        command.args(args);
         Self::spawn(command, program, |line| line.starts_with(ready_prefix))
     }
 
@@ -244,12 +249,8 @@ impl Process {
         program: &Path,
         ready: &str,
     ) -> Self {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &netns.name])
-            .arg(program)
-            .current_dir(dir)
-            .envs(env.iter().copied());
+        let mut command = in_netns(netns, program);
+        command.current_dir(dir).envs(env.iter().copied());
         Self::spawn(command, program, |line| line.contains(ready))
     }
 
