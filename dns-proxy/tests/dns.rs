@@ -20,6 +20,9 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+mod support;
+use support::{exchange, question};
+
 // ------------------------------------------------------------ the upstream
 
 /// A fake upstream: `www.example.org` → 192.0.2.1, `big.example.org` → 100 A
@@ -174,27 +177,9 @@ async fn start() -> Setup {
 
 // -------------------------------------------------------------- the client
 
-fn question(name: &str, record_type: RecordType, edns: bool) -> Vec<u8> {
-    let mut message = Message::query();
-    message.metadata.recursion_desired = true;
-    message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
-    if edns {
-        let mut e = Edns::new();
-        e.set_max_payload(1232);
-        message.set_edns(e);
-    }
-    message.to_vec().unwrap()
-}
-
 async fn udp_exchange(from: &str, to: SocketAddr, packet: &[u8]) -> Option<Message> {
-    let socket = UdpSocket::bind(format!("{from}:0")).await.unwrap();
-    socket.send_to(packet, to).await.unwrap();
-    let mut buffer = vec![0u8; 65535];
-    let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
-        .await
-        .ok()?
-        .ok()?;
-    Some(Message::from_vec(&buffer[..len]).unwrap())
+    let reply = exchange(from, to, packet, Duration::from_secs(5)).await?;
+    Some(Message::from_vec(&reply).unwrap())
 }
 
 async fn ask_udp(from: &str, to: SocketAddr, name: &str, record_type: RecordType) -> Message {

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dns_proxy::{DnsProxy, InMemoryMeshDns, Resolution, ServiceRecord, resolve};
-use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::{RData, RecordType};
 use proptest::prelude::*;
 use tokio::net::{TcpListener, UdpSocket};
+
+mod support;
+use support::{exchange, question};
 
 const DOMAIN: &str = "cluster.local";
 
@@ -107,27 +110,11 @@ async fn start_proxy() -> (SocketAddr, dns_proxy::DnsHandle) {
     (proxy.udp_addr(), proxy)
 }
 
-/// Sends `packet` from a socket of its own and waits up to `wait` for a reply
-/// (`None` when dropped). A late reply goes to a closed socket, never to the
-/// next exchange.
-async fn exchange(to: SocketAddr, packet: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    socket.send_to(packet, to).await.unwrap();
-    let mut buffer = vec![0u8; 65535];
-    let wait = tokio::time::timeout(wait, socket.recv_from(&mut buffer));
-    let (len, _) = wait.await.ok()?.ok()?;
-    buffer.truncate(len);
-    Some(buffer)
-}
-
+/// The question for `echo.default.svc.cluster.local` A, with ID `id`.
 fn echo_question(id: u16) -> Vec<u8> {
-    let mut message = Message::query();
-    message.metadata.id = id;
-    message.add_query(Query::query(
-        Name::from_ascii("echo.default.svc.cluster.local.").unwrap(),
-        RecordType::A,
-    ));
-    message.to_vec().unwrap()
+    let mut packet = question("echo.default.svc.cluster.local.", RecordType::A, false);
+    packet[..2].copy_from_slice(&id.to_be_bytes());
+    packet
 }
 
 /// Random datagrams, and real questions with random bytes flipped: every reply
@@ -162,13 +149,13 @@ fn the_proxy_survives_any_datagram() {
     proptest!(config, |(packets in proptest::collection::vec(datagram, 1..6), id in any::<u16>())| {
         runtime.block_on(async {
             for packet in &packets {
-                if let Some(reply) = exchange(to, packet, Duration::from_millis(20)).await {
+                if let Some(reply) = exchange("127.0.0.1", to, packet, Duration::from_millis(20)).await {
                     let reply = Message::from_vec(&reply).expect("replies are well formed");
                     prop_assert_eq!(reply.metadata.message_type, MessageType::Response);
                     prop_assert_eq!(&reply.metadata.id.to_be_bytes()[..], &packet[..2]);
                 }
             }
-            let reply = exchange(to, &echo_question(id), Duration::from_secs(5))
+            let reply = exchange("127.0.0.1", to, &echo_question(id), Duration::from_secs(5))
                 .await
                 .expect("still answering");
             let reply = Message::from_vec(&reply).unwrap();

@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests: questions as bytes, and one UDP
+//! exchange with the proxy.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use tokio::net::UdpSocket;
+
+/// A recursive question for `name` as bytes, with EDNS (1232 bytes) if asked.
+pub(crate) fn question(name: &str, record_type: RecordType, edns: bool) -> Vec<u8> {
+    let mut message = Message::query();
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+    if edns {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        message.set_edns(e);
+    }
+    message.to_vec().unwrap()
+}
+
+/// Sends `packet` to `to` from a socket of its own on address `from`, and
+/// waits up to `wait` for the reply's bytes (`None` when none came). A late
+/// reply goes to a closed socket, never to the next exchange.
+pub(crate) async fn exchange(
+    from: &str,
+    to: SocketAddr,
+    packet: &[u8],
+    wait: Duration,
+) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind(format!("{from}:0")).await.unwrap();
+    socket.send_to(packet, to).await.unwrap();
+    let mut buffer = vec![0u8; 65535];
+    let (len, _) = tokio::time::timeout(wait, socket.recv_from(&mut buffer))
+        .await
+        .ok()?
+        .ok()?;
+    buffer.truncate(len);
+    Some(buffer)
+}
