@@ -16,7 +16,12 @@
 //! two cores would measure the harness.
 //!
 //! Reported: the time until every client holds the full state, with the CPU
-//! time the server and the clients spent on it; for each update
+//! time the server and the clients spent on it, and against a plain-TCP
+//! baseline from the same run: the same number of loopback connections, each
+//! carrying as many bytes as a client's sync took, written by the server
+//! process and read (and thrown away) by the client process, with nothing
+//! else done. That is the floor any xDS server sending this state meets on
+//! this machine. Then, for each update
 //! (one workload changed), the time from the change to each client's ACK, as
 //! p50/p99/max over all clients and updates; memory per workload and per client.
 
@@ -219,9 +224,7 @@ fn serve(args: &Args) {
     .expect("stdout");
 
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = loopback_listener();
         let server = XdsServer::builder()
             .store(store.clone())
             .client_auth(ClientAuth::anonymous())
@@ -241,7 +244,12 @@ fn serve(args: &Args) {
         });
         let mut generation = 0;
         while let Some(command) = commands.recv().await {
-            if command == "update" {
+            if let Some(bytes) = command.strip_prefix("blast ") {
+                let bytes = bytes.parse().expect("blast size");
+                let listener = loopback_listener();
+                writeln!(out, "blasting {}", listener.local_addr().expect("addr")).expect("stdout");
+                tokio::spawn(blast(listener, bytes));
+            } else if command == "update" {
                 generation += 1;
                 store
                     .apply(pod(0, services_per_namespace, generation))
@@ -253,7 +261,76 @@ fn serve(args: &Args) {
     });
 }
 
+/// A listener on a free loopback port whose queue holds a thousand clients
+/// connecting at once (the default of 128 would drop handshakes, and the
+/// clients' retries would be measured instead of the server).
+fn loopback_listener() -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    socket.listen(4096).expect("listen")
+}
+
+/// The plain-TCP baseline's sender: writes `bytes` bytes to every connection
+/// it accepts, once the client has asked with one byte, then closes it.
+async fn blast(listener: tokio::net::TcpListener, bytes: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let block = bytes::Bytes::from(vec![0x5a; 256 << 10]);
+    loop {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let block = block.clone();
+        tokio::spawn(async move {
+            if tcp.read_exact(&mut [0]).await.is_err() {
+                return;
+            }
+            let mut left = bytes;
+            while left > 0 {
+                let piece = &block[..left.min(block.len())];
+                if tcp.write_all(piece).await.is_err() {
+                    return;
+                }
+                left -= piece.len();
+            }
+            let _ = tcp.shutdown().await;
+        });
+    }
+}
+
 // ---------------------------------------------------------------- client side
+
+/// The plain-TCP baseline's receiver: asks with one byte (as an xDS client
+/// speaks first: a handshake whose last ACK the full listen queue dropped
+/// completes when that byte is resent), then reads and drops everything the
+/// server sends, and returns when it has all `bytes` of it.
+async fn drain(addr: SocketAddr, bytes: usize) -> Result<Instant, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut attempts = 0;
+    let mut tcp = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(tcp) => break tcp,
+            // As for the xDS clients: a full listen backlog resets some.
+            Err(_) if attempts < 50 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    };
+    tcp.write_all(&[1]).await.map_err(|err| err.to_string())?;
+    let mut buffer = vec![0; 64 << 10];
+    let mut received = 0;
+    while received < bytes {
+        match tcp.read(&mut buffer).await {
+            Ok(0) => return Err(format!("closed after {received} of {bytes} bytes")),
+            Ok(n) => received += n,
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    Ok(Instant::now())
+}
 
 /// What a client needs of a response.
 #[derive(Debug, Default)]
@@ -465,7 +542,8 @@ fn grpc_message(request: &DeltaDiscoveryRequest) -> bytes::Bytes {
 }
 
 enum Event {
-    Synced(Instant),
+    /// Fully synced, having received this many bytes of gRPC messages.
+    Synced(Instant, usize),
     Updated(usize, Instant),
     Failed(String),
 }
@@ -565,8 +643,10 @@ async fn client(
         let mut body = response.into_body();
         let mut skimmer = Skimmer::default();
         let (mut addresses, mut authorizations, mut synced) = (0usize, false, false);
+        let mut received = 0;
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|err| err.to_string())?;
+            received += chunk.len();
             let _ = body.flow_control().release_capacity(chunk.len());
             let mut failure = None;
             skimmer.feed(&chunk, &mut |response: Skim| {
@@ -593,7 +673,7 @@ async fn client(
                 }
                 if addresses >= expected && authorizations {
                     synced = true;
-                    let _ = events.send(Event::Synced(now));
+                    let _ = events.send(Event::Synced(now, received));
                 }
             })?;
             if let Some(failure) = failure {
@@ -677,9 +757,13 @@ fn main() {
             tokio::spawn(client(id, addr, expected, events.clone(), updating.clone()));
         }
         let mut synced = Vec::with_capacity(args.clients);
+        let mut sync_bytes = 0;
         while synced.len() < args.clients {
             match received.recv().await.expect("events") {
-                Event::Synced(at) => synced.push(at - started),
+                Event::Synced(at, bytes) => {
+                    synced.push(at - started);
+                    sync_bytes = sync_bytes.max(bytes);
+                }
                 Event::Failed(err) => panic!("{err}"),
                 Event::Updated(..) => {}
             }
@@ -691,15 +775,45 @@ fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_synced = rss_kib(pid);
         println!(
-            "initial sync: {} clients x {} resources: all synced in {:.2} s, \
+            "initial sync: {} clients x {} resources ({:.1} MB each): all synced in {:.2} s, \
              server CPU {:.2} s, clients' CPU {:.2} s (per client p50 {}, p99 {})",
             args.clients,
             expected,
+            sync_bytes as f64 / 1e6,
             all_synced.as_secs_f64(),
             server_cpu.as_secs_f64(),
             harness_cpu.as_secs_f64(),
             millis(percentile(&synced, 0.5)),
             millis(percentile(&synced, 0.99)),
+        );
+
+        // The plain-TCP baseline: the same bytes over as many connections.
+        writeln!(to_server, "blast {sync_bytes}").expect("blast");
+        let blast_addr: SocketAddr = tokio::task::block_in_place(&mut next_line)
+            .strip_prefix("blasting ")
+            .expect("blasting")
+            .parse()
+            .expect("addr");
+        let cpu_before = cpu_time(pid);
+        let harness_cpu_before = cpu_time(std::process::id());
+        let started = Instant::now();
+        let drains: Vec<_> = (0..args.clients)
+            .map(|_| tokio::spawn(drain(blast_addr, sync_bytes)))
+            .collect();
+        let mut last = started;
+        for drained in drains {
+            last = last.max(drained.await.expect("drain task").expect("plain TCP"));
+        }
+        let plain = last - started;
+        println!(
+            "plain TCP baseline: the same {:.1} MB to each of {} connections in {:.2} s \
+             (server CPU {:.2} s, clients' CPU {:.2} s); xDS sync / plain TCP = {:.2}x",
+            sync_bytes as f64 / 1e6,
+            args.clients,
+            plain.as_secs_f64(),
+            (cpu_time(pid) - cpu_before).as_secs_f64(),
+            (cpu_time(std::process::id()) - harness_cpu_before).as_secs_f64(),
+            all_synced.as_secs_f64() / plain.as_secs_f64(),
         );
 
         updating.store(true, std::sync::atomic::Ordering::Release);
