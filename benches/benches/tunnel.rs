@@ -231,7 +231,13 @@ async fn request_response(to: SocketAddr, bypass: bool, count: usize) -> (Durati
 
 /// Connect, 1-byte echo, close, from `parallel` loops for `seconds`:
 /// connections per second.
-async fn connection_rate(to: SocketAddr, bypass: bool, parallel: usize, seconds: u64) -> f64 {
+/// Returns how many connections completed, and in what time.
+async fn connection_rate(
+    to: SocketAddr,
+    bypass: bool,
+    parallel: usize,
+    seconds: u64,
+) -> (u64, Duration) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let done = Arc::new(AtomicU64::new(0));
@@ -252,7 +258,7 @@ async fn connection_rate(to: SocketAddr, bypass: bool, parallel: usize, seconds:
     for task in tasks {
         task.await.expect("loop");
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    (done.load(Ordering::Relaxed), started.elapsed())
 }
 
 /// Opens `count` connections through the mesh, each with one exchange.
@@ -406,6 +412,8 @@ struct Figures {
     /// Both proxies' CPU time per byte in the bulk tests, in nanoseconds.
     single_cpu: Vec<f64>,
     eight_cpu: Vec<f64>,
+    /// Both proxies' CPU time per connection in the rate test, in microseconds.
+    rate_cpu: Vec<f64>,
     /// Each proxy's resident bytes (client pod, server pod), idle and with
     /// `--connections` open.
     idle: Vec<u64>,
@@ -450,10 +458,11 @@ impl Figures {
             m(&self.p99) - m(&plain.p99)
         );
         println!(
-            "  connections/s:            {:.0} vs {:.0} = {:.2}x",
+            "  connections/s:            {:.0} vs {:.0} = {:.2}x; proxies' CPU {:.1} µs per connection",
             m(&self.rate),
             m(&plain.rate),
-            m(&self.rate) / m(&plain.rate)
+            m(&self.rate) / m(&plain.rate),
+            m(&self.rate_cpu)
         );
         for (i, name) in ["client proxy", "server proxy"].iter().enumerate() {
             println!(
@@ -496,7 +505,11 @@ impl Figures {
             added(self, |f| &f.p50) / added(other, |f| &f.p50),
             added(self, |f| &f.p99) / added(other, |f| &f.p99)
         );
-        println!("  connections/s: {:.2}x", m(&self.rate) / m(&other.rate));
+        println!(
+            "  connections/s: {:.2}x; proxies' CPU per connection: {:.2}x",
+            m(&self.rate) / m(&other.rate),
+            m(&self.rate_cpu) / m(&other.rate_cpu)
+        );
         let ratio = |mine: u64, theirs: u64| mine as f64 / theirs as f64;
         println!(
             "  idle memory: {:.2}x / {:.2}x (client / server proxy)",
@@ -690,13 +703,19 @@ fn main() {
             } else {
                 (Duration::ZERO, Duration::ZERO)
             };
-            let rate = if options.wants("rate") {
-                on(&client, connection_rate(echo, bypass, 8, seconds))
+            let (rate, rate_cpu) = if options.wants("rate") {
+                let before = proxies_cpu(&proxies);
+                let (count, elapsed) = on(&client, connection_rate(echo, bypass, 8, seconds));
+                let cpu = proxies_cpu(&proxies) - before;
+                (
+                    count as f64 / elapsed.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e6 / count as f64,
+                )
             } else {
-                f64::NAN
+                (f64::NAN, f64::NAN)
             };
             println!(
-                "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B",
+                "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B, {:.1} µs/conn",
                 carrier.name(),
                 single / 1048576.0,
                 eight / 1048576.0,
@@ -705,6 +724,7 @@ fn main() {
                 rate,
                 single_cpu,
                 eight_cpu,
+                rate_cpu,
             );
             figures.single_cpu.push(single_cpu);
             figures.eight_cpu.push(eight_cpu);
@@ -713,6 +733,7 @@ fn main() {
             figures.p50.push(p50.as_secs_f64() * 1e6);
             figures.p99.push(p99.as_secs_f64() * 1e6);
             figures.rate.push(rate);
+            figures.rate_cpu.push(rate_cpu);
             drop(proxies);
             // Let TIME_WAIT sockets from the connection test drain a little.
             std::thread::sleep(Duration::from_secs(1));

@@ -9,10 +9,12 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -71,18 +73,17 @@ pub async fn copy_bidirectional(
 /// heap between long-lived connections). Reads that fill it double up to
 /// [`READ_CHUNK`], read in place; a read shorter than the first size goes
 /// back to it.
-async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
-    let socket: &TcpStream = reader.as_ref();
+///
+/// A read shorter than asked for means the socket is drained (tokio's reads
+/// then wait for the next readiness event), so a message costs one read, not
+/// a second one that finds nothing.
+async fn tcp_to_stream(mut reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
     let mut chunk_size = FIRST_CHUNK;
     let mut buffer = BytesMut::new();
     let mut total = 0u64;
     loop {
-        socket.readable().await?;
-        let mut chunk = match try_read_chunk(socket, &mut buffer, chunk_size) {
-            Ok(chunk) => chunk,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err),
-        };
+        let mut chunk =
+            poll_fn(|cx| poll_read_chunk(&mut reader, cx, &mut buffer, chunk_size)).await?;
         if chunk.is_empty() {
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(total);
@@ -113,22 +114,31 @@ async fn tcp_to_stream(reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io
     }
 }
 
-/// One read of at most `chunk_size` bytes; empty at the end of the stream.
-/// The first size reads into the stack and copies out what came; larger
-/// ones read into `buffer` in place.
-fn try_read_chunk(
-    socket: &TcpStream,
+/// One read of at most `chunk_size` bytes once the socket is readable;
+/// empty at the end of the stream. The first size reads into the stack (only
+/// for the length of this call: nothing is held while waiting) and copies
+/// out what came; larger ones read into `buffer` in place.
+fn poll_read_chunk(
+    reader: &mut ReadHalf<'_>,
+    cx: &mut Context<'_>,
     buffer: &mut BytesMut,
     chunk_size: usize,
-) -> io::Result<Bytes> {
+) -> Poll<io::Result<Bytes>> {
     if chunk_size <= FIRST_CHUNK {
         let mut stack = [0u8; FIRST_CHUNK];
-        let read = socket.try_read(&mut stack[..chunk_size])?;
-        return Ok(Bytes::copy_from_slice(&stack[..read]));
+        let mut read = ReadBuf::new(&mut stack[..chunk_size]);
+        ready!(Pin::new(reader).poll_read(cx, &mut read))?;
+        return Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())));
     }
+    // Readable before the buffer is taken: a waiting connection holds none.
+    ready!(reader.as_ref().poll_read_ready(cx))?;
     buffer.reserve(chunk_size);
-    socket.try_read_buf(&mut buffer.limit(chunk_size))?;
-    Ok(buffer.split().freeze())
+    ready!(tokio_util::io::poll_read_buf(
+        Pin::new(reader),
+        cx,
+        &mut buffer.limit(chunk_size)
+    ))?;
+    Poll::Ready(Ok(buffer.split().freeze()))
 }
 
 /// Stream → TCP until END_STREAM, then shuts the TCP write side.
