@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mesh_benches::process::{cpu_time, resident_bytes};
 use mesh_benches::stats::{median, percentile};
-use netns::{Netns, Process, Topology, example, install_redirect_except};
+use netns::{Netns, Process, Topology, example, install_redirect_except, ztunnel_run_args};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -340,23 +340,11 @@ impl Launcher<'_> {
     }
 
     fn ours(&self, netns: &Netns, uid: &str) -> Process {
-        Process::start(
-            netns,
-            self.ztunnel_run,
-            &[
-                "--control-plane",
-                CONTROL_PLANE,
-                "--root",
-                self.root.to_str().expect("utf-8"),
-                "--token",
-                AGENT_TOKEN,
-                "--workload-uid",
-                uid,
-                "--worker-threads",
-                &self.options.proxy_threads.to_string(),
-            ],
-            "ready",
-        )
+        let root = self.root.to_str().expect("utf-8");
+        let threads = self.options.proxy_threads.to_string();
+        let mut args = ztunnel_run_args(CONTROL_PLANE, root, AGENT_TOKEN, uid);
+        args.extend(["--worker-threads", &threads]);
+        Process::start(netns, self.ztunnel_run, &args, "ready")
     }
 
     /// A real ztunnel serving the pod `name` (service account `name`),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::mesh::{ca, identity, round_trip};
-use support::netns::{Process, Topology, example, install_redirect};
+use support::netns::{Process, Topology, example, install_redirect, ztunnel_run_args};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -159,16 +159,7 @@ async fn scene(test: &str, cert_ttl: Option<u64>, on_demand_client: bool) -> Sce
     let mut proxies = Vec::new();
     for (i, (netns, uid)) in topology.workloads.iter().zip(UIDS).enumerate() {
         install_redirect(netns);
-        let mut args = vec![
-            "--control-plane",
-            CONTROL_PLANE,
-            "--root",
-            &root,
-            "--token",
-            AGENT_TOKEN,
-            "--workload-uid",
-            uid,
-        ];
+        let mut args = ztunnel_run_args(CONTROL_PLANE, &root, AGENT_TOKEN, uid);
         let ttl = cert_ttl.map(|ttl| ttl.to_string());
         if let Some(ttl) = &ttl {
             args.extend(["--cert-ttl", ttl.as_str()]);

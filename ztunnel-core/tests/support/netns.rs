@@ -217,6 +217,27 @@ pub fn example(package: &str, name: &str, release: bool) -> PathBuf {
     profile_dir.join("examples").join(name)
 }
 
+/// What a proxy instance at the control plane `control_plane` is told: the
+/// root certificate file, its token and its workload's uid, as `ztunnel-run`'s
+/// arguments (options may follow).
+pub fn ztunnel_run_args<'a>(
+    control_plane: &'a str,
+    root: &'a str,
+    token: &'a str,
+    workload_uid: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--control-plane",
+        control_plane,
+        "--root",
+        root,
+        "--token",
+        token,
+        "--workload-uid",
+        workload_uid,
+    ]
+}
+
 /// `program` to run in `netns` (`ip netns exec` execs it, so the child's pid
 /// is the program's).
 fn in_netns(netns: &Netns, program: &Path) -> Command {
