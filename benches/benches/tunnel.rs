@@ -512,6 +512,23 @@ impl Figures {
     }
 }
 
+/// Runs `test`, which counts what it carried (bytes, connections), on
+/// `client`: the count per second, and both proxies' CPU seconds per unit
+/// counted.
+fn per_unit(
+    client: &tokio::runtime::Runtime,
+    proxies: &[Process],
+    test: impl Future<Output = (u64, Duration)> + Send + 'static,
+) -> (f64, f64) {
+    let before = proxies_cpu(proxies);
+    let (count, elapsed) = on(client, test);
+    let cpu = proxies_cpu(proxies) - before;
+    (
+        count as f64 / elapsed.as_secs_f64(),
+        cpu.as_secs_f64() / count as f64,
+    )
+}
+
 /// The proxies' CPU time so far, together.
 fn proxies_cpu(proxies: &[Process]) -> Duration {
     proxies
@@ -558,19 +575,13 @@ fn main() {
     // ports stay above the proxies' 15xxx ports, which are bound afresh for
     // every round.
     for netns in &topology.workloads {
-        netns::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns.name,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.tcp_tw_reuse=1",
-                "net.ipv4.ip_local_port_range=16000 65000",
-            ],
-        );
+        netns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=16000 65000",
+        ]);
     }
     let manifests = tempfile::tempdir().expect("tempdir");
     std::fs::write(manifests.path().join("cluster.yaml"), manifest()).expect("manifest");
@@ -610,24 +621,18 @@ fn main() {
         install_redirect_except(netns, &[PLAIN_ECHO, PLAIN_SINK]);
         if options.ztunnel.is_some() {
             // ztunnel does not mark its own connections to the control plane.
-            netns::run(
+            netns.exec(&[
+                "nft",
+                "insert",
+                "rule",
+                "inet",
+                "podless",
+                "output",
                 "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &netns.name,
-                    "nft",
-                    "insert",
-                    "rule",
-                    "inet",
-                    "podless",
-                    "output",
-                    "ip",
-                    "daddr",
-                    CONTROL_PLANE_IP,
-                    "return",
-                ],
-            );
+                "daddr",
+                CONTROL_PLANE_IP,
+                "return",
+            ]);
         }
     }
     let ztunnel_dir = tempfile::tempdir().expect("tempdir");
@@ -666,15 +671,10 @@ fn main() {
                 (at(ECHO), at(SINK))
             };
             let seconds = options.seconds;
-            // Both proxies' CPU time while `bulk` runs, per byte carried.
+            // Bytes per second, and both proxies' CPU nanoseconds per byte.
             let bulk_with_cpu = |streams: usize| -> (f64, f64) {
-                let before = proxies_cpu(&proxies);
-                let (bytes, elapsed) = on(&client, bulk(sink, bypass, streams, seconds));
-                let cpu = proxies_cpu(&proxies) - before;
-                (
-                    bytes as f64 / elapsed.as_secs_f64(),
-                    cpu.as_secs_f64() * 1e9 / bytes as f64,
-                )
+                let (rate, cpu) = per_unit(&client, &proxies, bulk(sink, bypass, streams, seconds));
+                (rate, cpu * 1e9)
             };
             let (single, single_cpu) = if options.wants("single") {
                 bulk_with_cpu(1)
@@ -692,13 +692,9 @@ fn main() {
                 (Duration::ZERO, Duration::ZERO)
             };
             let (rate, rate_cpu) = if options.wants("rate") {
-                let before = proxies_cpu(&proxies);
-                let (count, elapsed) = on(&client, connection_rate(echo, bypass, 8, seconds));
-                let cpu = proxies_cpu(&proxies) - before;
-                (
-                    count as f64 / elapsed.as_secs_f64(),
-                    cpu.as_secs_f64() * 1e6 / count as f64,
-                )
+                let test = connection_rate(echo, bypass, 8, seconds);
+                let (rate, cpu) = per_unit(&client, &proxies, test);
+                (rate, cpu * 1e6)
             } else {
                 (f64::NAN, f64::NAN)
             };

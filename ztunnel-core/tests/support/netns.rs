@@ -22,11 +22,18 @@ pub fn run(program: &str, args: &[&str]) {
     );
 }
 
+/// `ip netns exec <namespace>`, to which the command to run is appended
+/// (`ip` execs it, so the child's pid is the command's).
+fn exec_in(namespace: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", namespace]);
+    command
+}
+
 /// Runs `command` with `stdin` inside `namespace`.
 pub fn run_with_input(namespace: &str, command: &[&str], stdin: &str) {
     use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", namespace])
+    let mut child = exec_in(namespace)
         .args(command)
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
@@ -66,6 +73,21 @@ impl Netns {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         run("ip", &all);
+    }
+
+    /// Runs `command` (program, then arguments) inside this namespace;
+    /// panics with its output if it fails.
+    pub fn exec(&self, command: &[&str]) {
+        let output = exec_in(&self.name)
+            .args(command)
+            .output()
+            .unwrap_or_else(|err| panic!("{command:?} in {}: {err}", self.name));
+        assert!(
+            output.status.success(),
+            "{command:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// Runs `make` on a thread inside this namespace, with its own runtime:
@@ -238,11 +260,10 @@ pub fn ztunnel_run_args<'a>(
     ]
 }
 
-/// `program` to run in `netns` (`ip netns exec` execs it, so the child's pid
-/// is the program's).
+/// `program` to run in `netns`.
 fn in_netns(netns: &Netns, program: &Path) -> Command {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &netns.name]).arg(program);
+    let mut command = exec_in(&netns.name);
+    command.arg(program);
     command
 }
 
