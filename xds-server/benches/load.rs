@@ -86,6 +86,31 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
+/// The CPU time the server process and this harness use from its start.
+struct CpuMeter {
+    server: u32,
+    server_before: Duration,
+    harness_before: Duration,
+}
+
+impl CpuMeter {
+    fn start(server: u32) -> Self {
+        Self {
+            server,
+            server_before: cpu_time(server),
+            harness_before: cpu_time(std::process::id()),
+        }
+    }
+
+    /// The server's and the harness's CPU time since the start.
+    fn used(&self) -> (Duration, Duration) {
+        (
+            cpu_time(self.server) - self.server_before,
+            cpu_time(std::process::id()) - self.harness_before,
+        )
+    }
+}
+
 /// CPU time (user + system) a process has used.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
@@ -301,24 +326,38 @@ async fn blast(listener: tokio::net::TcpListener, bytes: usize) {
 
 // ---------------------------------------------------------------- client side
 
+/// Tries `open` until it succeeds, up to 50 times with a growing pause: a
+/// thousand clients connecting at once can still see some connections reset.
+async fn retrying<T, F>(mut open: impl FnMut() -> F) -> Result<T, String>
+where
+    F: Future<Output = Result<T, String>>,
+{
+    let mut attempts = 0;
+    loop {
+        match open().await {
+            Ok(opened) => return Ok(opened),
+            Err(err) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!(%err, "opening a connection failed; retrying");
+                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 /// The plain-TCP baseline's receiver: asks with one byte (as an xDS client
 /// speaks first: a handshake whose last ACK the full listen queue dropped
 /// completes when that byte is resent), then reads and drops everything the
 /// server sends, and returns when it has all `bytes` of it.
 async fn drain(addr: SocketAddr, bytes: usize) -> Result<Instant, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut attempts = 0;
-    let mut tcp = loop {
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(tcp) => break tcp,
-            // As for the xDS clients: a full listen backlog resets some.
-            Err(_) if attempts < 50 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
-            }
-            Err(err) => return Err(err.to_string()),
-        }
-    };
+    let mut tcp = retrying(|| async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|err| err.to_string())
+    })
+    .await?;
     tcp.write_all(&[1]).await.map_err(|err| err.to_string())?;
     let mut buffer = vec![0; 64 << 10];
     let mut received = 0;
@@ -626,20 +665,7 @@ async fn client(
     updating: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let result: Result<(), String> = async {
-        // A thousand clients at once can overflow the listen backlog, and the
-        // kernel then resets some connections: retry until the stream is open.
-        let mut attempts = 0;
-        let (mut send, response) = loop {
-            match open_stream(id, addr).await {
-                Ok(opened) => break opened,
-                Err(err) if attempts < 50 => {
-                    attempts += 1;
-                    tracing::debug!(%err, "opening the stream failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
-                }
-                Err(err) => return Err(err),
-            }
-        };
+        let (mut send, response) = retrying(|| open_stream(id, addr)).await?;
         let mut body = response.into_body();
         let mut skimmer = Skimmer::default();
         let (mut addresses, mut authorizations, mut synced) = (0usize, false, false);
@@ -750,8 +776,7 @@ fn main() {
         let (events, mut received) = mpsc::unbounded_channel();
         let updating = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let expected = workloads + services;
-        let cpu_before = cpu_time(pid);
-        let harness_cpu_before = cpu_time(std::process::id());
+        let cpu = CpuMeter::start(pid);
         let started = Instant::now();
         for id in 0..args.clients {
             tokio::spawn(client(id, addr, expected, events.clone(), updating.clone()));
@@ -768,8 +793,7 @@ fn main() {
                 Event::Updated(..) => {}
             }
         }
-        let server_cpu = cpu_time(pid) - cpu_before;
-        let harness_cpu = cpu_time(std::process::id()) - harness_cpu_before;
+        let (server_cpu, harness_cpu) = cpu.used();
         synced.sort();
         let all_synced = *synced.last().expect("clients");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -794,8 +818,7 @@ fn main() {
             .expect("blasting")
             .parse()
             .expect("addr");
-        let cpu_before = cpu_time(pid);
-        let harness_cpu_before = cpu_time(std::process::id());
+        let cpu = CpuMeter::start(pid);
         let started = Instant::now();
         let drains: Vec<_> = (0..args.clients)
             .map(|_| tokio::spawn(drain(blast_addr, sync_bytes)))
@@ -805,14 +828,15 @@ fn main() {
             last = last.max(drained.await.expect("drain task").expect("plain TCP"));
         }
         let plain = last - started;
+        let (server_cpu, harness_cpu) = cpu.used();
         println!(
             "plain TCP baseline: the same {:.1} MB to each of {} connections in {:.2} s \
              (server CPU {:.2} s, clients' CPU {:.2} s); xDS sync / plain TCP = {:.2}x",
             sync_bytes as f64 / 1e6,
             args.clients,
             plain.as_secs_f64(),
-            (cpu_time(pid) - cpu_before).as_secs_f64(),
-            (cpu_time(std::process::id()) - harness_cpu_before).as_secs_f64(),
+            server_cpu.as_secs_f64(),
+            harness_cpu.as_secs_f64(),
             all_synced.as_secs_f64() / plain.as_secs_f64(),
         );
 
