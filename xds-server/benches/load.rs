@@ -21,7 +21,10 @@
 //! carrying as many bytes as a client's sync took, written by the server
 //! process and read (and thrown away) by the client process, with nothing
 //! else done. That is the floor any xDS server sending this state meets on
-//! this machine. Then, for each update
+//! this machine. A second baseline sends the same bytes as one HTTP/2
+//! response per connection (h2's default server, clients with the xDS
+//! clients' settings): the floor for any gRPC server talking to clients like
+//! ztunnel's on the same cores. Then, for each update
 //! (one workload changed), the time from the change to each client's ACK, as
 //! p50/p99/max over all clients and updates; memory per workload and per client.
 
@@ -272,8 +275,13 @@ fn serve(args: &Args) {
             if let Some(bytes) = command.strip_prefix("blast ") {
                 let bytes = bytes.parse().expect("blast size");
                 let listener = loopback_listener();
-                writeln!(out, "blasting {}", listener.local_addr().expect("addr")).expect("stdout");
+                writeln!(out, "baseline {}", listener.local_addr().expect("addr")).expect("stdout");
                 tokio::spawn(blast(listener, bytes));
+            } else if let Some(bytes) = command.strip_prefix("stream ") {
+                let bytes = bytes.parse().expect("stream size");
+                let listener = loopback_listener();
+                writeln!(out, "baseline {}", listener.local_addr().expect("addr")).expect("stdout");
+                tokio::spawn(stream_over_h2(listener, bytes));
             } else if command == "update" {
                 generation += 1;
                 store
@@ -324,6 +332,53 @@ async fn blast(listener: tokio::net::TcpListener, bytes: usize) {
     }
 }
 
+/// The HTTP/2 baseline's sender: answers every request on every connection it
+/// accepts with `bytes` bytes of response body, sent as the xDS server sends
+/// (h2's default server settings, data handed over as flow control allows),
+/// with nothing else done.
+async fn stream_over_h2(listener: tokio::net::TcpListener, bytes: usize) {
+    let block = bytes::Bytes::from(vec![0x5a; 256 << 10]);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let block = block.clone();
+        tokio::spawn(async move {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                let block = block.clone();
+                tokio::spawn(async move {
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(response, false) else {
+                        return;
+                    };
+                    let mut left = bytes;
+                    while left > 0 {
+                        send.reserve_capacity(left.min(block.len()));
+                        let Some(Ok(granted)) =
+                            std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                        else {
+                            return;
+                        };
+                        let piece = granted.min(left);
+                        if send.send_data(block.slice(..piece), false).is_err() {
+                            return;
+                        }
+                        left -= piece;
+                    }
+                    let _ = send.send_data(bytes::Bytes::new(), true);
+                });
+            }
+        });
+    }
+}
+
 // ---------------------------------------------------------------- client side
 
 /// Tries `open` until it succeeds, up to 50 times with a growing pause: a
@@ -366,6 +421,35 @@ async fn drain(addr: SocketAddr, bytes: usize) -> Result<Instant, String> {
             Ok(0) => return Err(format!("closed after {received} of {bytes} bytes")),
             Ok(n) => received += n,
             Err(err) => return Err(err.to_string()),
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// The HTTP/2 baseline's receiver: one connection with the xDS clients'
+/// settings and one request, whose response body it reads (releasing flow
+/// control as it goes) and drops; returns when it has all `bytes` of it.
+async fn h2_drain(addr: SocketAddr, bytes: usize) -> Result<Instant, String> {
+    let h2 = retrying(|| connect(addr)).await?;
+    let mut h2 = h2.ready().await.map_err(|err| err.to_string())?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/baseline"))
+        .body(())
+        .map_err(|err| err.to_string())?;
+    let (response, _) = h2
+        .send_request(request, true)
+        .map_err(|err| err.to_string())?;
+    let mut body = response.await.map_err(|err| err.to_string())?.into_body();
+    let mut received = 0;
+    while received < bytes {
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                received += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Some(Err(err)) => return Err(err.to_string()),
+            None => return Err(format!("ended after {received} of {bytes} bytes")),
         }
     }
     Ok(Instant::now())
@@ -726,6 +810,71 @@ fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// What a baseline took: wall time until every client had all its bytes, and
+/// the CPU time the server process and the clients spent on it.
+struct Baseline {
+    took: Duration,
+    server_cpu: Duration,
+    clients_cpu: Duration,
+}
+
+impl Baseline {
+    fn print(&self, name: &str, bytes: usize, clients: usize, sync: Duration) {
+        println!(
+            "{name} baseline: the same {:.1} MB to each of {clients} connections in {:.2} s \
+             (server CPU {:.2} s, clients' CPU {:.2} s); xDS sync / {name} = {:.2}x",
+            bytes as f64 / 1e6,
+            self.took.as_secs_f64(),
+            self.server_cpu.as_secs_f64(),
+            self.clients_cpu.as_secs_f64(),
+            sync.as_secs_f64() / self.took.as_secs_f64(),
+        );
+    }
+}
+
+/// Asks the server process for a baseline sender (`command <bytes>`), then
+/// runs `clients` receivers of `bytes` each against it at once.
+async fn baseline<F, Receive>(
+    to_server: &mut impl Write,
+    next_line: &mut impl FnMut() -> String,
+    server: u32,
+    clients: usize,
+    command: &str,
+    bytes: usize,
+    receive: F,
+) -> Baseline
+where
+    F: Fn(SocketAddr, usize) -> Receive,
+    Receive: Future<Output = Result<Instant, String>> + Send + 'static,
+{
+    writeln!(to_server, "{command} {bytes}").expect("baseline command");
+    let addr: SocketAddr = tokio::task::block_in_place(next_line)
+        .strip_prefix("baseline ")
+        .expect("baseline address")
+        .parse()
+        .expect("addr");
+    let cpu = CpuMeter::start(server);
+    let started = Instant::now();
+    let receivers: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(receive(addr, bytes)))
+        .collect();
+    let mut last = started;
+    for receiver in receivers {
+        last = last.max(
+            receiver
+                .await
+                .expect("receiver task")
+                .unwrap_or_else(|err| panic!("{command} baseline: {err}")),
+        );
+    }
+    let (server_cpu, clients_cpu) = cpu.used();
+    Baseline {
+        took: last - started,
+        server_cpu,
+        clients_cpu,
+    }
+}
+
 fn main() {
     let args = parse_args();
     if std::env::args().nth(1).as_deref() == Some("serve") {
@@ -811,34 +960,30 @@ fn main() {
             millis(percentile(&synced, 0.99)),
         );
 
-        // The plain-TCP baseline: the same bytes over as many connections.
-        writeln!(to_server, "blast {sync_bytes}").expect("blast");
-        let blast_addr: SocketAddr = tokio::task::block_in_place(&mut next_line)
-            .strip_prefix("blasting ")
-            .expect("blasting")
-            .parse()
-            .expect("addr");
-        let cpu = CpuMeter::start(pid);
-        let started = Instant::now();
-        let drains: Vec<_> = (0..args.clients)
-            .map(|_| tokio::spawn(drain(blast_addr, sync_bytes)))
-            .collect();
-        let mut last = started;
-        for drained in drains {
-            last = last.max(drained.await.expect("drain task").expect("plain TCP"));
-        }
-        let plain = last - started;
-        let (server_cpu, harness_cpu) = cpu.used();
-        println!(
-            "plain TCP baseline: the same {:.1} MB to each of {} connections in {:.2} s \
-             (server CPU {:.2} s, clients' CPU {:.2} s); xDS sync / plain TCP = {:.2}x",
-            sync_bytes as f64 / 1e6,
+        // The baselines: the same bytes over as many connections, as plain TCP
+        // and as one HTTP/2 response each.
+        let plain = baseline(
+            &mut to_server,
+            &mut next_line,
+            pid,
             args.clients,
-            plain.as_secs_f64(),
-            server_cpu.as_secs_f64(),
-            harness_cpu.as_secs_f64(),
-            all_synced.as_secs_f64() / plain.as_secs_f64(),
-        );
+            "blast",
+            sync_bytes,
+            drain,
+        )
+        .await;
+        plain.print("plain TCP", sync_bytes, args.clients, all_synced);
+        let over_h2 = baseline(
+            &mut to_server,
+            &mut next_line,
+            pid,
+            args.clients,
+            "stream",
+            sync_bytes,
+            h2_drain,
+        )
+        .await;
+        over_h2.print("HTTP/2", sync_bytes, args.clients, all_synced);
 
         updating.store(true, std::sync::atomic::Ordering::Release);
         let mut latencies = Vec::new();
