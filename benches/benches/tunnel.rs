@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_benches::process::{cpu_time, resident_bytes};
+use mesh_benches::process::{CpuTimes, cpu_times, machine_busy, resident_bytes};
 use mesh_benches::stats::{median, percentile};
 use netns::{Netns, Process, Topology, example, install_redirect_except, ztunnel_run_args};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -400,8 +400,13 @@ struct Figures {
     /// Both proxies' CPU time per byte in the bulk tests, in nanoseconds.
     single_cpu: Vec<f64>,
     eight_cpu: Vec<f64>,
-    /// Both proxies' CPU time per connection in the rate test, in microseconds.
+    /// Both proxies' CPU time per connection in the rate test, in
+    /// microseconds: all of it, and the part in user space.
     rate_cpu: Vec<f64>,
+    rate_user: Vec<f64>,
+    /// The whole machine's busy CPU time per connection in the rate test
+    /// (applications, proxies, kernel), in microseconds.
+    rate_machine: Vec<f64>,
     /// Each proxy's resident bytes (client pod, server pod), idle and with
     /// `--connections` open.
     idle: Vec<u64>,
@@ -415,6 +420,7 @@ fn m(values: &[f64]) -> f64 {
 impl Figures {
     /// Medians against plain TCP.
     fn summarize(&self, plain: &Figures, options: &Options) {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let mib = 1048576.0;
         println!(
             "  single-stream throughput: {:.1} vs {:.1} MiB/s = {:.2}x",
@@ -451,6 +457,14 @@ impl Figures {
             m(&plain.rate),
             m(&self.rate) / m(&plain.rate),
             m(&self.rate_cpu)
+        );
+        println!(
+            "  per connection:           machine CPU {:.1} vs {:.1} µs (busy {:.0}% vs {:.0}% of {cpus} CPUs); proxies' user space {:.1} µs",
+            m(&self.rate_machine),
+            m(&plain.rate_machine),
+            100.0 * m(&self.rate) * m(&self.rate_machine) / 1e6 / cpus as f64,
+            100.0 * m(&plain.rate) * m(&plain.rate_machine) / 1e6 / cpus as f64,
+            m(&self.rate_user)
         );
         for (i, name) in ["client proxy", "server proxy"].iter().enumerate() {
             println!(
@@ -498,6 +512,11 @@ impl Figures {
             m(&self.rate) / m(&other.rate),
             m(&self.rate_cpu) / m(&other.rate_cpu)
         );
+        println!(
+            "  machine CPU per connection: {:.2}x; were our proxies' user space free: {:.2}x ztunnel's connections/s at most, when CPU-bound",
+            m(&self.rate_machine) / m(&other.rate_machine),
+            m(&other.rate_machine) / (m(&self.rate_machine) - m(&self.rate_user))
+        );
         let ratio = |mine: u64, theirs: u64| mine as f64 / theirs as f64;
         println!(
             "  idle memory: {:.2}x / {:.2}x (client / server proxy)",
@@ -512,29 +531,48 @@ impl Figures {
     }
 }
 
+/// What a test carried per second, and what each unit it counted (byte,
+/// connection) cost, in seconds.
+struct PerUnit {
+    rate: f64,
+    /// Both proxies' CPU time.
+    proxies: f64,
+    /// The part of it in user space.
+    proxies_user: f64,
+    /// The whole machine's busy time.
+    machine: f64,
+}
+
 /// Runs `test`, which counts what it carried (bytes, connections), on
-/// `client`: the count per second, and both proxies' CPU seconds per unit
-/// counted.
+/// `client`, and measures it per unit.
 fn per_unit(
     client: &tokio::runtime::Runtime,
     proxies: &[Process],
     test: impl Future<Output = (u64, Duration)> + Send + 'static,
-) -> (f64, f64) {
-    let before = proxies_cpu(proxies);
+) -> PerUnit {
+    let (proxies_before, machine_before) = (proxies_cpu(proxies), busy());
     let (count, elapsed) = on(client, test);
-    let cpu = proxies_cpu(proxies) - before;
-    (
-        count as f64 / elapsed.as_secs_f64(),
-        cpu.as_secs_f64() / count as f64,
-    )
+    let proxies = proxies_cpu(proxies) - proxies_before;
+    let machine = busy() - machine_before;
+    let each = |time: Duration| time.as_secs_f64() / count as f64;
+    PerUnit {
+        rate: count as f64 / elapsed.as_secs_f64(),
+        proxies: each(proxies.total()),
+        proxies_user: each(proxies.user),
+        machine: each(machine),
+    }
 }
 
 /// The proxies' CPU time so far, together.
-fn proxies_cpu(proxies: &[Process]) -> Duration {
+fn proxies_cpu(proxies: &[Process]) -> CpuTimes {
     proxies
         .iter()
-        .map(|process| cpu_time(process.pid()).expect("CPU time"))
+        .map(|process| cpu_times(process.pid()).expect("CPU time"))
         .sum()
+}
+
+fn busy() -> Duration {
+    machine_busy().expect("the machine's busy time")
 }
 
 /// The server pod's applications, in their own process (each end of 10,000
@@ -673,8 +711,8 @@ fn main() {
             let seconds = options.seconds;
             // Bytes per second, and both proxies' CPU nanoseconds per byte.
             let bulk_with_cpu = |streams: usize| -> (f64, f64) {
-                let (rate, cpu) = per_unit(&client, &proxies, bulk(sink, bypass, streams, seconds));
-                (rate, cpu * 1e9)
+                let measured = per_unit(&client, &proxies, bulk(sink, bypass, streams, seconds));
+                (measured.rate, measured.proxies * 1e9)
             };
             let (single, single_cpu) = if options.wants("single") {
                 bulk_with_cpu(1)
@@ -691,12 +729,17 @@ fn main() {
             } else {
                 (Duration::ZERO, Duration::ZERO)
             };
-            let (rate, rate_cpu) = if options.wants("rate") {
+            let (rate, rate_cpu, rate_user, rate_machine) = if options.wants("rate") {
                 let test = connection_rate(echo, bypass, 8, seconds);
-                let (rate, cpu) = per_unit(&client, &proxies, test);
-                (rate, cpu * 1e6)
+                let measured = per_unit(&client, &proxies, test);
+                (
+                    measured.rate,
+                    measured.proxies * 1e6,
+                    measured.proxies_user * 1e6,
+                    measured.machine * 1e6,
+                )
             } else {
-                (f64::NAN, f64::NAN)
+                (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
             };
             println!(
                 "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B, {:.1} µs/conn",
@@ -718,6 +761,8 @@ fn main() {
             figures.p99.push(p99.as_secs_f64() * 1e6);
             figures.rate.push(rate);
             figures.rate_cpu.push(rate_cpu);
+            figures.rate_user.push(rate_user);
+            figures.rate_machine.push(rate_machine);
             drop(proxies);
             // Let TIME_WAIT sockets from the connection test drain a little.
             std::thread::sleep(Duration::from_secs(1));
