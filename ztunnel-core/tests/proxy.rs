@@ -316,21 +316,97 @@ async fn an_allow_policy_admits_one_principal_and_resets_another() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates() {
-    let mesh = mesh().await;
-    let shutdown = CancellationToken::new();
-    let pool = HbonePool::new(None, &shutdown);
+/// An HBONE client as `default/shell`, for the echo instance's server.
+struct ShellClient {
+    pool: HbonePool,
+    tls: WorkloadTls,
+    key: PoolKey,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+async fn shell_client(mesh: &Mesh, shutdown: &CancellationToken) -> ShellClient {
     let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
     let cert = mesh.ca.certs.certificate(&shell, WAIT).await.expect("cert");
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = WorkloadTls::new(cert, &provider).expect("tls");
-    let key = PoolKey {
-        source: shell.clone(),
-        expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
-        address: SocketAddr::new("127.0.0.2".parse().expect("ip"), mesh.hbone_port),
-        source_ip: None,
-    };
+    ShellClient {
+        pool: HbonePool::new(None, shutdown),
+        tls,
+        key: PoolKey {
+            source: shell,
+            expected: vec![identity("spiffe://cluster.local/ns/default/sa/echo")],
+            address: SocketAddr::new("127.0.0.2".parse().expect("ip"), mesh.hbone_port),
+            source_ip: None,
+        },
+        provider,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_answer_arrive_first_and_a_refusal_still_refuses() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let client = shell_client(&mesh, &shutdown).await;
+    let (pool, tls, key) = (&client.pool, &client.tls, &client.key);
+
+    // Sent with the request, before the server has connected the
+    // application: they reach it first, then what follows the answer.
+    let mut pending = pool
+        .request(tls, key, mesh.app, &[])
+        .await
+        .expect("request");
+    pending
+        .send_early(bytes::Bytes::from_static(b"early "))
+        .expect("early bytes");
+    let mut stream = pending.established().await.expect("answered 200");
+    stream
+        .send
+        .send_data(bytes::Bytes::from_static(b"and late"), true)
+        .expect("later bytes");
+    let mut echoed = Vec::new();
+    while let Some(data) = stream.recv.data().await {
+        let data = data.expect("echo");
+        stream
+            .recv
+            .flow_control()
+            .release_capacity(data.len())
+            .expect("release");
+        echoed.extend_from_slice(&data);
+    }
+    assert_eq!(
+        echoed, b"early and late",
+        "echoed in order, after half-close"
+    );
+
+    // Early bytes change nothing about the answer to a bad target.
+    let unserved: SocketAddr = "127.0.0.9:80".parse().expect("addr");
+    let mut pending = pool
+        .request(tls, key, unserved, &[])
+        .await
+        .expect("request");
+    pending
+        .send_early(bytes::Bytes::from_static(b"ignored"))
+        .expect("early bytes");
+    assert!(
+        matches!(
+            pending.established().await,
+            Err(HboneError::Refused { status, .. }) if status == http::StatusCode::BAD_REQUEST
+        ),
+        "a target not served here is still refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let ShellClient {
+        pool,
+        tls,
+        key,
+        provider,
+    } = shell_client(&mesh, &shutdown).await;
+    let shell = key.source.clone();
     let status = |result: Result<_, HboneError>| match result {
         Err(HboneError::Refused { status, .. }) => status.as_u16(),
         Err(other) => panic!("unexpected error {other}"),

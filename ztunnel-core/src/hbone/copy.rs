@@ -125,10 +125,7 @@ fn poll_read_chunk(
     chunk_size: usize,
 ) -> Poll<io::Result<Bytes>> {
     if chunk_size <= FIRST_CHUNK {
-        let mut stack = [0u8; FIRST_CHUNK];
-        let mut read = ReadBuf::new(&mut stack[..chunk_size]);
-        ready!(Pin::new(reader).poll_read(cx, &mut read))?;
-        return Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())));
+        return poll_read_small(Pin::new(reader), cx, chunk_size);
     }
     // Readable before the buffer is taken: a waiting connection holds none.
     ready!(reader.as_ref().poll_read_ready(cx))?;
@@ -139,6 +136,35 @@ fn poll_read_chunk(
         &mut buffer.limit(chunk_size)
     ))?;
     Poll::Ready(Ok(buffer.split().freeze()))
+}
+
+/// One read of at most `size` (up to [`FIRST_CHUNK`]) bytes into the stack,
+/// copied out into an allocation of the read's own size.
+fn poll_read_small(
+    reader: Pin<&mut impl AsyncRead>,
+    cx: &mut Context<'_>,
+    size: usize,
+) -> Poll<io::Result<Bytes>> {
+    let mut stack = [0u8; FIRST_CHUNK];
+    let mut read = ReadBuf::new(&mut stack[..size.min(FIRST_CHUNK)]);
+    ready!(reader.poll_read(cx, &mut read))?;
+    Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())))
+}
+
+/// What `tcp`'s peer has already sent, up to one TLS record's worth, without
+/// waiting: `None` if nothing is there yet or the peer has finished sending
+/// (its FIN stays for the copy to see). Sent along with a CONNECT request,
+/// a client's first bytes save the round trip to the server's answer.
+pub async fn ready_bytes(tcp: &mut TcpStream) -> io::Result<Option<Bytes>> {
+    poll_fn(
+        |cx| match poll_read_small(Pin::new(&mut *tcp), cx, FIRST_CHUNK) {
+            Poll::Ready(Ok(bytes)) if bytes.is_empty() => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(bytes)) => Poll::Ready(Ok(Some(bytes))),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => Poll::Ready(Ok(None)),
+        },
+    )
+    .await
 }
 
 /// Stream → TCP until END_STREAM, then shuts the TCP write side.

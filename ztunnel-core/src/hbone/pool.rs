@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use mesh_api::Identity;
@@ -107,6 +107,50 @@ pub struct HboneStream {
     _slot: StreamSlot,
 }
 
+/// A CONNECT request sent, its answer not yet read.
+#[derive(Debug)]
+pub struct PendingStream {
+    send: SendStream<Bytes>,
+    response: ResponseFuture,
+    address: SocketAddr,
+    authority: String,
+    slot: StreamSlot,
+}
+
+impl PendingStream {
+    /// Sends `data` ahead of the answer. HTTP/2 keeps it apart from the
+    /// answer, so nothing is lost or mixed up: a server that refuses the
+    /// stream discards it, one that accepts it hands it to the target first.
+    pub fn send_early(&mut self, data: Bytes) -> Result<(), HboneError> {
+        self.send
+            .send_data(data, false)
+            .map_err(|source| HboneError::Http2 {
+                address: self.address,
+                source,
+            })
+    }
+
+    /// Waits for the answer: the stream, if the server answered 200.
+    pub async fn established(self) -> Result<HboneStream, HboneError> {
+        let response = self.response.await.map_err(|source| HboneError::Http2 {
+            address: self.address,
+            source,
+        })?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                address: self.address,
+                authority: self.authority,
+                status: response.status(),
+            });
+        }
+        Ok(HboneStream {
+            send: self.send,
+            recv: response.into_body(),
+            _slot: self.slot,
+        })
+    }
+}
+
 /// One pooled connection.
 #[derive(Debug)]
 struct Pooled {
@@ -192,7 +236,7 @@ impl HbonePool {
 
     /// Opens a CONNECT stream to `authority` (`ip:port` of the target) through
     /// the server at `key.address`, presenting `tls`'s certificate, with
-    /// `headers` added to the request.
+    /// `headers` added to the request, and waits for the server's answer.
     pub async fn connect(
         &self,
         tls: &WorkloadTls,
@@ -200,6 +244,22 @@ impl HbonePool {
         authority: SocketAddr,
         headers: &[(&'static str, String)],
     ) -> Result<HboneStream, HboneError> {
+        self.request(tls, key, authority, headers)
+            .await?
+            .established()
+            .await
+    }
+
+    /// Sends the CONNECT request of [`HbonePool::connect`] without waiting for
+    /// the answer: bytes the client has already written can follow at once
+    /// ([`PendingStream::send_early`]) instead of a round trip later.
+    pub async fn request(
+        &self,
+        tls: &WorkloadTls,
+        key: &PoolKey,
+        authority: SocketAddr,
+        headers: &[(&'static str, String)],
+    ) -> Result<PendingStream, HboneError> {
         let (pooled, slot) = match self.reuse(key) {
             Some(found) => found,
             // Boxed: the handshakes' state is large and needed only here, so
@@ -217,24 +277,16 @@ impl HbonePool {
             authority: authority.clone(),
             problem: err.to_string(),
         })?;
-        let http2 = |source| HboneError::Http2 {
-            address: key.address,
-            source,
-        };
+        let address = key.address;
+        let http2 = |source| HboneError::Http2 { address, source };
         let mut sender = pooled.send.clone().ready().await.map_err(http2)?;
         let (response, send) = sender.send_request(request, false).map_err(http2)?;
-        let response = response.await.map_err(http2)?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Refused {
-                address: key.address,
-                authority,
-                status: response.status(),
-            });
-        }
-        Ok(HboneStream {
+        Ok(PendingStream {
             send,
-            recv: response.into_body(),
-            _slot: slot,
+            response,
+            address,
+            authority,
+            slot,
         })
     }
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::log::{AccessLog, Direction};
 use super::route::{Route, Upstream, first_ip, route};
 use super::{Carried, Context, Established, accept_loop, baggage, run_connection, socket, socks5};
-use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::copy::{copy_bidirectional, ready_bytes};
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
 
@@ -153,7 +153,7 @@ async fn resolve(ctx: &Context, name: &str, port: u16) -> Option<SocketAddr> {
 /// to do is carrying its bytes. `None` if it failed (reset, and logged).
 async fn forward(
     ctx: &Context,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     source: SocketAddr,
     destination: SocketAddr,
     random: &Random,
@@ -191,9 +191,9 @@ async fn forward(
             log.service = upstream.service.as_ref().map(|s| s.hostname.clone());
             if upstream.hbone {
                 let served = log.source_workload.clone();
-                open_hbone(ctx, source, &upstream, served.as_deref())
+                open_hbone(ctx, &mut tcp, source, &upstream, served.as_deref())
                     .await
-                    .map(Link::Hbone)
+                    .map(|(stream, early)| Link::Hbone(stream, early))
             } else {
                 plain(upstream.address, ctx.mark).await
             }
@@ -227,8 +227,9 @@ async fn plain(address: SocketAddr, mark: Option<u32>) -> Result<Link, String> {
 
 /// Where an established connection's bytes go.
 enum Link {
-    /// A CONNECT stream over HBONE.
-    Hbone(HboneStream),
+    /// A CONNECT stream over HBONE, and how many of the client's bytes went
+    /// with the request.
+    Hbone(HboneStream, u64),
     /// Plain TCP.
     Plain(TcpStream),
 }
@@ -247,10 +248,10 @@ impl Established for Outbound {
             Link::Plain(upstream) => tokio::io::copy_bidirectional(&mut self.tcp, upstream)
                 .await
                 .map_err(|err| err.to_string()),
-            Link::Hbone(stream) => {
+            Link::Hbone(stream, early) => {
                 copy_bidirectional(&mut self.tcp, &mut stream.send, &mut stream.recv)
                     .await
-                    .map(|copied| (copied.tcp_to_stream, copied.stream_to_tcp))
+                    .map(|copied| (*early + copied.tcp_to_stream, copied.stream_to_tcp))
                     .map_err(|err| err.to_string())
             }
         }
@@ -269,13 +270,15 @@ impl Established for Outbound {
 }
 
 /// Opens the CONNECT stream to `upstream` for the served workload (`served`,
-/// as the state knows it).
+/// as the state knows it), sending what the client (`tcp`) has already
+/// written along with the request: the stream, and how many bytes went early.
 async fn open_hbone(
     ctx: &Context,
+    tcp: &mut TcpStream,
     source: SocketAddr,
     upstream: &Upstream,
     served: Option<&Workload>,
-) -> Result<HboneStream, String> {
+) -> Result<(HboneStream, u64), String> {
     let Some(identity) = upstream.identity.clone() else {
         return Err(format!(
             "workload {} has no valid identity",
@@ -306,8 +309,19 @@ async fn open_hbone(
         ("forwarded", forwarded_for(source)),
         ("baggage", served.map(baggage).unwrap_or_default()),
     ];
-    ctx.pool
-        .connect(&tls, &key, upstream.address, &headers)
+    let mut pending = ctx
+        .pool
+        .request(&tls, &key, upstream.address, &headers)
         .await
-        .map_err(|err| err.to_string())
+        .map_err(|err| err.to_string())?;
+    let mut early = 0;
+    if let Some(first) = ready_bytes(tcp)
+        .await
+        .map_err(|err| format!("the client failed: {err}"))?
+    {
+        early = first.len() as u64;
+        pending.send_early(first).map_err(|err| err.to_string())?;
+    }
+    let stream = pending.established().await.map_err(|err| err.to_string())?;
+    Ok((stream, early))
 }
