@@ -24,6 +24,10 @@
 //! scheduler's bookkeeping (whose use of `pow` alone keeps ~0.3 MiB of libm
 //! resident). Idle memory went from 8.6 to 8.0 MiB.
 //!
+//! Log lines go to stderr in batches (`batched_stderr`): at most 64 KiB or
+//! 100 ms of lines per write, not a syscall (and a wake-up of the reader) per
+//! connection.
+//!
 //! The binary allocates with jemalloc, as linkerd2-proxy and ztunnel do (the
 //! library leaves the choice to the embedding binary). With glibc's malloc,
 //! each 64 KiB HTTP/2 frame buffer h2 reads into was handed back to the
@@ -46,6 +50,10 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
 use ztunnel_core::{CertManager, XdsClient, Ztunnel};
+
+mod batched_stderr;
+
+use batched_stderr::BatchedStderr;
 
 const USAGE: &str = "usage: ztunnel-run --control-plane <addr> --root <pem> --token <token> \
 --workload-uid <uid> [--node-id <id>] [--cert-ttl <seconds>] [--socks5 <addr>] [--hbone-port <port>] \
@@ -192,8 +200,8 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let finished = handle.drain(Duration::from_secs(5)).await;
     shutdown.cancel();
-    eprintln!(
-        "ztunnel-run: drained ({})",
+    tracing::info!(
+        "drained ({})",
         if finished {
             "all connections finished"
         } else {
@@ -227,8 +235,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let log = BatchedStderr::default();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(log.clone())
         .with_max_level(tracing::Level::INFO)
         .init();
     let mut builder = if args.worker_threads <= 1 {
@@ -245,7 +254,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    runtime.spawn(log.clone().flush_periodically());
+    let outcome = runtime.block_on(run(args));
+    log.flush();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("ztunnel-run: {message}");
