@@ -9,6 +9,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -145,8 +146,10 @@ fn poll_read_small(
     cx: &mut Context<'_>,
     size: usize,
 ) -> Poll<io::Result<Bytes>> {
-    let mut stack = [0u8; FIRST_CHUNK];
-    let mut read = ReadBuf::new(&mut stack[..size.min(FIRST_CHUNK)]);
+    // Uninitialised: the read fills what it returns (no 16 KiB memset per
+    // read).
+    let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_CHUNK];
+    let mut read = ReadBuf::uninit(&mut stack[..size.min(FIRST_CHUNK)]);
     ready!(reader.poll_read(cx, &mut read))?;
     Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())))
 }

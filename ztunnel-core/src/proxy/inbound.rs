@@ -271,7 +271,7 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
         None,
         ctx.metrics.clone(),
     );
-    let destination = match socket::original_destination(&tcp) {
+    let destination = match socket::original_destination(&tcp, source) {
         Ok(destination) => destination,
         Err(err) => {
             socket::reset(tcp);

@@ -68,7 +68,7 @@ async fn establish_outbound(
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
-    match socket::original_destination(&tcp) {
+    match socket::original_destination(&tcp, source) {
         Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started).await,
         Err(err) => {
             socket::reset(tcp);

@@ -12,26 +12,35 @@ use tokio::net::{TcpSocket, TcpStream};
 pub const PROXY_MARK: u32 = 1337;
 
 /// Where a redirected connection was going: `SO_ORIGINAL_DST`, else (not
-/// redirected) the address it reached.
-pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
-    let local = stream.local_addr()?;
-    let original = match local {
-        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|addr| {
+/// redirected) the address it reached. The family is the client's (`source`,
+/// from `accept`), so a redirected connection costs one syscall here.
+pub fn original_destination(stream: &TcpStream, source: SocketAddr) -> io::Result<SocketAddr> {
+    let ipv4 = match source {
+        SocketAddr::V4(_) => true,
+        // A dual-stack listener's IPv4 clients are conntracked as IPv4.
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let original = if ipv4 {
+        getsockopt(stream, sockopt::OriginalDst).map(|addr| {
             SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
                 u16::from_be(addr.sin_port),
             ))
-        }),
-        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).map(|addr| {
+        })
+    } else {
+        getsockopt(stream, sockopt::Ip6tOriginalDst).map(|addr| {
             SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(addr.sin6_addr.s6_addr),
                 u16::from_be(addr.sin6_port),
                 0,
                 addr.sin6_scope_id,
             ))
-        }),
+        })
     };
-    Ok(original.unwrap_or(local))
+    match original {
+        Ok(original) => Ok(original),
+        Err(_) => stream.local_addr(),
+    }
 }
 
 /// Connects to `address` from a socket carrying `mark` (when set), with
