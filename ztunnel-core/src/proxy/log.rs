@@ -160,18 +160,19 @@ impl AccessLog {
         if let Some(counters) = &self.counters {
             counters.closed(self.request_bytes, self.response_bytes);
         }
-        let destination = self.destination.map(|d| d.to_string());
+        // Formatted straight into the event's line: no strings of their own.
+        let destination = self.destination.as_ref().map(tracing::field::display);
         let workload = self
             .destination_workload
-            .as_ref()
-            .map(|w| format!("{}/{}", w.namespace, w.name));
+            .as_deref()
+            .map(|w| tracing::field::display(NamespacedName(w)));
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
             src.addr = %self.source,
             src.identity = self.source_identity.as_ref().map(Identity::as_uri),
-            dst.addr = destination.as_deref(),
-            dst.workload = workload.as_deref(),
+            dst.addr = destination,
+            dst.workload = workload,
             dst.identity = self.destination_identity.as_ref().map(Identity::as_uri),
             bytes_request = self.request_bytes,
             bytes_response = self.response_bytes,
@@ -179,5 +180,14 @@ impl AccessLog {
             error,
             "connection complete"
         );
+    }
+}
+
+/// A workload as `<namespace>/<name>`.
+struct NamespacedName<'a>(&'a Workload);
+
+impl std::fmt::Display for NamespacedName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0.namespace, self.0.name)
     }
 }
