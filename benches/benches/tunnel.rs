@@ -532,7 +532,7 @@ impl Figures {
 }
 
 /// What a test carried per second, and what each unit it counted (byte,
-/// connection) cost, in seconds.
+/// connection) cost, in seconds; all NaN for a test not run.
 struct PerUnit {
     rate: f64,
     /// Both proxies' CPU time.
@@ -543,13 +543,21 @@ struct PerUnit {
     machine: f64,
 }
 
-/// Runs `test`, which counts what it carried (bytes, connections), on
-/// `client`, and measures it per unit.
+/// Runs `test` (if given), which counts what it carried (bytes,
+/// connections), on `client`, and measures it per unit.
 fn per_unit(
     client: &tokio::runtime::Runtime,
     proxies: &[Process],
-    test: impl Future<Output = (u64, Duration)> + Send + 'static,
+    test: Option<impl Future<Output = (u64, Duration)> + Send + 'static>,
 ) -> PerUnit {
+    let Some(test) = test else {
+        return PerUnit {
+            rate: f64::NAN,
+            proxies: f64::NAN,
+            proxies_user: f64::NAN,
+            machine: f64::NAN,
+        };
+    };
     let (proxies_before, machine_before) = (proxies_cpu(proxies), busy());
     let (count, elapsed) = on(client, test);
     let proxies = proxies_cpu(proxies) - proxies_before;
@@ -709,60 +717,57 @@ fn main() {
                 (at(ECHO), at(SINK))
             };
             let seconds = options.seconds;
-            // Bytes per second, and both proxies' CPU nanoseconds per byte.
-            let bulk_with_cpu = |streams: usize| -> (f64, f64) {
-                let measured = per_unit(&client, &proxies, bulk(sink, bypass, streams, seconds));
-                (measured.rate, measured.proxies * 1e9)
-            };
-            let (single, single_cpu) = if options.wants("single") {
-                bulk_with_cpu(1)
-            } else {
-                (f64::NAN, f64::NAN)
-            };
-            let (eight, eight_cpu) = if options.wants("eight") {
-                bulk_with_cpu(8)
-            } else {
-                (f64::NAN, f64::NAN)
-            };
+            let single = per_unit(
+                &client,
+                &proxies,
+                options
+                    .wants("single")
+                    .then(|| bulk(sink, bypass, 1, seconds)),
+            );
+            let eight = per_unit(
+                &client,
+                &proxies,
+                options
+                    .wants("eight")
+                    .then(|| bulk(sink, bypass, 8, seconds)),
+            );
             let (p50, p99) = if options.wants("rr") {
                 on(&client, request_response(echo, bypass, 5000))
             } else {
                 (Duration::ZERO, Duration::ZERO)
             };
-            let (rate, rate_cpu, rate_user, rate_machine) = if options.wants("rate") {
-                let test = connection_rate(echo, bypass, 8, seconds);
-                let measured = per_unit(&client, &proxies, test);
-                (
-                    measured.rate,
-                    measured.proxies * 1e6,
-                    measured.proxies_user * 1e6,
-                    measured.machine * 1e6,
-                )
-            } else {
-                (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
-            };
+            let rate = per_unit(
+                &client,
+                &proxies,
+                options
+                    .wants("rate")
+                    .then(|| connection_rate(echo, bypass, 8, seconds)),
+            );
+            // Per byte in nanoseconds, per connection in microseconds.
+            let (single_cpu, eight_cpu) = (single.proxies * 1e9, eight.proxies * 1e9);
+            let rate_cpu = rate.proxies * 1e6;
             println!(
                 "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B, {:.1} µs/conn",
                 carrier.name(),
-                single / 1048576.0,
-                eight / 1048576.0,
+                single.rate / 1048576.0,
+                eight.rate / 1048576.0,
                 p50.as_secs_f64() * 1e6,
                 p99.as_secs_f64() * 1e6,
-                rate,
+                rate.rate,
                 single_cpu,
                 eight_cpu,
                 rate_cpu,
             );
             figures.single_cpu.push(single_cpu);
             figures.eight_cpu.push(eight_cpu);
-            figures.single.push(single);
-            figures.eight.push(eight);
+            figures.single.push(single.rate);
+            figures.eight.push(eight.rate);
             figures.p50.push(p50.as_secs_f64() * 1e6);
             figures.p99.push(p99.as_secs_f64() * 1e6);
-            figures.rate.push(rate);
+            figures.rate.push(rate.rate);
             figures.rate_cpu.push(rate_cpu);
-            figures.rate_user.push(rate_user);
-            figures.rate_machine.push(rate_machine);
+            figures.rate_user.push(rate.proxies_user * 1e6);
+            figures.rate_machine.push(rate.machine * 1e6);
             drop(proxies);
             // Let TIME_WAIT sockets from the connection test drain a little.
             std::thread::sleep(Duration::from_secs(1));

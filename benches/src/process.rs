@@ -69,13 +69,8 @@ fn ticks(count: u64) -> Duration {
     Duration::from_millis(count * 10)
 }
 
-/// The CPU time process `pid` has used so far, user and system together
-/// (`utime` + `stime` of `/proc/<pid>/stat`).
-pub fn cpu_time(pid: u32) -> io::Result<Duration> {
-    cpu_times(pid).map(|times| times.total())
-}
-
-/// The CPU time process `pid` has used so far, user and system apart.
+/// The CPU time process `pid` has used so far, user and system apart
+/// (`utime` and `stime` of `/proc/<pid>/stat`).
 pub fn cpu_times(pid: u32) -> io::Result<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let (user, system) = parse_cpu_ticks(&stat).ok_or_else(|| {
@@ -149,7 +144,7 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat), Some((250, 31)));
         assert_eq!(parse_cpu_ticks("42 (short) S 1"), None);
         assert_eq!(parse_cpu_ticks("no name"), None);
-        cpu_time(std::process::id()).expect("own CPU time");
+        cpu_times(std::process::id()).expect("own CPU time");
     }
 
     #[test]

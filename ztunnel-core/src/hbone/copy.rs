@@ -161,9 +161,9 @@ fn poll_read_small(
 pub async fn ready_bytes(tcp: &mut TcpStream) -> io::Result<Option<Bytes>> {
     poll_fn(
         |cx| match poll_read_small(Pin::new(&mut *tcp), cx, FIRST_CHUNK) {
-            Poll::Ready(Ok(bytes)) if bytes.is_empty() => Poll::Ready(Ok(None)),
-            Poll::Ready(Ok(bytes)) => Poll::Ready(Ok(Some(bytes))),
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Ready(read) => {
+                Poll::Ready(read.map(|bytes| (!bytes.is_empty()).then_some(bytes)))
+            }
             Poll::Pending => Poll::Ready(Ok(None)),
         },
     )

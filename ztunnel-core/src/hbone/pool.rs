@@ -124,18 +124,12 @@ impl PendingStream {
     pub fn send_early(&mut self, data: Bytes) -> Result<(), HboneError> {
         self.send
             .send_data(data, false)
-            .map_err(|source| HboneError::Http2 {
-                address: self.address,
-                source,
-            })
+            .map_err(http2_error(self.address))
     }
 
     /// Waits for the answer: the stream, if the server answered 200.
     pub async fn established(self) -> Result<HboneStream, HboneError> {
-        let response = self.response.await.map_err(|source| HboneError::Http2 {
-            address: self.address,
-            source,
-        })?;
+        let response = self.response.await.map_err(http2_error(self.address))?;
         if response.status() != StatusCode::OK {
             return Err(HboneError::Refused {
                 address: self.address,
@@ -149,6 +143,11 @@ impl PendingStream {
             _slot: self.slot,
         })
     }
+}
+
+/// An HTTP/2 failure with the HBONE server at `address`.
+fn http2_error(address: SocketAddr) -> impl FnOnce(h2::Error) -> HboneError {
+    move |source| HboneError::Http2 { address, source }
 }
 
 /// One pooled connection.
@@ -278,9 +277,15 @@ impl HbonePool {
             problem: err.to_string(),
         })?;
         let address = key.address;
-        let http2 = |source| HboneError::Http2 { address, source };
-        let mut sender = pooled.send.clone().ready().await.map_err(http2)?;
-        let (response, send) = sender.send_request(request, false).map_err(http2)?;
+        let mut sender = pooled
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(http2_error(address))?;
+        let (response, send) = sender
+            .send_request(request, false)
+            .map_err(http2_error(address))?;
         Ok(PendingStream {
             send,
             response,
@@ -336,7 +341,7 @@ impl HbonePool {
             .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(stream)
             .await
-            .map_err(|source| HboneError::Http2 { address, source })?;
+            .map_err(http2_error(address))?;
         let streams = Arc::new(AtomicUsize::new(1));
         let closed = self.inner.shutdown.child_token();
         let pooled = Arc::new(Pooled {

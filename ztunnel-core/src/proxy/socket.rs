@@ -37,10 +37,7 @@ pub fn original_destination(stream: &TcpStream, source: SocketAddr) -> io::Resul
             ))
         })
     };
-    match original {
-        Ok(original) => Ok(original),
-        Err(_) => stream.local_addr(),
-    }
+    original.or_else(|_| stream.local_addr())
 }
 
 /// Connects to `address` from a socket carrying `mark` (when set), with
