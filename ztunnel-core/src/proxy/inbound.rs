@@ -131,12 +131,7 @@ async fn establish_stream(
     mut respond: SendResponse<Bytes>,
 ) -> Option<InboundStream> {
     let started = Instant::now();
-    let mut log = AccessLog::new(
-        Direction::Inbound,
-        source,
-        Some(peer.clone()),
-        ctx.metrics.clone(),
-    );
+    let mut log = AccessLog::new(Direction::Inbound, source, Some(peer.clone()));
     if request.method() != Method::CONNECT {
         refuse(&mut respond, StatusCode::BAD_REQUEST);
         log.failed(started, "not a CONNECT request");
@@ -204,7 +199,7 @@ async fn establish_stream(
         }
     };
     let recv = request.into_body();
-    log.opened();
+    log.opened(ctx.metrics.as_ref());
     Some(InboundStream {
         upstream,
         send,
@@ -265,12 +260,7 @@ pub(super) async fn serve_plaintext(
 async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let mut log = AccessLog::new(
-        Direction::InboundPlaintext,
-        source,
-        None,
-        ctx.metrics.clone(),
-    );
+    let mut log = AccessLog::new(Direction::InboundPlaintext, source, None);
     let destination = match socket::original_destination(&tcp, source) {
         Ok(destination) => destination,
         Err(err) => {
@@ -318,7 +308,7 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
             return;
         }
     };
-    log.opened();
+    log.opened(ctx.metrics.as_ref());
     let outcome = tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied.map_err(|err| err.to_string()),
         () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),

@@ -53,7 +53,6 @@ pub struct AccessLog {
     pub request_bytes: u64,
     /// Bytes from the destination back to the client.
     pub response_bytes: u64,
-    metrics: Option<Metrics>,
     counters: Option<ConnectionCounters>,
 }
 
@@ -63,7 +62,6 @@ impl AccessLog {
         direction: Direction,
         source: SocketAddr,
         source_identity: Option<Identity>,
-        metrics: Option<Metrics>,
     ) -> Self {
         Self {
             direction,
@@ -76,14 +74,15 @@ impl AccessLog {
             service: None,
             request_bytes: 0,
             response_bytes: 0,
-            metrics,
             counters: None,
         }
     }
 
-    /// The connection is established: counts it as opened.
-    pub fn opened(&mut self) {
-        let Some(metrics) = &self.metrics else {
+    /// The connection is established: counts it as opened in `metrics`,
+    /// the instance's (borrowed: the log, which lives as long as the
+    /// connection, keeps only the connection's own counters).
+    pub fn opened(&mut self, metrics: Option<&Metrics>) {
+        let Some(metrics) = metrics else {
             return;
         };
         let principal = |identity: &Option<Identity>| {

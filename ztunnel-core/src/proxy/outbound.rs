@@ -67,7 +67,7 @@ async fn establish_outbound(
 ) -> Option<Outbound> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
+    let log = AccessLog::new(Direction::Outbound, source, None);
     match socket::original_destination(&tcp, source) {
         Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started).await,
         Err(err) => {
@@ -100,7 +100,7 @@ async fn establish_socks5(
 ) -> Option<Outbound> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let log = AccessLog::new(Direction::Outbound, source, None, ctx.metrics.clone());
+    let log = AccessLog::new(Direction::Outbound, source, None);
     let target = match socks5::handshake(&mut tcp).await {
         Ok(target) => target,
         Err(err) => {
@@ -201,7 +201,7 @@ async fn forward(
     };
     match link {
         Ok(link) => {
-            log.opened();
+            log.opened(ctx.metrics.as_ref());
             Some(Outbound {
                 tcp,
                 link,
