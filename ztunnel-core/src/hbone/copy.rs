@@ -1,8 +1,10 @@
 //! Bytes both ways between a TCP connection and an HBONE stream, each
 //! direction closed on its own (half-close): the TCP peer's FIN ends the
 //! stream's sending side (an empty DATA frame with END_STREAM), and the
-//! stream's END_STREAM shuts the TCP connection's write side. A reset or read
-//! error on either side aborts both.
+//! stream's END_STREAM shuts the TCP connection's write side (unless the TCP
+//! peer had already finished: then nothing is left to carry, and the close
+//! that follows sends the FIN, one syscall fewer). A reset or read error on
+//! either side aborts both.
 //!
 //! Flow control is HTTP/2's: data received is released back to the peer once
 //! written to TCP, and data is sent only within the capacity granted.
@@ -11,6 +13,7 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -45,13 +48,19 @@ pub struct Copied {
 
 /// Copies until both directions ended. On error, the stream is reset (the
 /// TCP connection is dropped by the caller, reset with linger 0 if it wants).
+/// On success the caller drops `tcp` next: if the TCP peer finished first,
+/// that close is what sends the FIN.
 pub async fn copy_bidirectional(
     tcp: &mut TcpStream,
     send: &mut SendStream<Bytes>,
     recv: &mut RecvStream,
 ) -> io::Result<Copied> {
     let (reader, writer) = tcp.split();
-    let outcome = tokio::try_join!(tcp_to_stream(reader, send), stream_to_tcp(recv, writer));
+    let tcp_finished = AtomicBool::new(false);
+    let outcome = tokio::try_join!(
+        tcp_to_stream(reader, send, &tcp_finished),
+        stream_to_tcp(recv, writer, &tcp_finished)
+    );
     match outcome {
         Ok((tcp_to_stream, stream_to_tcp)) => Ok(Copied {
             tcp_to_stream,
@@ -78,7 +87,12 @@ pub async fn copy_bidirectional(
 /// A read shorter than asked for means the socket is drained (tokio's reads
 /// then wait for the next readiness event), so a message costs one read, not
 /// a second one that finds nothing.
-async fn tcp_to_stream(mut reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+/// `finished` is set once the peer's FIN is read.
+async fn tcp_to_stream(
+    mut reader: ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    finished: &AtomicBool,
+) -> io::Result<u64> {
     let mut chunk_size = FIRST_CHUNK;
     let mut buffer = BytesMut::new();
     let mut total = 0u64;
@@ -86,6 +100,7 @@ async fn tcp_to_stream(mut reader: ReadHalf<'_>, send: &mut SendStream<Bytes>) -
         let mut chunk =
             poll_fn(|cx| poll_read_chunk(&mut reader, cx, &mut buffer, chunk_size)).await?;
         if chunk.is_empty() {
+            finished.store(true, Ordering::Relaxed);
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(total);
         }
@@ -170,8 +185,13 @@ pub async fn ready_bytes(tcp: &mut TcpStream) -> io::Result<Option<Bytes>> {
     .await
 }
 
-/// Stream → TCP until END_STREAM, then shuts the TCP write side.
-async fn stream_to_tcp(recv: &mut RecvStream, mut writer: WriteHalf<'_>) -> io::Result<u64> {
+/// Stream → TCP until END_STREAM, then shuts the TCP write side, unless the
+/// TCP peer has `finished` (the caller's close is about to).
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    mut writer: WriteHalf<'_>,
+    tcp_finished: &AtomicBool,
+) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_error)?;
@@ -185,7 +205,9 @@ async fn stream_to_tcp(recv: &mut RecvStream, mut writer: WriteHalf<'_>) -> io::
     if let Err(err) = poll_fn(|cx| recv.poll_trailers(cx)).await {
         return Err(h2_error(err));
     }
-    writer.shutdown().await?;
+    if !tcp_finished.load(Ordering::Relaxed) {
+        writer.shutdown().await?;
+    }
     Ok(total)
 }
 

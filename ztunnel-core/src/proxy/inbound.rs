@@ -43,7 +43,6 @@ async fn hbone_connection(
     source: SocketAddr,
     draining: CancellationToken,
 ) {
-    let _ = tcp.set_nodelay(true);
     let tls = match ctx.workload_tls().await {
         Ok(tls) => tls,
         Err(err) => {
@@ -259,7 +258,6 @@ pub(super) async fn serve_plaintext(
 
 async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {
     let started = Instant::now();
-    let _ = tcp.set_nodelay(true);
     let mut log = AccessLog::new(Direction::InboundPlaintext, source, None);
     let destination = match socket::original_destination(&tcp, source) {
         Ok(destination) => destination,

@@ -352,8 +352,9 @@ impl Context {
     }
 }
 
-/// Accepts on `listener` until `stop`; each connection runs `handle` as a
-/// task the instance tracks (a drain waits for it) and a forced close ends.
+/// Accepts on `listener` until `stop`; each connection, with `TCP_NODELAY`,
+/// runs `handle` as a task the instance tracks (a drain waits for it) and a
+/// forced close ends.
 async fn accept_loop<F, Fut>(
     ctx: Arc<Context>,
     listener: TcpListener,
@@ -364,6 +365,7 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let inherits_nodelay = socket::nodelay_for_accepted(&listener);
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -375,6 +377,9 @@ async fn accept_loop<F, Fut>(
                 }
             },
         };
+        if !inherits_nodelay {
+            let _ = tcp.set_nodelay(true);
+        }
         let connection = ctx.clone();
         let handle = handle.clone();
         ctx.spawn_tracked(move || handle(connection, tcp, peer));

@@ -66,7 +66,6 @@ async fn establish_outbound(
     random: Arc<Random>,
 ) -> Option<Outbound> {
     let started = Instant::now();
-    let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None);
     match socket::original_destination(&tcp, source) {
         Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started).await,
@@ -99,7 +98,6 @@ async fn establish_socks5(
     random: Arc<Random>,
 ) -> Option<Outbound> {
     let started = Instant::now();
-    let _ = tcp.set_nodelay(true);
     let log = AccessLog::new(Direction::Outbound, source, None);
     let target = match socks5::handshake(&mut tcp).await {
         Ok(target) => target,

@@ -1,12 +1,12 @@
 //! Socket options the proxy needs from the OS: the original destination of a
 //! redirected connection, the mark that keeps the proxy's own connections out
-//! of the redirect rules (WIRE.md §6), and resets.
+//! of the redirect rules (WIRE.md §6), `TCP_NODELAY`, and resets.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The mark on the proxy's own sockets (0x539), excluded by the redirect rules.
 pub const PROXY_MARK: u32 = 1337;
@@ -69,10 +69,40 @@ pub async fn connect_from(
     socket.connect(address).await
 }
 
+/// Sets `TCP_NODELAY` on `listener`, which the connections it accepts
+/// inherit (Linux copies the listener's options into each accepted socket):
+/// one syscall for the listener rather than one per connection. `false` if
+/// it could not be set; each connection then needs [`TcpStream::set_nodelay`].
+pub fn nodelay_for_accepted(listener: &TcpListener) -> bool {
+    setsockopt(listener, sockopt::TcpNoDelay, &true).is_ok()
+}
+
 /// Drops `stream` with a TCP reset (linger 0) rather than a FIN, so the
 /// client sees the connection fail.
 pub fn reset(stream: TcpStream) {
     // Best effort: if linger cannot be set the drop still closes it.
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accept_one(listener: &TcpListener) -> TcpStream {
+        let address = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        accepted.unwrap().0
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_the_listeners_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(
+            !accept_one(&listener).await.nodelay().unwrap(),
+            "off by default"
+        );
+        assert!(nodelay_for_accepted(&listener));
+        assert!(accept_one(&listener).await.nodelay().unwrap());
+    }
 }
