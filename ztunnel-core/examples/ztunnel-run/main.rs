@@ -30,7 +30,7 @@
 //!
 //! The binary allocates with jemalloc, as linkerd2-proxy and ztunnel do (the
 //! library leaves the choice to the embedding binary). With glibc's malloc,
-//! each 64 KiB HTTP/2 frame buffer h2 reads into was handed back to the
+//! each large HTTP/2 frame buffer h2 reads into was handed back to the
 //! kernel when freed and faulted in again for the next frame: about 15% of the
 //! server proxy's CPU went to page faults during bulk transfers.
 
