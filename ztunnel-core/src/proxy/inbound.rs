@@ -232,7 +232,7 @@ impl Established for InboundStream {
     }
 
     /// An error resets the application's side.
-    fn finish(mut self, outcome: &Carried) {
+    fn finish(self, outcome: &Carried) {
         if outcome.is_err() {
             socket::reset(self.upstream);
         }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_api::Identity;
-use mesh_api::workload::Workload;
+use mesh_api::workload::{Service, Workload};
 use tokio::time::Instant;
 
 use crate::metrics::{ConnectionCounters, ConnectionLabels, Metrics};
@@ -48,11 +48,7 @@ pub struct AccessLog {
     /// The source workload, once known.
     pub source_workload: Option<Arc<Workload>>,
     /// The service reached through, once known.
-    pub service: Option<String>,
-    /// Bytes from the connection's client towards the destination.
-    pub request_bytes: u64,
-    /// Bytes from the destination back to the client.
-    pub response_bytes: u64,
+    pub service: Option<Arc<Service>>,
     counters: Option<ConnectionCounters>,
 }
 
@@ -72,8 +68,6 @@ impl AccessLog {
             destination_identity: None,
             source_workload: None,
             service: None,
-            request_bytes: 0,
-            response_bytes: 0,
             counters: None,
         }
     }
@@ -118,7 +112,10 @@ impl AccessLog {
             destination_workload: name(&self.destination_workload),
             destination_workload_namespace: namespace(&self.destination_workload),
             destination_principal: principal(&self.destination_identity),
-            destination_service: self.service.clone().unwrap_or_else(|| "unknown".to_owned()),
+            destination_service: self
+                .service
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |s| s.hostname.clone()),
             connection_security_policy: if self.direction == Direction::Inbound
                 || self.destination_identity.is_some()
             {
@@ -134,30 +131,30 @@ impl AccessLog {
     /// Emits the event of a connection that ended: completed with the bytes
     /// (request, response: client to destination, destination to client),
     /// or failed with an error.
-    pub fn finish(&mut self, started: Instant, outcome: &Result<(u64, u64), String>) {
+    pub fn finish(&self, started: Instant, outcome: &Result<(u64, u64), String>) {
         match outcome {
-            Ok((request, response)) => {
-                self.request_bytes = *request;
-                self.response_bytes = *response;
-                self.done(started);
-            }
+            Ok(bytes) => self.emit(started, *bytes, None),
             Err(err) => self.failed(started, err),
         }
     }
 
-    /// Emits the event of a connection that completed.
-    pub fn done(&self, started: Instant) {
-        self.emit(started, None);
-    }
-
     /// Emits the event of a connection that failed with `error`.
     pub fn failed(&self, started: Instant, error: &str) {
-        self.emit(started, Some(error));
+        self.emit(started, (0, 0), Some(error));
     }
 
-    fn emit(&self, started: Instant, error: Option<&str>) {
+    /// The bytes are (request, response), as [`AccessLog::finish`]'s. They
+    /// are arguments rather than fields: the log lives as long as its
+    /// connection, inside the connection's task, so every field it need not
+    /// keep makes each open connection smaller.
+    fn emit(
+        &self,
+        started: Instant,
+        (request_bytes, response_bytes): (u64, u64),
+        error: Option<&str>,
+    ) {
         if let Some(counters) = &self.counters {
-            counters.closed(self.request_bytes, self.response_bytes);
+            counters.closed(request_bytes, response_bytes);
         }
         // Formatted straight into the event's line: no strings of their own.
         let destination = self.destination.as_ref().map(tracing::field::display);
@@ -173,8 +170,8 @@ impl AccessLog {
             dst.addr = destination,
             dst.workload = workload,
             dst.identity = self.destination_identity.as_ref().map(Identity::as_uri),
-            bytes_request = self.request_bytes,
-            bytes_response = self.response_bytes,
+            bytes_request = request_bytes,
+            bytes_response = response_bytes,
             duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             error,
             "connection complete"

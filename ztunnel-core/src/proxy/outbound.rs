@@ -186,7 +186,7 @@ async fn forward(
             log.destination = Some(upstream.address);
             log.destination_workload = Some(upstream.workload.clone());
             log.destination_identity.clone_from(&upstream.identity);
-            log.service = upstream.service.as_ref().map(|s| s.hostname.clone());
+            log.service.clone_from(&upstream.service);
             if upstream.hbone {
                 let served = log.source_workload.clone();
                 open_hbone(ctx, &mut tcp, source, &upstream, served.as_deref())
@@ -256,7 +256,7 @@ impl Established for Outbound {
     }
 
     /// An error resets both ends.
-    fn finish(mut self, outcome: &Carried) {
+    fn finish(self, outcome: &Carried) {
         if outcome.is_err() {
             if let Link::Plain(upstream) = self.link {
                 socket::reset(upstream);
