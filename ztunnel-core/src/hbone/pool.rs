@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use mesh_api::Identity;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -241,7 +241,7 @@ impl HbonePool {
         tls: &WorkloadTls,
         key: &PoolKey,
         authority: SocketAddr,
-        headers: &[(&'static str, String)],
+        headers: &[(&'static str, HeaderValue)],
     ) -> Result<HboneStream, HboneError> {
         self.request(tls, key, authority, headers)
             .await?
@@ -257,7 +257,7 @@ impl HbonePool {
         tls: &WorkloadTls,
         key: &PoolKey,
         authority: SocketAddr,
-        headers: &[(&'static str, String)],
+        headers: &[(&'static str, HeaderValue)],
     ) -> Result<PendingStream, HboneError> {
         let (pooled, slot) = match self.reuse(key) {
             Some(found) => found,
@@ -270,7 +270,7 @@ impl HbonePool {
             .method(Method::CONNECT)
             .uri(authority.as_str());
         for (name, value) in headers {
-            request = request.header(*name, value.as_str());
+            request = request.header(*name, value.clone());
         }
         let request = request.body(()).map_err(|err| HboneError::Request {
             authority: authority.clone(),

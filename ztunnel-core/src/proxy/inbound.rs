@@ -187,7 +187,7 @@ async fn establish_stream(
     };
     let response = Response::builder()
         .status(StatusCode::OK)
-        .header("baggage", super::baggage(&workload))
+        .header("baggage", ctx.baggage.of(&workload))
         .body(())
         .unwrap_or_default();
     let send = match respond.send_response(response, false) {

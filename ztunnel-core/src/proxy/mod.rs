@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod authorize;
+mod baggage;
 mod inbound;
 pub mod log;
 mod outbound;
@@ -43,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::Identity;
-use mesh_api::workload::{Workload, WorkloadType};
+use mesh_api::workload::Workload;
 use rustls::crypto::CryptoProvider;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -51,13 +52,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::certs::{CertError, CertManager};
 use crate::hbone::HBONE_PORT;
-use crate::hbone::headers::Baggage;
 use crate::hbone::pool::HbonePool;
 use crate::metrics::Metrics;
 use crate::state::SharedState;
 use crate::tls::{TlsConfigs, TlsError, WorkloadTls};
 use crate::xds::Demander;
 use authorize::LiveConnections;
+use baggage::BaggageCache;
+pub use baggage::baggage;
 use prometheus_client::registry::Registry;
 use route::workload_identity;
 
@@ -262,6 +264,7 @@ impl ZtunnelBuilder {
             hbone_port: self.hbone_port,
             pool: HbonePool::new(self.mark, &shutdown),
             live: Arc::new(LiveConnections::default()),
+            baggage: BaggageCache::default(),
             metrics: self.metrics,
             demander: self.demander,
             tasks: TaskTracker::new(),
@@ -290,6 +293,7 @@ struct Context {
     hbone_port: u16,
     pool: HbonePool,
     live: Arc<LiveConnections>,
+    baggage: BaggageCache,
     metrics: Option<Metrics>,
     demander: Option<Demander>,
     /// Connection tasks, waited for by a drain.
@@ -410,30 +414,6 @@ async fn run_connection<E: Established>(setup: Pin<Box<impl Future<Output = Opti
     };
     let outcome = established.carry().await;
     established.finish(&outcome);
-}
-
-/// A workload described as a `baggage` header value.
-pub fn baggage(workload: &Workload) -> String {
-    let kind = match WorkloadType::try_from(workload.workload_type) {
-        Ok(WorkloadType::Cronjob) => "cronjob",
-        Ok(WorkloadType::Pod) => "pod",
-        Ok(WorkloadType::Job) => "job",
-        _ => "deployment",
-    };
-    let some = |value: &str| (!value.is_empty()).then(|| value.to_owned());
-    let locality = workload.locality.clone().unwrap_or_default();
-    Baggage {
-        cluster: some(&workload.cluster_id),
-        namespace: some(&workload.namespace),
-        workload: some(&workload.workload_name)
-            .or_else(|| some(&workload.name))
-            .map(|name| (kind.to_owned(), name)),
-        service: some(&workload.canonical_name),
-        revision: some(&workload.canonical_revision),
-        region: some(&locality.region),
-        zone: some(&locality.zone),
-    }
-    .to_string()
 }
 
 /// A proxy instance, built but not running.

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::HeaderValue;
 use mesh_api::Identity;
 use mesh_api::workload::Workload;
 use tokio::io::AsyncWriteExt;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
 use super::route::{Route, Upstream, first_ip, route};
-use super::{Carried, Context, Established, accept_loop, baggage, run_connection, socket, socks5};
+use super::{Carried, Context, Established, accept_loop, run_connection, socket, socks5};
 use crate::hbone::copy::{copy_bidirectional, ready_bytes};
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
@@ -189,7 +190,7 @@ async fn forward(
             log.service.clone_from(&upstream.service);
             if upstream.hbone {
                 let served = log.source_workload.clone();
-                open_hbone(ctx, &mut tcp, source, &upstream, served.as_deref())
+                open_hbone(ctx, &mut tcp, source, &upstream, served.as_ref())
                     .await
                     .map(|(stream, early)| Link::Hbone(stream, early))
             } else {
@@ -275,7 +276,7 @@ async fn open_hbone(
     tcp: &mut TcpStream,
     source: SocketAddr,
     upstream: &Upstream,
-    served: Option<&Workload>,
+    served: Option<&Arc<Workload>>,
 ) -> Result<(HboneStream, u64), String> {
     let Some(identity) = upstream.identity.clone() else {
         return Err(format!(
@@ -292,7 +293,9 @@ async fn open_hbone(
                 .ok()
         }));
     }
-    let identity = ctx.identity_of(served).map_err(|err| err.to_string())?;
+    let identity = ctx
+        .identity_of(served.map(|w| &**w))
+        .map_err(|err| err.to_string())?;
     let tls = ctx
         .tls_for(&identity)
         .await
@@ -301,11 +304,17 @@ async fn open_hbone(
         source: tls.identity().clone(),
         expected,
         address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
-        source_ip: served.and_then(first_ip),
+        source_ip: served.and_then(|w| first_ip(w)),
     };
     let headers = [
-        ("forwarded", forwarded_for(source)),
-        ("baggage", served.map(baggage).unwrap_or_default()),
+        (
+            "forwarded",
+            HeaderValue::try_from(forwarded_for(source)).map_err(|err| err.to_string())?,
+        ),
+        (
+            "baggage",
+            served.map_or_else(|| HeaderValue::from_static(""), |w| ctx.baggage.of(w)),
+        ),
     ];
     let mut pending = ctx
         .pool
