@@ -612,8 +612,8 @@ fn main() {
         return;
     }
     let options = options();
-    let xds_serve = example("xds-server", "xds-serve", true);
-    let ztunnel_run = example("ztunnel-core", "ztunnel-run", true);
+    let xds_serve = example("xds-server", "xds-serve", "release");
+    let ztunnel_run = example("ztunnel-core", "ztunnel-run", "proxy");
     let topology = Topology::new("bench", 2);
     // Load-generator settings, for plain TCP and the mesh alike: the
     // connection test closes tens of thousands of connections, whose

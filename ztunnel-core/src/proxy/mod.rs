@@ -95,7 +95,10 @@ pub enum IdentityError {
     Tls(#[from] TlsError),
 }
 
-/// Listeners bound by the caller (e.g. inside a network namespace).
+/// Listeners bound by the caller (e.g. inside a network namespace). Bound
+/// with [`socket::listen_with_nodelay`] (or with `TCP_NODELAY` set before
+/// listening), their connections inherit `TCP_NODELAY`; otherwise the proxy
+/// sets it on each connection it accepts, a syscall apiece.
 #[derive(Debug)]
 pub struct Listeners {
     /// Outbound capture (15001).
@@ -369,7 +372,7 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let inherits_nodelay = socket::nodelay_for_accepted(&listener);
+    let inherits_nodelay = socket::accepted_have_nodelay(&listener);
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -434,11 +437,11 @@ impl Ztunnel {
     pub async fn spawn(self) -> io::Result<ZtunnelHandle> {
         let [outbound, inbound, hbone] = self.addresses;
         let listeners = Listeners {
-            outbound: TcpListener::bind(outbound).await?,
-            inbound_plaintext: TcpListener::bind(inbound).await?,
-            hbone: TcpListener::bind(hbone).await?,
+            outbound: socket::listen_with_nodelay(outbound)?,
+            inbound_plaintext: socket::listen_with_nodelay(inbound)?,
+            hbone: socket::listen_with_nodelay(hbone)?,
             socks5: match self.socks5 {
-                Some(address) => Some(TcpListener::bind(address).await?),
+                Some(address) => Some(socket::listen_with_nodelay(address)?),
                 None => None,
             },
         };

@@ -293,8 +293,9 @@ async fn open_hbone(
                 .ok()
         }));
     }
+    let served_workload = served.map(Arc::as_ref);
     let identity = ctx
-        .identity_of(served.map(|w| &**w))
+        .identity_of(served_workload)
         .map_err(|err| err.to_string())?;
     let tls = ctx
         .tls_for(&identity)
@@ -304,7 +305,7 @@ async fn open_hbone(
         source: tls.identity().clone(),
         expected,
         address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
-        source_ip: served.and_then(|w| first_ip(w)),
+        source_ip: served_workload.and_then(first_ip),
     };
     let headers = [
         (

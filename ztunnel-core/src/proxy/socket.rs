@@ -69,12 +69,28 @@ pub async fn connect_from(
     socket.connect(address).await
 }
 
-/// Sets `TCP_NODELAY` on `listener`, which the connections it accepts
-/// inherit (Linux copies the listener's options into each accepted socket):
-/// one syscall for the listener rather than one per connection. `false` if
-/// it could not be set; each connection then needs [`TcpStream::set_nodelay`].
-pub fn nodelay_for_accepted(listener: &TcpListener) -> bool {
-    setsockopt(listener, sockopt::TcpNoDelay, &true).is_ok()
+/// A listener on `address` whose accepted connections have `TCP_NODELAY`
+/// from the start: set on the socket before it listens, so every connection
+/// inherits it (Linux copies a listener's options into each socket it
+/// accepts) and none needs a syscall of its own. Otherwise as
+/// [`TcpListener::bind`] (`SO_REUSEADDR`, a backlog of 1024).
+pub fn listen_with_nodelay(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
+/// Whether the connections `listener` accepts inherit `TCP_NODELAY`: it was
+/// set on the listener (before it listened, as [`listen_with_nodelay`] does;
+/// set later, connections already queued would miss it). If not, each
+/// accepted connection needs [`TcpStream::set_nodelay`].
+pub fn accepted_have_nodelay(listener: &TcpListener) -> bool {
+    getsockopt(listener, sockopt::TcpNoDelay).unwrap_or(false)
 }
 
 /// Drops `stream` with a TCP reset (linger 0) rather than a FIN, so the
@@ -96,13 +112,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_connections_inherit_the_listeners_nodelay() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    async fn connections_accepted_by_a_nodelay_listener_have_nodelay() {
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(!accepted_have_nodelay(&plain));
         assert!(
-            !accept_one(&listener).await.nodelay().unwrap(),
+            !accept_one(&plain).await.nodelay().unwrap(),
             "off by default"
         );
-        assert!(nodelay_for_accepted(&listener));
+        let listener = listen_with_nodelay("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(accepted_have_nodelay(&listener));
+        // Queued before anyone accepts: inherited all the same.
+        let queued = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        drop(queued);
         assert!(accept_one(&listener).await.nodelay().unwrap());
     }
 }

@@ -222,21 +222,25 @@ pub fn install_redirect_except(netns: &Netns, exempt: &[u16]) {
     );
 }
 
-/// Builds an example binary of the workspace (release or debug) and returns
-/// its path, next to the running test's or bench's own profile folder.
-pub fn example(package: &str, name: &str, release: bool) -> PathBuf {
+/// Builds an example binary of the workspace with the cargo `profile`
+/// (`"dev"`, `"release"`, or a custom one such as `"proxy"`) and returns its
+/// path, in that profile's folder of the running test's or bench's target
+/// directory.
+pub fn example(package: &str, name: &str, profile: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("test path");
-    let profile_dir = test_exe
+    let target_dir = test_exe
         .parent()
         .and_then(Path::parent)
-        .expect("profile dir");
+        .and_then(Path::parent)
+        .expect("target dir");
     let status = Command::new(env!("CARGO"))
         .args(["build", "--quiet", "-p", package, "--example", name])
-        .args(release.then_some("--release"))
+        .args(["--profile", profile])
         .status()
         .expect("cargo");
     assert!(status.success(), "building the {name} example failed");
-    profile_dir.join("examples").join(name)
+    let folder = if profile == "dev" { "debug" } else { profile };
+    target_dir.join(folder).join("examples").join(name)
 }
 
 /// What a proxy instance at the control plane `control_plane` is told: the
