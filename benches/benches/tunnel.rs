@@ -458,12 +458,14 @@ impl Figures {
             m(&self.rate) / m(&plain.rate),
             m(&self.rate_cpu)
         );
+        // Connections per second times machine µs per connection.
+        let busy = |f: &Figures| 100.0 * m(&f.rate) * m(&f.rate_machine) / 1e6 / cpus as f64;
         println!(
             "  per connection:           machine CPU {:.1} vs {:.1} µs (busy {:.0}% vs {:.0}% of {cpus} CPUs); proxies' user space {:.1} µs",
             m(&self.rate_machine),
             m(&plain.rate_machine),
-            100.0 * m(&self.rate) * m(&self.rate_machine) / 1e6 / cpus as f64,
-            100.0 * m(&plain.rate) * m(&plain.rate_machine) / 1e6 / cpus as f64,
+            busy(self),
+            busy(plain),
             m(&self.rate_user)
         );
         for (i, name) in ["client proxy", "server proxy"].iter().enumerate() {

@@ -54,10 +54,7 @@ pub async fn connect_from(
     source: Option<IpAddr>,
     mark: Option<u32>,
 ) -> io::Result<TcpStream> {
-    let socket = match address {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+    let socket = tcp_socket_for(address)?;
     if let Some(mark) = mark {
         setsockopt(&socket, sockopt::Mark, &mark).map_err(io::Error::from)?;
     }
@@ -75,10 +72,7 @@ pub async fn connect_from(
 /// accepts) and none needs a syscall of its own. Otherwise as
 /// [`TcpListener::bind`] (`SO_REUSEADDR`, a backlog of 1024).
 pub fn listen_with_nodelay(address: SocketAddr) -> io::Result<TcpListener> {
-    let socket = match address {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+    let socket = tcp_socket_for(address)?;
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(address)?;
@@ -91,6 +85,14 @@ pub fn listen_with_nodelay(address: SocketAddr) -> io::Result<TcpListener> {
 /// accepted connection needs [`TcpStream::set_nodelay`].
 pub fn accepted_have_nodelay(listener: &TcpListener) -> bool {
     getsockopt(listener, sockopt::TcpNoDelay).unwrap_or(false)
+}
+
+/// A TCP socket of `address`'s family.
+fn tcp_socket_for(address: SocketAddr) -> io::Result<TcpSocket> {
+    match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
 }
 
 /// Drops `stream` with a TCP reset (linger 0) rather than a FIN, so the
