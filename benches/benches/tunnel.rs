@@ -209,17 +209,22 @@ async fn bulk(to: SocketAddr, bypass: bool, streams: usize, seconds: u64) -> (u6
     (total, started.elapsed())
 }
 
+/// Round trips measured in the request/response test.
+const ROUND_TRIPS: usize = 5000;
+/// Round trips made before those measured.
+const RR_WARM_UP: usize = 200;
+
 /// 1 KiB request/response on one connection: (p50, p99).
 async fn request_response(to: SocketAddr, bypass: bool, count: usize) -> (Duration, Duration) {
     let mut stream = connect(to, bypass).await.expect("connect");
     let request = vec![7u8; 1024];
     let mut response = vec![0u8; 1024];
     let mut samples = Vec::with_capacity(count);
-    for i in 0..count + 200 {
+    for i in 0..count + RR_WARM_UP {
         let started = Instant::now();
         stream.write_all(&request).await.expect("request");
         stream.read_exact(&mut response).await.expect("response");
-        if i >= 200 {
+        if i >= RR_WARM_UP {
             samples.push(started.elapsed());
         }
     }
@@ -396,6 +401,8 @@ struct Figures {
     eight: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    /// Both proxies' CPU time per 1 KiB round trip, in microseconds.
+    rr_cpu: Vec<f64>,
     rate: Vec<f64>,
     /// Both proxies' CPU time per byte in the bulk tests, in nanoseconds.
     single_cpu: Vec<f64>,
@@ -451,6 +458,7 @@ impl Figures {
             m(&plain.p99),
             m(&self.p99) - m(&plain.p99)
         );
+        println!("  proxies' CPU per RR:      {:.1} µs", m(&self.rr_cpu));
         println!(
             "  connections/s:            {:.0} vs {:.0} = {:.2}x; proxies' CPU {:.1} µs per connection",
             m(&self.rate),
@@ -508,6 +516,10 @@ impl Figures {
             "  added latency: {:.2}x (p50), {:.2}x (p99)",
             added(self, |f| &f.p50) / added(other, |f| &f.p50),
             added(self, |f| &f.p99) / added(other, |f| &f.p99)
+        );
+        println!(
+            "  proxies' CPU per round trip: {:.2}x",
+            m(&self.rr_cpu) / m(&other.rr_cpu)
         );
         println!(
             "  connections/s: {:.2}x; proxies' CPU per connection: {:.2}x",
@@ -733,10 +745,14 @@ fn main() {
                     .wants("eight")
                     .then(|| bulk(sink, bypass, 8, seconds)),
             );
-            let (p50, p99) = if options.wants("rr") {
-                on(&client, request_response(echo, bypass, 5000))
+            let (p50, p99, rr_cpu) = if options.wants("rr") {
+                let before = proxies_cpu(&proxies);
+                let (p50, p99) = on(&client, request_response(echo, bypass, ROUND_TRIPS));
+                let spent = proxies_cpu(&proxies) - before;
+                let each = spent.total().as_secs_f64() / (ROUND_TRIPS + RR_WARM_UP) as f64;
+                (p50, p99, each * 1e6)
             } else {
-                (Duration::ZERO, Duration::ZERO)
+                (Duration::ZERO, Duration::ZERO, f64::NAN)
             };
             let rate = per_unit(
                 &client,
@@ -749,7 +765,7 @@ fn main() {
             let (single_cpu, eight_cpu) = (single.proxies * 1e9, eight.proxies * 1e9);
             let rate_cpu = rate.proxies * 1e6;
             println!(
-                "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B, {:.1} µs/conn",
+                "round {round} {:>7}: 1 stream {:8.1} MiB/s | 8 streams {:8.1} MiB/s | 1 KiB RR p50 {:6.1} µs p99 {:6.1} µs | {:7.0} conn/s | proxies' CPU {:.2} / {:.2} ns/B, {:.1} µs/RR, {:.1} µs/conn",
                 carrier.name(),
                 single.rate / 1048576.0,
                 eight.rate / 1048576.0,
@@ -758,6 +774,7 @@ fn main() {
                 rate.rate,
                 single_cpu,
                 eight_cpu,
+                rr_cpu,
                 rate_cpu,
             );
             figures.single_cpu.push(single_cpu);
@@ -766,6 +783,7 @@ fn main() {
             figures.eight.push(eight.rate);
             figures.p50.push(p50.as_secs_f64() * 1e6);
             figures.p99.push(p99.as_secs_f64() * 1e6);
+            figures.rr_cpu.push(rr_cpu);
             figures.rate.push(rate.rate);
             figures.rate_cpu.push(rate_cpu);
             figures.rate_user.push(rate.proxies_user * 1e6);

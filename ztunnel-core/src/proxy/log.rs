@@ -10,7 +10,7 @@ use mesh_api::Identity;
 use mesh_api::workload::{Service, Workload};
 use tokio::time::Instant;
 
-use crate::metrics::{ConnectionCounters, ConnectionLabels, Metrics};
+use crate::metrics::{ConnectionCounters, Metrics, Peers, Reporter};
 
 /// Which listener took the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,53 +79,19 @@ impl AccessLog {
         let Some(metrics) = metrics else {
             return;
         };
-        let principal = |identity: &Option<Identity>| {
-            identity
-                .as_ref()
-                .map_or_else(|| "unknown".to_owned(), |i| i.as_uri().to_owned())
-        };
-        let name = |w: &Option<Arc<Workload>>| {
-            w.as_ref().map_or_else(
-                || "unknown".to_owned(),
-                |w| {
-                    if w.workload_name.is_empty() {
-                        w.name.clone()
-                    } else {
-                        w.workload_name.clone()
-                    }
-                },
-            )
-        };
-        let namespace = |w: &Option<Arc<Workload>>| {
-            w.as_ref()
-                .map_or_else(|| "unknown".to_owned(), |w| w.namespace.clone())
-        };
-        let labels = ConnectionLabels {
+        let peers = Peers {
             reporter: match self.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound | Direction::InboundPlaintext => "destination",
-            }
-            .to_owned(),
-            source_workload: name(&self.source_workload),
-            source_workload_namespace: namespace(&self.source_workload),
-            source_principal: principal(&self.source_identity),
-            destination_workload: name(&self.destination_workload),
-            destination_workload_namespace: namespace(&self.destination_workload),
-            destination_principal: principal(&self.destination_identity),
-            destination_service: self
-                .service
-                .as_ref()
-                .map_or_else(|| "unknown".to_owned(), |s| s.hostname.clone()),
-            connection_security_policy: if self.direction == Direction::Inbound
-                || self.destination_identity.is_some()
-            {
-                "mutual_tls"
-            } else {
-                "none"
-            }
-            .to_owned(),
+                Direction::Outbound => Reporter::Source,
+                Direction::Inbound | Direction::InboundPlaintext => Reporter::Destination,
+            },
+            source_workload: self.source_workload.as_ref(),
+            source_identity: self.source_identity.as_ref(),
+            destination_workload: self.destination_workload.as_ref(),
+            destination_identity: self.destination_identity.as_ref(),
+            service: self.service.as_ref(),
+            mutual_tls: self.direction == Direction::Inbound || self.destination_identity.is_some(),
         };
-        self.counters = Some(metrics.opened(&labels));
+        self.counters = Some(metrics.opened_between(&peers));
     }
 
     /// Emits the event of a connection that ended: completed with the bytes
