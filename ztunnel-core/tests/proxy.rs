@@ -462,6 +462,25 @@ async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hbone_server_answers_with_its_workloads_baggage() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let ShellClient { pool, tls, key, .. } = shell_client(&mesh, &shutdown).await;
+    let (_stream, headers) = pool
+        .request(&tls, &key, mesh.app, &[])
+        .await
+        .expect("request")
+        .established_with_headers()
+        .await
+        .expect("established");
+    let baggage = headers.get("baggage").expect("a baggage header");
+    assert_eq!(
+        baggage.to_str().expect("text"),
+        "k8s.namespace.name=default,k8s.deployment.name=echo"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_open_connections_finish() {
     let mesh = mesh().await;
     let mut open = socks5(&mesh.shell, mesh.app).await.expect("connect");

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use mesh_api::Identity;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -130,19 +130,41 @@ impl PendingStream {
     /// Waits for the answer: the stream, if the server answered 200.
     pub async fn established(self) -> Result<HboneStream, HboneError> {
         let response = self.response.await.map_err(http2_error(self.address))?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Refused {
-                address: self.address,
-                authority: self.authority,
-                status: response.status(),
-            });
-        }
-        Ok(HboneStream {
-            send: self.send,
-            recv: response.into_body(),
-            _slot: self.slot,
-        })
+        answered(self.send, response, self.address, self.authority, self.slot)
+            .map(|(stream, _headers)| stream)
     }
+
+    /// [`PendingStream::established`], with the answer's headers (the
+    /// server's `baggage`, for one: who the workload behind it is).
+    pub async fn established_with_headers(self) -> Result<(HboneStream, HeaderMap), HboneError> {
+        let response = self.response.await.map_err(http2_error(self.address))?;
+        answered(self.send, response, self.address, self.authority, self.slot)
+    }
+}
+
+/// The stream of an answered CONNECT request and the answer's headers, if
+/// the server answered 200.
+fn answered(
+    send: SendStream<Bytes>,
+    response: Response<RecvStream>,
+    address: SocketAddr,
+    authority: String,
+    slot: StreamSlot,
+) -> Result<(HboneStream, HeaderMap), HboneError> {
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Refused {
+            address,
+            authority,
+            status: response.status(),
+        });
+    }
+    let (answer, recv) = response.into_parts();
+    let stream = HboneStream {
+        send,
+        recv,
+        _slot: slot,
+    };
+    Ok((stream, answer.headers))
 }
 
 /// An HTTP/2 failure with the HBONE server at `address`.
