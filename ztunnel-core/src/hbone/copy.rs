@@ -4,8 +4,13 @@
 //! stream's END_STREAM shuts the TCP connection's write side. When the TCP
 //! peer had finished first, that is the copy's last step: the write side is
 //! left to the caller's close, which sends the FIN anyway (one syscall
-//! fewer), and [`Copied::tcp_write_open`] says so. A reset or read error on
+//! fewer), and [`Progress::tcp_write_open`] says so. A reset or read error on
 //! either side aborts both.
+//!
+//! The bytes moved are counted in a [`Progress`] the caller owns, so they
+//! are known also when the copy fails or is dropped (a connection closed by
+//! policy, a forced close): a connection reset after moving data still
+//! reports what it moved.
 //!
 //! Flow control is HTTP/2's: data received is released back to the peer once
 //! written to TCP, and data is sent only within the capacity granted.
@@ -14,7 +19,7 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -45,17 +50,61 @@ const READ_CHUNK: usize = 16 * TLS_RECORD - FRAME_HEADER;
 /// The first read's size: small, so short exchanges cost little memory.
 const FIRST_CHUNK: usize = TLS_RECORD - FRAME_HEADER;
 
-/// Bytes moved by a finished copy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Copied {
-    /// From the TCP connection into the stream.
-    pub tcp_to_stream: u64,
-    /// From the stream into the TCP connection.
-    pub stream_to_tcp: u64,
-    /// The TCP write side was left open: the TCP peer finished first, so the
-    /// FIN goes with the caller's close. A caller that keeps the connection
-    /// open after the copy shuts it down itself.
-    pub tcp_write_open: bool,
+/// How far a copy has got: the bytes it read from and wrote to the TCP
+/// connection so far, and (for its two directions) the TCP side's state.
+/// Readable at any time, also after the copy failed or was dropped. One per
+/// copy.
+#[derive(Debug)]
+pub struct Progress {
+    read: AtomicU64,
+    written: AtomicU64,
+    tcp: AtomicU8,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            tcp: AtomicU8::new(TCP_READING),
+        }
+    }
+}
+
+impl Progress {
+    /// Bytes read from the TCP connection (and passed on).
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the TCP connection.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Whether the copy left the TCP write side open for the caller's close
+    /// (the TCP peer finished first): the FIN goes with the close. A caller
+    /// that keeps the connection open after a copy shuts it down itself.
+    pub fn tcp_write_open(&self) -> bool {
+        self.tcp.load(Ordering::Relaxed) == TCP_WRITE_LEFT_OPEN
+    }
+
+    /// Counts `bytes` more read from the TCP connection.
+    pub(crate) fn count_read(&self, bytes: usize) {
+        Self::add(&self.read, bytes);
+    }
+
+    /// Counts `bytes` more written to the TCP connection.
+    pub(crate) fn count_written(&self, bytes: usize) {
+        Self::add(&self.written, bytes);
+    }
+
+    /// Counts `bytes` more into `counter`. Each counter has one writer (its
+    /// direction), so a plain load and store will do.
+    fn add(counter: &AtomicU64, bytes: usize) {
+        let total = counter.load(Ordering::Relaxed) + bytes as u64;
+        counter.store(total, Ordering::Relaxed);
+    }
 }
 
 /// How far the TCP side has got, shared by the two directions.
@@ -65,31 +114,24 @@ const TCP_FINISHED: u8 = 1;
 /// ... and then the stream ended: the write side is left to the close.
 const TCP_WRITE_LEFT_OPEN: u8 = 2;
 
-/// Copies until both directions ended. On error, the stream is reset (the
-/// TCP connection is dropped by the caller, reset with linger 0 if it wants).
-/// On success, see [`Copied::tcp_write_open`].
+/// Copies until both directions ended, counting into `progress`. On error,
+/// the stream is reset (the TCP connection is dropped by the caller, reset
+/// with linger 0 if it wants). On success, see [`Progress::tcp_write_open`].
 pub async fn copy_bidirectional(
     tcp: &mut TcpStream,
     send: &mut SendStream<Bytes>,
     recv: &mut RecvStream,
-) -> io::Result<Copied> {
+    progress: &Progress,
+) -> io::Result<()> {
     let (reader, writer) = tcp.split();
-    let tcp = AtomicU8::new(TCP_READING);
     let outcome = tokio::try_join!(
-        tcp_to_stream(reader, send, &tcp),
-        stream_to_tcp(recv, writer, &tcp)
+        tcp_to_stream(reader, send, progress),
+        stream_to_tcp(recv, writer, progress)
     );
-    match outcome {
-        Ok((tcp_to_stream, stream_to_tcp)) => Ok(Copied {
-            tcp_to_stream,
-            stream_to_tcp,
-            tcp_write_open: tcp.load(Ordering::Relaxed) == TCP_WRITE_LEFT_OPEN,
-        }),
-        Err(err) => {
-            send.send_reset(h2::Reason::CANCEL);
-            Err(err)
-        }
+    if outcome.is_err() {
+        send.send_reset(h2::Reason::CANCEL);
     }
+    outcome.map(|((), ())| ())
 }
 
 /// TCP → stream until the TCP peer's FIN, then END_STREAM.
@@ -107,24 +149,23 @@ pub async fn copy_bidirectional(
 /// then wait for the next readiness event), so a message costs one read, not
 /// a second one that finds nothing.
 ///
-/// `tcp` becomes [`TCP_FINISHED`] once the peer's FIN is read.
+/// The TCP side becomes [`TCP_FINISHED`] once the peer's FIN is read.
 async fn tcp_to_stream(
     mut reader: ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
-    tcp: &AtomicU8,
-) -> io::Result<u64> {
+    progress: &Progress,
+) -> io::Result<()> {
     let mut chunk_size = FIRST_CHUNK;
     let mut buffer = BytesMut::new();
-    let mut total = 0u64;
     loop {
         let mut chunk =
             poll_fn(|cx| poll_read_chunk(&mut reader, cx, &mut buffer, chunk_size)).await?;
         if chunk.is_empty() {
-            tcp.store(TCP_FINISHED, Ordering::Relaxed);
+            progress.tcp.store(TCP_FINISHED, Ordering::Relaxed);
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
-            return Ok(total);
+            return Ok(());
         }
-        total += chunk.len() as u64;
+        progress.count_read(chunk.len());
         if chunk.len() < chunk_size {
             // A short read: the peer may now go quiet. An idle connection
             // keeps no buffer; a small message starts small again.
@@ -206,18 +247,17 @@ pub async fn ready_bytes(tcp: &mut TcpStream) -> io::Result<Option<Bytes>> {
 }
 
 /// Stream → TCP until END_STREAM, then shuts the TCP write side, unless the
-/// TCP peer has finished already (`tcp`): then it marks the write side
+/// TCP peer has finished already: then it marks the write side
 /// [`TCP_WRITE_LEFT_OPEN`] for the caller's close.
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     mut writer: WriteHalf<'_>,
-    tcp: &AtomicU8,
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    progress: &Progress,
+) -> io::Result<()> {
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_error)?;
         writer.write_all(&data).await?;
-        total += data.len() as u64;
+        progress.count_written(data.len());
         recv.flow_control()
             .release_capacity(data.len())
             .map_err(h2_error)?;
@@ -226,7 +266,8 @@ async fn stream_to_tcp(
     if let Err(err) = poll_fn(|cx| recv.poll_trailers(cx)).await {
         return Err(h2_error(err));
     }
-    let peer_finished = tcp
+    let peer_finished = progress
+        .tcp
         .compare_exchange(
             TCP_FINISHED,
             TCP_WRITE_LEFT_OPEN,
@@ -237,7 +278,7 @@ async fn stream_to_tcp(
     if !peer_finished {
         writer.shutdown().await?;
     }
-    Ok(total)
+    Ok(())
 }
 
 /// An HTTP/2 error as I/O.
@@ -252,6 +293,7 @@ pub(crate) fn h2_error(err: h2::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -310,8 +352,9 @@ mod tests {
         let (mut proxy_tcp, mut application) = tcp_pair().await;
         let ((mut send, mut recv), (mut peer_send, mut peer_recv)) = stream_pair().await;
         let copy = tokio::spawn(async move {
-            let copied = copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv).await;
-            (copied, proxy_tcp)
+            let progress = Progress::default();
+            let copied = copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &progress).await;
+            (copied.map(|()| progress), proxy_tcp)
         });
         application.write_all(b"request").await.unwrap();
         application.shutdown().await.unwrap();
@@ -319,11 +362,11 @@ mod tests {
         peer_send
             .send_data(Bytes::from_static(b"answer"), true)
             .unwrap();
-        let (copied, proxy_tcp) = copy.await.unwrap();
-        let copied = copied.unwrap();
-        assert_eq!((copied.tcp_to_stream, copied.stream_to_tcp), (7, 6));
+        let (progress, proxy_tcp) = copy.await.unwrap();
+        let progress = progress.unwrap();
+        assert_eq!((progress.read(), progress.written()), (7, 6));
         assert!(
-            copied.tcp_write_open,
+            progress.tcp_write_open(),
             "no shutdown once the peer had finished"
         );
         drop(proxy_tcp);
@@ -336,10 +379,11 @@ mod tests {
     async fn a_stream_that_ends_first_half_closes_the_tcp_connection() {
         let (mut proxy_tcp, mut application) = tcp_pair().await;
         let ((mut send, mut recv), (mut peer_send, mut peer_recv)) = stream_pair().await;
-        let copy =
-            tokio::spawn(
-                async move { copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv).await },
-            );
+        let copy = tokio::spawn(async move {
+            let progress = Progress::default();
+            let copied = copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &progress).await;
+            copied.map(|()| progress)
+        });
         peer_send
             .send_data(Bytes::from_static(b"request"), true)
             .unwrap();
@@ -350,8 +394,30 @@ mod tests {
         application.write_all(b"late answer").await.unwrap();
         application.shutdown().await.unwrap();
         assert_eq!(read_all(&mut peer_recv).await, b"late answer");
-        let copied = copy.await.unwrap().unwrap();
-        assert_eq!((copied.tcp_to_stream, copied.stream_to_tcp), (11, 7));
-        assert!(!copied.tcp_write_open);
+        let progress = copy.await.unwrap().unwrap();
+        assert_eq!((progress.read(), progress.written()), (11, 7));
+        assert!(!progress.tcp_write_open());
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_still_counts_what_went_before() {
+        let (mut proxy_tcp, mut application) = tcp_pair().await;
+        let ((mut send, mut recv), (mut peer_send, mut peer_recv)) = stream_pair().await;
+        let progress = Arc::new(Progress::default());
+        let counted = progress.clone();
+        let copy = tokio::spawn(async move {
+            copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &counted).await
+        });
+        application.write_all(b"request").await.unwrap();
+        let first = peer_recv.data().await.unwrap().unwrap();
+        assert_eq!(first, "request");
+        peer_send
+            .send_data(Bytes::from_static(b"partial"), false)
+            .unwrap();
+        let mut partial = [0u8; 7];
+        application.read_exact(&mut partial).await.unwrap();
+        peer_send.send_reset(h2::Reason::INTERNAL_ERROR);
+        assert!(copy.await.unwrap().is_err(), "the reset fails the copy");
+        assert_eq!((progress.read(), progress.written()), (7, 7));
     }
 }

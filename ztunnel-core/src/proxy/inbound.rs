@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::authorize::{Inbound, Registered, local_workload};
 use super::log::{AccessLog, Direction};
+use super::plain::copy_plain;
 use super::{Carried, Context, Established, accept_loop, run_connection, socket};
-use crate::hbone::copy::copy_bidirectional;
+use crate::hbone::copy::{Progress, copy_bidirectional};
 use crate::hbone::headers::parse_authority;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 
@@ -222,12 +223,17 @@ struct InboundStream {
 impl Established for InboundStream {
     /// Also ends when policy revokes the connection.
     async fn carry(&mut self) -> Carried {
-        tokio::select! {
-            // The request flows from the stream to the application.
-            copied = copy_bidirectional(&mut self.upstream, &mut self.send, &mut self.recv) => copied
-                .map(|copied| (copied.stream_to_tcp, copied.tcp_to_stream))
-                .map_err(|err| err.to_string()),
-            () = self.registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
+        let progress = Progress::default();
+        let error = tokio::select! {
+            copied = copy_bidirectional(&mut self.upstream, &mut self.send, &mut self.recv, &progress) => copied
+                .err()
+                .map(|err| err.to_string()),
+            () = self.registered.revoked.cancelled() => Some(REVOKED.to_owned()),
+        };
+        // The request flows from the stream to the application.
+        Carried {
+            bytes: (progress.written(), progress.read()),
+            error,
         }
     }
 
@@ -236,7 +242,8 @@ impl Established for InboundStream {
         if outcome.is_err() {
             socket::reset(self.upstream);
         }
-        self.log.finish(self.started, outcome);
+        self.log
+            .finish(self.started, outcome.bytes, outcome.error.as_deref());
     }
 }
 
@@ -307,13 +314,21 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
         }
     };
     log.opened(ctx.metrics.as_ref());
-    let outcome = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => copied.map_err(|err| err.to_string()),
-        () = registered.revoked.cancelled() => Err("closed: policy now denies it".to_owned()),
+    let progress = Progress::default();
+    let error = tokio::select! {
+        copied = copy_plain(&mut tcp, &mut upstream, &progress) => copied.err().map(|err| err.to_string()),
+        () = registered.revoked.cancelled() => Some(REVOKED.to_owned()),
     };
-    if outcome.is_err() {
+    if error.is_some() {
         socket::reset(tcp);
         socket::reset(upstream);
     }
-    log.finish(started, &outcome);
+    log.finish(
+        started,
+        (progress.read(), progress.written()),
+        error.as_deref(),
+    );
 }
+
+/// Why a connection that policy now denies was closed.
+const REVOKED: &str = "closed: policy now denies it";

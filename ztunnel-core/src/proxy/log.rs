@@ -94,17 +94,15 @@ impl AccessLog {
         self.counters = Some(metrics.opened_between(&peers));
     }
 
-    /// Emits the event of a connection that ended: completed with the bytes
+    /// Emits the event of a connection that ended, with the bytes it moved
     /// (request, response: client to destination, destination to client),
-    /// or failed with an error.
-    pub fn finish(&self, started: Instant, outcome: &Result<(u64, u64), String>) {
-        match outcome {
-            Ok(bytes) => self.emit(started, *bytes, None),
-            Err(err) => self.failed(started, err),
-        }
+    /// also when it failed with `error` after moving them.
+    pub fn finish(&self, started: Instant, bytes: (u64, u64), error: Option<&str>) {
+        self.emit(started, bytes, error);
     }
 
-    /// Emits the event of a connection that failed with `error`.
+    /// Emits the event of a connection that failed with `error` before it
+    /// moved any bytes.
     pub fn failed(&self, started: Instant, error: &str) {
         self.emit(started, (0, 0), Some(error));
     }

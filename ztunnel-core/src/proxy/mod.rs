@@ -32,6 +32,7 @@ mod baggage;
 mod inbound;
 pub mod log;
 mod outbound;
+mod plain;
 pub mod route;
 pub mod socket;
 pub mod socks5;
@@ -393,9 +394,20 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// The outcome of carrying a connection: bytes (request, response), or what
-/// went wrong.
-type Carried = Result<(u64, u64), String>;
+/// The outcome of carrying a connection: the bytes it moved (request,
+/// response: client to destination and back), also when it failed, and what
+/// went wrong if it did.
+#[derive(Debug)]
+struct Carried {
+    bytes: (u64, u64),
+    error: Option<String>,
+}
+
+impl Carried {
+    fn is_err(&self) -> bool {
+        self.error.is_some()
+    }
+}
 
 /// A connection past its setup: all that carrying its bytes needs.
 trait Established: Send {

@@ -17,9 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
+use super::plain::copy_plain;
 use super::route::{Route, Upstream, first_ip, route};
 use super::{Carried, Context, Established, accept_loop, run_connection, socket, socks5};
-use crate::hbone::copy::{copy_bidirectional, ready_bytes};
+use crate::hbone::copy::{Progress, copy_bidirectional, ready_bytes};
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
 
@@ -243,16 +244,19 @@ struct Outbound {
 
 impl Established for Outbound {
     async fn carry(&mut self) -> Carried {
-        match &mut self.link {
-            Link::Plain(upstream) => tokio::io::copy_bidirectional(&mut self.tcp, upstream)
-                .await
-                .map_err(|err| err.to_string()),
-            Link::Hbone(stream, early) => {
-                copy_bidirectional(&mut self.tcp, &mut stream.send, &mut stream.recv)
-                    .await
-                    .map(|copied| (*early + copied.tcp_to_stream, copied.stream_to_tcp))
-                    .map_err(|err| err.to_string())
-            }
+        let progress = Progress::default();
+        let (copied, early) = match &mut self.link {
+            Link::Plain(upstream) => (copy_plain(&mut self.tcp, upstream, &progress).await, 0),
+            Link::Hbone(stream, early) => (
+                copy_bidirectional(&mut self.tcp, &mut stream.send, &mut stream.recv, &progress)
+                    .await,
+                *early,
+            ),
+        };
+        // The request flows from the client's connection.
+        Carried {
+            bytes: (early + progress.read(), progress.written()),
+            error: copied.err().map(|err| err.to_string()),
         }
     }
 
@@ -264,7 +268,8 @@ impl Established for Outbound {
             }
             socket::reset(self.tcp);
         }
-        self.log.finish(self.started, outcome);
+        self.log
+            .finish(self.started, outcome.bytes, outcome.error.as_deref());
     }
 }
 
