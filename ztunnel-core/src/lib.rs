@@ -21,6 +21,9 @@ pub mod state;
 pub mod tls;
 pub mod xds;
 
+#[cfg(test)]
+mod test_support;
+
 pub use certs::{CertError, CertManager};
 pub use dns::StateDns;
 pub use proxy::{Listeners, Ztunnel, ZtunnelBuilder, ZtunnelHandle};

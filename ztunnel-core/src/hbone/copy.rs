@@ -293,17 +293,9 @@ pub(crate) fn h2_error(err: h2::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::tcp_pair;
     use std::sync::Arc;
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
-
-    /// The proxy's side of a TCP connection and the application's.
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (application, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-        (accepted.unwrap().0, application.unwrap())
-    }
 
     /// An HTTP/2 stream over memory: the server's ends (for the copy), and
     /// the client's (the peer proxy).

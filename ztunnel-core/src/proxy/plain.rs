@@ -86,64 +86,69 @@ mod tests {
     use std::sync::Arc;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::test_support::tcp_pair;
 
-    /// The proxy's end of a TCP connection and the other end.
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (other, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-        (accepted.unwrap().0, other.unwrap())
+    /// A copy running between two connections: the client's far end, the
+    /// server's, what it counted, and the copy.
+    struct Running {
+        client: TcpStream,
+        server: TcpStream,
+        progress: Arc<Progress>,
+        copy: JoinHandle<io::Result<()>>,
+    }
+
+    async fn running() -> Running {
+        let (mut client_side, client) = tcp_pair().await;
+        let (mut server_side, server) = tcp_pair().await;
+        let progress = Arc::new(Progress::default());
+        let counted = progress.clone();
+        let copy =
+            tokio::spawn(
+                async move { copy_plain(&mut client_side, &mut server_side, &counted).await },
+            );
+        Running {
+            client,
+            server,
+            progress,
+            copy,
+        }
     }
 
     #[tokio::test]
     async fn both_ways_are_counted_on_the_first_connection() {
-        let (mut client_side, mut client) = tcp_pair().await;
-        let (mut server_side, mut server) = tcp_pair().await;
-        let progress = Arc::new(Progress::default());
-        let counted = progress.clone();
-        let copy =
-            tokio::spawn(
-                async move { copy_plain(&mut client_side, &mut server_side, &counted).await },
-            );
-        client.write_all(b"request").await.unwrap();
-        client.shutdown().await.unwrap();
+        let mut run = running().await;
+        run.client.write_all(b"request").await.unwrap();
+        run.client.shutdown().await.unwrap();
         let mut request = Vec::new();
-        server.read_to_end(&mut request).await.unwrap();
-        server.write_all(b"answer").await.unwrap();
-        drop(server);
+        run.server.read_to_end(&mut request).await.unwrap();
+        run.server.write_all(b"answer").await.unwrap();
+        drop(run.server);
         let mut answer = Vec::new();
-        client.read_to_end(&mut answer).await.unwrap();
+        run.client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(
             (request.as_slice(), answer.as_slice()),
             (&b"request"[..], &b"answer"[..])
         );
-        copy.await.unwrap().unwrap();
-        assert_eq!((progress.read(), progress.written()), (7, 6));
+        run.copy.await.unwrap().unwrap();
+        assert_eq!((run.progress.read(), run.progress.written()), (7, 6));
     }
 
     #[tokio::test]
     async fn a_reset_connection_still_counts_what_went_before() {
-        let (mut client_side, mut client) = tcp_pair().await;
-        let (mut server_side, mut server) = tcp_pair().await;
-        let progress = Arc::new(Progress::default());
-        let counted = progress.clone();
-        let copy =
-            tokio::spawn(
-                async move { copy_plain(&mut client_side, &mut server_side, &counted).await },
-            );
-        client.write_all(b"request").await.unwrap();
+        let mut run = running().await;
+        run.client.write_all(b"request").await.unwrap();
         let mut request = [0u8; 7];
-        server.read_exact(&mut request).await.unwrap();
-        server.write_all(b"partial").await.unwrap();
+        run.server.read_exact(&mut request).await.unwrap();
+        run.server.write_all(b"partial").await.unwrap();
         let mut partial = [0u8; 7];
-        client.read_exact(&mut partial).await.unwrap();
+        run.client.read_exact(&mut partial).await.unwrap();
         // A reset: linger 0, then close.
-        server.set_zero_linger().unwrap();
-        drop(server);
-        assert!(copy.await.unwrap().is_err(), "the reset fails the copy");
-        assert_eq!((progress.read(), progress.written()), (7, 7));
+        run.server.set_zero_linger().unwrap();
+        drop(run.server);
+        assert!(run.copy.await.unwrap().is_err(), "the reset fails the copy");
+        assert_eq!((run.progress.read(), run.progress.written()), (7, 7));
     }
 }
