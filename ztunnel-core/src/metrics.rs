@@ -9,11 +9,11 @@
 //!
 //! A connection looks its label set up once, when it opens, and keeps the
 //! counters themselves ([`ConnectionCounters`]): closing it touches no map and
-//! no label strings stay with it while it lives. Connections between the same
-//! peers (the same versions of the same workloads, identities and service)
-//! share a label set, and the last few label sets' counters are remembered
-//! by those peers ([`Peers`]): a new connection between them neither builds
-//! label strings nor hashes them.
+//! no label strings stay with it while it lives. The counters of the label
+//! sets used most recently are remembered: a new connection whose peers
+//! ([`Peers`]) give one of those label sets (compared value by value, straight
+//! from the workloads, identities and service) neither builds label strings
+//! nor hashes them.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -91,121 +91,120 @@ impl Peers<'_> {
     /// The label set: workload names (a workload's `workload_name`, else its
     /// own name), namespaces, principals (SPIFFE URIs), the service's hostname.
     pub fn labels(&self) -> ConnectionLabels {
-        let unknown = || "unknown".to_owned();
-        let principal =
-            |identity: Option<&Identity>| identity.map_or_else(unknown, |i| i.as_uri().to_owned());
-        let name = |workload: Option<&Arc<Workload>>| {
-            workload.map_or_else(unknown, |w| {
-                if w.workload_name.is_empty() {
-                    w.name.clone()
-                } else {
-                    w.workload_name.clone()
-                }
-            })
-        };
-        let namespace = |workload: Option<&Arc<Workload>>| {
-            workload.map_or_else(unknown, |w| w.namespace.clone())
-        };
         ConnectionLabels {
             reporter: self.reporter.as_str().to_owned(),
-            source_workload: name(self.source_workload),
-            source_workload_namespace: namespace(self.source_workload),
-            source_principal: principal(self.source_identity),
-            destination_workload: name(self.destination_workload),
-            destination_workload_namespace: namespace(self.destination_workload),
-            destination_principal: principal(self.destination_identity),
+            source_workload: workload_name(self.source_workload).to_owned(),
+            source_workload_namespace: namespace(self.source_workload).to_owned(),
+            source_principal: principal(self.source_identity).to_owned(),
+            destination_workload: workload_name(self.destination_workload).to_owned(),
+            destination_workload_namespace: namespace(self.destination_workload).to_owned(),
+            destination_principal: principal(self.destination_identity).to_owned(),
             destination_service: self
                 .service
-                .map_or_else(unknown, |service| service.hostname.clone()),
-            connection_security_policy: if self.mutual_tls {
-                "mutual_tls"
-            } else {
-                "none"
-            }
-            .to_owned(),
+                .map_or(UNKNOWN, |service| service.hostname.as_str())
+                .to_owned(),
+            connection_security_policy: self.security_policy().to_owned(),
+        }
+    }
+
+    /// Whether these peers' label set is `labels`, field by field, without
+    /// building it.
+    fn have(&self, labels: &ConnectionLabels) -> bool {
+        labels.reporter == self.reporter.as_str()
+            && labels.connection_security_policy == self.security_policy()
+            && labels.source_workload == workload_name(self.source_workload)
+            && labels.destination_workload == workload_name(self.destination_workload)
+            && labels.source_workload_namespace == namespace(self.source_workload)
+            && labels.destination_workload_namespace == namespace(self.destination_workload)
+            && labels.source_principal == principal(self.source_identity)
+            && labels.destination_principal == principal(self.destination_identity)
+            && labels.destination_service
+                == self
+                    .service
+                    .map_or(UNKNOWN, |service| service.hostname.as_str())
+    }
+
+    fn security_policy(&self) -> &'static str {
+        if self.mutual_tls {
+            "mutual_tls"
+        } else {
+            "none"
         }
     }
 }
 
-/// [`Peers`] kept: the workloads and service by their `Arc` (the state hands
-/// out the same one until the configuration changes, and a kept one cannot be
-/// freed and its address reused), identities by value.
-#[derive(Debug)]
-struct KeptPeers {
-    reporter: Reporter,
-    source_workload: Option<Arc<Workload>>,
-    source_identity: Option<Identity>,
-    destination_workload: Option<Arc<Workload>>,
-    destination_identity: Option<Identity>,
-    service: Option<Arc<Service>>,
-    mutual_tls: bool,
+/// A label's value for a peer not known.
+const UNKNOWN: &str = "unknown";
+
+/// A workload's name label: its `workload_name`, else its own name.
+fn workload_name(workload: Option<&Arc<Workload>>) -> &str {
+    workload.map_or(UNKNOWN, |w| {
+        if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        }
+    })
 }
 
-impl KeptPeers {
-    fn of(peers: &Peers<'_>) -> Self {
-        Self {
-            reporter: peers.reporter,
-            source_workload: peers.source_workload.cloned(),
-            source_identity: peers.source_identity.cloned(),
-            destination_workload: peers.destination_workload.cloned(),
-            destination_identity: peers.destination_identity.cloned(),
-            service: peers.service.cloned(),
-            mutual_tls: peers.mutual_tls,
-        }
-    }
+fn namespace(workload: Option<&Arc<Workload>>) -> &str {
+    workload.map_or(UNKNOWN, |w| w.namespace.as_str())
+}
 
-    fn is(&self, peers: &Peers<'_>) -> bool {
-        fn same<T>(kept: Option<&Arc<T>>, other: Option<&Arc<T>>) -> bool {
-            match (kept, other) {
-                (Some(kept), Some(other)) => Arc::ptr_eq(kept, other),
-                (None, None) => true,
-                _ => false,
-            }
-        }
-        self.reporter == peers.reporter
-            && self.mutual_tls == peers.mutual_tls
-            && same(self.source_workload.as_ref(), peers.source_workload)
-            && same(
-                self.destination_workload.as_ref(),
-                peers.destination_workload,
-            )
-            && same(self.service.as_ref(), peers.service)
-            && self.source_identity.as_ref() == peers.source_identity
-            && self.destination_identity.as_ref() == peers.destination_identity
-    }
+fn principal(identity: Option<&Identity>) -> &str {
+    identity.map_or(UNKNOWN, Identity::as_uri)
 }
 
 /// How many label sets' counters are remembered.
 const REMEMBERED: usize = 16;
 
-/// One label set's counters, and whose they are.
+/// One label set and its counters.
 #[derive(Debug)]
 struct RememberedEntry {
-    peers: KeptPeers,
+    labels: ConnectionLabels,
     opened: Counter,
     counters: ConnectionCounters,
+    /// When it was last used ([`Remembered::clock`]).
+    used: u64,
 }
 
-/// The counters of the last [`REMEMBERED`] peer sets that opened a
-/// connection, the oldest replaced first.
+/// The counters of the [`REMEMBERED`] label sets used most recently; the one
+/// used least recently is replaced first.
 #[derive(Debug, Default)]
 struct Remembered {
     entries: Vec<RememberedEntry>,
-    /// The entry replaced next, once all are taken.
-    next: usize,
+    /// Counts uses.
+    clock: u64,
 }
 
 impl Remembered {
-    fn find(&self, peers: &Peers<'_>) -> Option<&RememberedEntry> {
-        self.entries.iter().find(|entry| entry.peers.is(peers))
+    /// The entry of `peers`' label set, marked used.
+    fn find(&mut self, peers: &Peers<'_>) -> Option<&RememberedEntry> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|entry| peers.have(&entry.labels))?;
+        entry.used = clock;
+        Some(entry)
     }
 
-    fn keep(&mut self, entry: RememberedEntry) {
+    fn keep(&mut self, labels: ConnectionLabels, opened: Counter, counters: ConnectionCounters) {
+        if self.entries.iter().any(|entry| entry.labels == labels) {
+            return;
+        }
+        self.clock += 1;
+        let entry = RememberedEntry {
+            labels,
+            opened,
+            counters,
+            used: self.clock,
+        };
         if self.entries.len() < REMEMBERED {
             self.entries.push(entry);
-        } else {
-            self.entries[self.next] = entry;
-            self.next = (self.next + 1) % REMEMBERED;
+        } else if let Some(oldest) = self.entries.iter_mut().min_by_key(|entry| entry.used) {
+            *oldest = entry;
         }
     }
 }
@@ -259,26 +258,26 @@ impl Metrics {
 
     /// A connection between `peers` was established: counted under their
     /// label set, and its closing counters returned. The label set is built
-    /// and looked up only if these peers are not among the last few.
+    /// and looked up only if it is not among those used most recently.
     pub fn opened_between(&self, peers: &Peers<'_>) -> ConnectionCounters {
-        let mut remembered = self
-            .remembered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = remembered.find(peers) {
+        if let Some(entry) = self.remembered().find(peers) {
             entry.opened.inc();
             return entry.counters.clone();
         }
+        // Built and looked up without the lock: other connections' hits
+        // need not wait for it.
         let labels = peers.labels();
         let opened = self.opened.get_or_create(&labels).clone();
         opened.inc();
         let counters = self.counters(&labels);
-        remembered.keep(RememberedEntry {
-            peers: KeptPeers::of(peers),
-            opened,
-            counters: counters.clone(),
-        });
+        self.remembered().keep(labels, opened, counters.clone());
         counters
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The closing counters of `labels`.
@@ -461,5 +460,104 @@ mod tests {
             assert_eq!(opened.len(), 1, "w{i} in\n{text}");
             assert!(opened[0].ends_with(" 2"), "{}", opened[0]);
         }
+    }
+
+    #[test]
+    fn pods_of_one_workload_share_one_remembered_label_set() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        for pod in 0..REMEMBERED * 3 {
+            let replica = Arc::new(Workload {
+                workload_name: "echo".to_owned(),
+                ..(*workload(&format!("echo-{pod}"))).clone()
+            });
+            metrics.opened_between(&peers(&replica));
+        }
+        assert_eq!(metrics.remembered().entries.len(), 1, "one label set");
+        let text = encoded(&registry);
+        let opened = "istio_tcp_connections_opened_total{";
+        assert_eq!(
+            sample(&text, opened).as_deref(),
+            Some((REMEMBERED * 3).to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn peers_that_differ_in_any_label_get_their_own_label_set() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let echo = workload("echo");
+        let service = Arc::new(Service {
+            hostname: "echo.default.svc.cluster.local".to_owned(),
+            ..Service::default()
+        });
+        let shell = Identity::parse_uri("spiffe://cluster.local/ns/default/sa/shell").unwrap();
+        let echo_id = Identity::parse_uri("spiffe://cluster.local/ns/default/sa/echo").unwrap();
+        let base = peers(&echo);
+        let variants = [
+            base,
+            Peers {
+                reporter: Reporter::Destination,
+                ..base
+            },
+            Peers {
+                mutual_tls: true,
+                ..base
+            },
+            Peers {
+                service: Some(&service),
+                ..base
+            },
+            Peers {
+                source_identity: Some(&shell),
+                ..base
+            },
+            Peers {
+                destination_identity: Some(&echo_id),
+                ..base
+            },
+            Peers {
+                source_workload: Some(&echo),
+                ..base
+            },
+        ];
+        for peers in &variants {
+            metrics.opened_between(peers);
+            metrics.opened_between(peers);
+        }
+        assert_eq!(metrics.remembered().entries.len(), variants.len());
+        let text = encoded(&registry);
+        let lines: Vec<_> = text
+            .lines()
+            .filter(|line| line.starts_with("istio_tcp_connections_opened_total{"))
+            .collect();
+        assert_eq!(lines.len(), variants.len(), "{text}");
+        assert!(lines.iter().all(|line| line.ends_with(" 2")), "{text}");
+    }
+
+    #[test]
+    fn the_label_set_used_last_is_kept_over_older_ones() {
+        let metrics = Metrics::default();
+        let busy = workload("busy");
+        metrics.opened_between(&peers(&busy));
+        let others: Vec<_> = (0..REMEMBERED)
+            .map(|i| workload(&format!("w{i}")))
+            .collect();
+        for (i, other) in others.iter().enumerate() {
+            metrics.opened_between(&peers(other));
+            if i == REMEMBERED / 2 {
+                metrics.opened_between(&peers(&busy));
+            }
+        }
+        let remembered = metrics.remembered();
+        assert_eq!(remembered.entries.len(), REMEMBERED);
+        let kept = |name: &str| {
+            remembered
+                .entries
+                .iter()
+                .any(|entry| entry.labels.destination_workload == name)
+        };
+        assert!(kept("busy"), "used recently, so kept");
+        assert!(!kept("w0"), "the least recently used went");
     }
 }

@@ -8,9 +8,9 @@
 //! either side aborts both.
 //!
 //! The bytes moved are counted in a [`Progress`] the caller owns, so they
-//! are known also when the copy fails or is dropped (a connection closed by
-//! policy, a forced close): a connection reset after moving data still
-//! reports what it moved.
+//! are known also when the copy fails, or is dropped by a caller that goes
+//! on (a connection that policy now denies): a connection reset after moving
+//! data still reports what it moved.
 //!
 //! Flow control is HTTP/2's: data received is released back to the peer once
 //! written to TCP, and data is sent only within the capacity granted.
@@ -53,7 +53,7 @@ const FIRST_CHUNK: usize = TLS_RECORD - FRAME_HEADER;
 /// How far a copy has got: the bytes it read from and wrote to the TCP
 /// connection so far, and (for its two directions) the TCP side's state.
 /// Readable at any time, also after the copy failed or was dropped. One per
-/// copy.
+/// copy (the TCP side's state is that copy's).
 #[derive(Debug)]
 pub struct Progress {
     read: AtomicU64,
@@ -72,7 +72,8 @@ impl Default for Progress {
 }
 
 impl Progress {
-    /// Bytes read from the TCP connection (and passed on).
+    /// Bytes read from the TCP connection (counted as read: after a failure,
+    /// the last of them may not have been passed on).
     pub fn read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
     }
@@ -82,9 +83,10 @@ impl Progress {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Whether the copy left the TCP write side open for the caller's close
-    /// (the TCP peer finished first): the FIN goes with the close. A caller
-    /// that keeps the connection open after a copy shuts it down itself.
+    /// After a copy that succeeded: whether it left the TCP write side open
+    /// for the caller's close (the TCP peer finished first), so the FIN goes
+    /// with the close. A caller that keeps the connection open after a copy
+    /// shuts it down itself. Not meaningful after a failure.
     pub fn tcp_write_open(&self) -> bool {
         self.tcp.load(Ordering::Relaxed) == TCP_WRITE_LEFT_OPEN
     }
@@ -99,11 +101,8 @@ impl Progress {
         Self::add(&self.written, bytes);
     }
 
-    /// Counts `bytes` more into `counter`. Each counter has one writer (its
-    /// direction), so a plain load and store will do.
     fn add(counter: &AtomicU64, bytes: usize) {
-        let total = counter.load(Ordering::Relaxed) + bytes as u64;
-        counter.store(total, Ordering::Relaxed);
+        counter.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use mesh_api::Identity;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -129,8 +129,8 @@ impl PendingStream {
 
     /// Waits for the answer: the stream, if the server answered 200.
     pub async fn established(self) -> Result<HboneStream, HboneError> {
-        let response = self.response.await.map_err(http2_error(self.address))?;
-        answered(self.send, response, self.address, self.authority, self.slot)
+        self.established_with_headers()
+            .await
             .map(|(stream, _headers)| stream)
     }
 
@@ -138,33 +138,21 @@ impl PendingStream {
     /// server's `baggage`, for one: who the workload behind it is).
     pub async fn established_with_headers(self) -> Result<(HboneStream, HeaderMap), HboneError> {
         let response = self.response.await.map_err(http2_error(self.address))?;
-        answered(self.send, response, self.address, self.authority, self.slot)
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                address: self.address,
+                authority: self.authority,
+                status: response.status(),
+            });
+        }
+        let (answer, recv) = response.into_parts();
+        let stream = HboneStream {
+            send: self.send,
+            recv,
+            _slot: self.slot,
+        };
+        Ok((stream, answer.headers))
     }
-}
-
-/// The stream of an answered CONNECT request and the answer's headers, if
-/// the server answered 200.
-fn answered(
-    send: SendStream<Bytes>,
-    response: Response<RecvStream>,
-    address: SocketAddr,
-    authority: String,
-    slot: StreamSlot,
-) -> Result<(HboneStream, HeaderMap), HboneError> {
-    if response.status() != StatusCode::OK {
-        return Err(HboneError::Refused {
-            address,
-            authority,
-            status: response.status(),
-        });
-    }
-    let (answer, recv) = response.into_parts();
-    let stream = HboneStream {
-        send,
-        recv,
-        _slot: slot,
-    };
-    Ok((stream, answer.headers))
 }
 
 /// An HTTP/2 failure with the HBONE server at `address`.
