@@ -91,45 +91,70 @@ impl Peers<'_> {
     /// The label set: workload names (a workload's `workload_name`, else its
     /// own name), namespaces, principals (SPIFFE URIs), the service's hostname.
     pub fn labels(&self) -> ConnectionLabels {
+        let [
+            reporter,
+            source_workload,
+            source_workload_namespace,
+            source_principal,
+            destination_workload,
+            destination_workload_namespace,
+            destination_principal,
+            destination_service,
+            connection_security_policy,
+        ] = self.values().map(str::to_owned);
         ConnectionLabels {
-            reporter: self.reporter.as_str().to_owned(),
-            source_workload: workload_name(self.source_workload).to_owned(),
-            source_workload_namespace: namespace(self.source_workload).to_owned(),
-            source_principal: principal(self.source_identity).to_owned(),
-            destination_workload: workload_name(self.destination_workload).to_owned(),
-            destination_workload_namespace: namespace(self.destination_workload).to_owned(),
-            destination_principal: principal(self.destination_identity).to_owned(),
-            destination_service: self
-                .service
-                .map_or(UNKNOWN, |service| service.hostname.as_str())
-                .to_owned(),
-            connection_security_policy: self.security_policy().to_owned(),
+            reporter,
+            source_workload,
+            source_workload_namespace,
+            source_principal,
+            destination_workload,
+            destination_workload_namespace,
+            destination_principal,
+            destination_service,
+            connection_security_policy,
         }
     }
 
-    /// Whether these peers' label set is `labels`, field by field, without
-    /// building it.
+    /// Whether these peers' label set is `labels`, without building it.
     fn have(&self, labels: &ConnectionLabels) -> bool {
-        labels.reporter == self.reporter.as_str()
-            && labels.connection_security_policy == self.security_policy()
-            && labels.source_workload == workload_name(self.source_workload)
-            && labels.destination_workload == workload_name(self.destination_workload)
-            && labels.source_workload_namespace == namespace(self.source_workload)
-            && labels.destination_workload_namespace == namespace(self.destination_workload)
-            && labels.source_principal == principal(self.source_identity)
-            && labels.destination_principal == principal(self.destination_identity)
-            && labels.destination_service
-                == self
-                    .service
-                    .map_or(UNKNOWN, |service| service.hostname.as_str())
+        labels.values() == self.values()
     }
 
-    fn security_policy(&self) -> &'static str {
-        if self.mutual_tls {
-            "mutual_tls"
-        } else {
-            "none"
-        }
+    /// The label values, borrowed, in [`ConnectionLabels`]' order.
+    fn values(&self) -> [&str; 9] {
+        [
+            self.reporter.as_str(),
+            workload_name(self.source_workload),
+            namespace(self.source_workload),
+            principal(self.source_identity),
+            workload_name(self.destination_workload),
+            namespace(self.destination_workload),
+            principal(self.destination_identity),
+            self.service
+                .map_or(UNKNOWN, |service| service.hostname.as_str()),
+            if self.mutual_tls {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+        ]
+    }
+}
+
+impl ConnectionLabels {
+    /// The values, in field order.
+    fn values(&self) -> [&str; 9] {
+        [
+            &self.reporter,
+            &self.source_workload,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            &self.destination_service,
+            &self.connection_security_policy,
+        ]
     }
 }
 

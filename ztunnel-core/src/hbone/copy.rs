@@ -93,16 +93,12 @@ impl Progress {
 
     /// Counts `bytes` more read from the TCP connection.
     pub(crate) fn count_read(&self, bytes: usize) {
-        Self::add(&self.read, bytes);
+        self.read.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Counts `bytes` more written to the TCP connection.
     pub(crate) fn count_written(&self, bytes: usize) {
-        Self::add(&self.written, bytes);
-    }
-
-    fn add(counter: &AtomicU64, bytes: usize) {
-        counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.written.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -338,23 +334,47 @@ mod tests {
         all
     }
 
+    /// A copy running between the proxy's end of a TCP connection and the
+    /// server's ends of a stream: the application's end, the peer's ends,
+    /// what the copy counted, and the copy (which hands back the proxy's end).
+    struct Running {
+        application: TcpStream,
+        peer_send: SendStream<Bytes>,
+        peer_recv: RecvStream,
+        progress: Arc<Progress>,
+        copy: tokio::task::JoinHandle<(io::Result<()>, TcpStream)>,
+    }
+
+    async fn running() -> Running {
+        let (mut proxy_tcp, application) = tcp_pair().await;
+        let ((mut send, mut recv), (peer_send, peer_recv)) = stream_pair().await;
+        let progress = Arc::new(Progress::default());
+        let counted = progress.clone();
+        let copy = tokio::spawn(async move {
+            let copied = copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &counted).await;
+            (copied, proxy_tcp)
+        });
+        Running {
+            application,
+            peer_send,
+            peer_recv,
+            progress,
+            copy,
+        }
+    }
+
     #[tokio::test]
     async fn a_tcp_peer_that_finished_first_gets_its_fin_from_the_close() {
-        let (mut proxy_tcp, mut application) = tcp_pair().await;
-        let ((mut send, mut recv), (mut peer_send, mut peer_recv)) = stream_pair().await;
-        let copy = tokio::spawn(async move {
-            let progress = Progress::default();
-            let copied = copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &progress).await;
-            (copied.map(|()| progress), proxy_tcp)
-        });
-        application.write_all(b"request").await.unwrap();
-        application.shutdown().await.unwrap();
-        assert_eq!(read_all(&mut peer_recv).await, b"request");
-        peer_send
+        let mut run = running().await;
+        run.application.write_all(b"request").await.unwrap();
+        run.application.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut run.peer_recv).await, b"request");
+        run.peer_send
             .send_data(Bytes::from_static(b"answer"), true)
             .unwrap();
-        let (progress, proxy_tcp) = copy.await.unwrap();
-        let progress = progress.unwrap();
+        let (copied, proxy_tcp) = run.copy.await.unwrap();
+        copied.unwrap();
+        let progress = run.progress;
         assert_eq!((progress.read(), progress.written()), (7, 6));
         assert!(
             progress.tcp_write_open(),
@@ -362,53 +382,45 @@ mod tests {
         );
         drop(proxy_tcp);
         let mut answer = Vec::new();
-        application.read_to_end(&mut answer).await.unwrap();
+        run.application.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"answer", "the close delivered the FIN");
     }
 
     #[tokio::test]
     async fn a_stream_that_ends_first_half_closes_the_tcp_connection() {
-        let (mut proxy_tcp, mut application) = tcp_pair().await;
-        let ((mut send, mut recv), (mut peer_send, mut peer_recv)) = stream_pair().await;
-        let copy = tokio::spawn(async move {
-            let progress = Progress::default();
-            let copied = copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &progress).await;
-            copied.map(|()| progress)
-        });
-        peer_send
+        let mut run = running().await;
+        run.peer_send
             .send_data(Bytes::from_static(b"request"), true)
             .unwrap();
         // EOF while the copy still runs: the write side was shut down.
         let mut request = Vec::new();
-        application.read_to_end(&mut request).await.unwrap();
+        run.application.read_to_end(&mut request).await.unwrap();
         assert_eq!(request, b"request");
-        application.write_all(b"late answer").await.unwrap();
-        application.shutdown().await.unwrap();
-        assert_eq!(read_all(&mut peer_recv).await, b"late answer");
-        let progress = copy.await.unwrap().unwrap();
+        run.application.write_all(b"late answer").await.unwrap();
+        run.application.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut run.peer_recv).await, b"late answer");
+        run.copy.await.unwrap().0.unwrap();
+        let progress = run.progress;
         assert_eq!((progress.read(), progress.written()), (11, 7));
         assert!(!progress.tcp_write_open());
     }
 
     #[tokio::test]
     async fn a_reset_stream_still_counts_what_went_before() {
-        let (mut proxy_tcp, mut application) = tcp_pair().await;
-        let ((mut send, mut recv), (mut peer_send, mut peer_recv)) = stream_pair().await;
-        let progress = Arc::new(Progress::default());
-        let counted = progress.clone();
-        let copy = tokio::spawn(async move {
-            copy_bidirectional(&mut proxy_tcp, &mut send, &mut recv, &counted).await
-        });
-        application.write_all(b"request").await.unwrap();
-        let first = peer_recv.data().await.unwrap().unwrap();
+        let mut run = running().await;
+        run.application.write_all(b"request").await.unwrap();
+        let first = run.peer_recv.data().await.unwrap().unwrap();
         assert_eq!(first, "request");
-        peer_send
+        run.peer_send
             .send_data(Bytes::from_static(b"partial"), false)
             .unwrap();
         let mut partial = [0u8; 7];
-        application.read_exact(&mut partial).await.unwrap();
-        peer_send.send_reset(h2::Reason::INTERNAL_ERROR);
-        assert!(copy.await.unwrap().is_err(), "the reset fails the copy");
-        assert_eq!((progress.read(), progress.written()), (7, 7));
+        run.application.read_exact(&mut partial).await.unwrap();
+        run.peer_send.send_reset(h2::Reason::INTERNAL_ERROR);
+        assert!(
+            run.copy.await.unwrap().0.is_err(),
+            "the reset fails the copy"
+        );
+        assert_eq!((run.progress.read(), run.progress.written()), (7, 7));
     }
 }
