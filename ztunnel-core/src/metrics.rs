@@ -115,11 +115,6 @@ impl Peers<'_> {
         }
     }
 
-    /// Whether these peers' label set is `labels`, without building it.
-    fn have(&self, labels: &ConnectionLabels) -> bool {
-        labels.values() == self.values()
-    }
-
     /// The label values, borrowed, in [`ConnectionLabels`]' order.
     fn values(&self) -> [&str; 9] {
         [
@@ -207,10 +202,12 @@ impl Remembered {
     fn find(&mut self, peers: &Peers<'_>) -> Option<&RememberedEntry> {
         self.clock += 1;
         let clock = self.clock;
+        // Compared without building the label set.
+        let values = peers.values();
         let entry = self
             .entries
             .iter_mut()
-            .find(|entry| peers.have(&entry.labels))?;
+            .find(|entry| entry.labels.values() == values)?;
         entry.used = clock;
         Some(entry)
     }
