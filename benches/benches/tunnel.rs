@@ -39,12 +39,17 @@ struct Options {
     /// A real ztunnel binary, measured in the same run as a third carrier.
     ztunnel: Option<PathBuf>,
     /// Figures to measure (`single`, `eight`, `rr`, `rate`, `memory`); all when empty.
+    /// `attacks` (only when named) runs the attacks on our proxy instead.
     only: Vec<String>,
 }
 
 impl Options {
     fn wants(&self, figure: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|name| name == figure)
+    }
+
+    fn named(&self, figure: &str) -> bool {
+        self.only.iter().any(|name| name == figure)
     }
 }
 
@@ -714,6 +719,13 @@ fn main() {
     let server_ip = Topology::workload_ip(1);
     let at = |port: u16| -> SocketAddr { format!("{server_ip}:{port}").parse().expect("addr") };
 
+    if options.named("attacks") {
+        for attack in [Attack::SelfCall, Attack::IdleHandshakes] {
+            attack.measure(&launcher, &client, at(ECHO), server_ip.clone());
+        }
+        client.shutdown_background();
+        return;
+    }
     let mut carriers = vec![Carrier::Plain, Carrier::Ours];
     if options.ztunnel.is_some() {
         carriers.push(Carrier::Ztunnel);
@@ -818,4 +830,139 @@ fn main() {
         ours.compare(ztunnel, plain);
     }
     client.shutdown_background();
+}
+
+/// Attacks on the server pod's proxy from the client pod (`--only attacks`):
+/// each runs for `ATTACK_SECONDS` against fresh proxies of ours, while a
+/// normal client makes one mesh request a second.
+#[derive(Clone, Copy, Debug)]
+enum Attack {
+    /// CONNECTs to the server proxy's own ports 15006 and 15001 through the
+    /// client pod's proxy: once, a request looped the proxy into itself.
+    SelfCall,
+    /// Bare TCP connections to 15008 that never send a byte (up to 20,000).
+    IdleHandshakes,
+}
+
+const ATTACK_SECONDS: u64 = 10;
+
+/// A process's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// One normal request through the mesh: connect, 1 KiB out and back. Its
+/// time, or `None` if it failed or took over 5 s.
+async fn normal_request(echo: SocketAddr) -> Option<Duration> {
+    let started = Instant::now();
+    let exchange = async {
+        let mut stream = connect(echo, false).await.ok()?;
+        let request = [7u8; 1024];
+        stream.write_all(&request).await.ok()?;
+        let mut response = [0u8; 1024];
+        stream.read_exact(&mut response).await.ok()?;
+        (response == request).then_some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()?;
+    Some(started.elapsed())
+}
+
+impl Attack {
+    fn name(self) -> &'static str {
+        match self {
+            Self::SelfCall => "self-call",
+            Self::IdleHandshakes => "idle-handshakes",
+        }
+    }
+
+    /// Connections the attacker opens and holds until `stop`.
+    async fn run(self, server_ip: String, stop: Arc<std::sync::atomic::AtomicBool>) -> usize {
+        let mut held = Vec::new();
+        let mut opened = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let (port, bypass) = match self {
+                Self::SelfCall if opened % 2 == 0 => (15006, false),
+                Self::SelfCall => (15001, false),
+                Self::IdleHandshakes => (15008, true),
+            };
+            let to: SocketAddr = format!("{server_ip}:{port}").parse().expect("addr");
+            if let Ok(Ok(mut stream)) =
+                tokio::time::timeout(Duration::from_secs(1), connect(to, bypass)).await
+            {
+                if matches!(self, Self::SelfCall) {
+                    let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+                }
+                held.push(stream);
+            }
+            opened += 1;
+            let most = match self {
+                Self::SelfCall => 100,
+                Self::IdleHandshakes => 20_000,
+            };
+            if opened >= most {
+                // Hold what is open until the attack ends.
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        opened
+    }
+
+    /// Runs the attack against fresh proxies and prints the server proxy's
+    /// peak RSS and descriptors during it and 30 s after it, and the normal
+    /// client's request times during it.
+    fn measure(
+        self,
+        launcher: &Launcher<'_>,
+        client: &tokio::runtime::Runtime,
+        echo: SocketAddr,
+        server_ip: String,
+    ) {
+        let proxies = launcher.start(Carrier::Ours);
+        let pid = proxies[1].pid();
+        let idle = (resident_bytes(pid).unwrap_or(0), open_fds(pid));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attacker = client.spawn(self.run(server_ip, stop.clone()));
+        let (mut peak_rss, mut peak_fds) = idle;
+        let mut times = Vec::new();
+        let mut failed = 0;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(ATTACK_SECONDS) {
+            match on(client, normal_request(echo)) {
+                Some(time) => times.push(time),
+                None => failed += 1,
+            }
+            for _ in 0..5 {
+                peak_rss = peak_rss.max(resident_bytes(pid).unwrap_or(0));
+                peak_fds = peak_fds.max(open_fds(pid));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let opened = client.block_on(attacker).unwrap_or(0);
+        std::thread::sleep(Duration::from_secs(30));
+        let after = (resident_bytes(pid).unwrap_or(0), open_fds(pid));
+        let after_request = on(client, normal_request(echo));
+        let mib = |bytes: u64| bytes as f64 / 1048576.0;
+        let ms = |time: Option<Duration>| time.map_or(f64::NAN, |t| t.as_secs_f64() * 1e3);
+        println!(
+            "{:>15}: {opened} attack connections | server proxy idle {:.1} MiB, {} fds | peak during {:.1} MiB, {} fds | 30 s after {:.1} MiB, {} fds | normal requests during: {} ok (p50 {:.2} ms, max {:.2} ms), {failed} failed | after: {:.2} ms",
+            self.name(),
+            mib(idle.0),
+            idle.1,
+            mib(peak_rss),
+            peak_fds,
+            mib(after.0),
+            after.1,
+            times.len(),
+            ms(percentile(&times, 50.0)),
+            ms(times.iter().max().copied()),
+            ms(after_request),
+        );
+        drop(proxies);
+    }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use mesh_api::Identity;
+use mesh_net::HandshakeLimits;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -90,6 +91,7 @@ pub struct CaServerBuilder {
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
     serving: ServingNames,
     provider: Option<Arc<CryptoProvider>>,
+    limits: HandshakeLimits,
 }
 
 impl std::fmt::Debug for CaServerBuilder {
@@ -139,6 +141,14 @@ impl CaServerBuilder {
         self
     }
 
+    /// Bounds on clients in handshake: the TLS handshake and HTTP/2 preface
+    /// deadline, and how many at once (default [`HandshakeLimits::default`]:
+    /// 10 s, 1024, 64 from one address).
+    pub fn handshake_limits(mut self, limits: HandshakeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Validates and assembles: issues the serving certificate; binds nothing.
     pub fn build(self) -> Result<CaServer, BuildError> {
         let authority = self.authority.ok_or(BuildError::NoAuthority)?;
@@ -160,6 +170,7 @@ impl CaServerBuilder {
                 self.node_authorizer,
             ),
             tls,
+            limits: self.limits,
         })
     }
 }
@@ -272,6 +283,7 @@ impl ResolvesServerCert for ServingCertificate {
 pub struct CaServer {
     service: CaService,
     tls: Arc<rustls::ServerConfig>,
+    limits: HandshakeLimits,
 }
 
 impl CaServer {
@@ -302,7 +314,7 @@ impl CaServer {
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
         let router = tonic::transport::Server::builder().add_service(self.service.into_service());
-        crate::transport::serve_router(router, listener, Some(self.tls), shutdown)
+        crate::transport::serve_router(router, listener, Some(self.tls), self.limits, shutdown)
             .await
             .map_err(ServeError::from)
     }

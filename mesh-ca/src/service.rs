@@ -3,7 +3,8 @@
 //! Order of checks: authenticate the caller (else `Unauthenticated`, whatever the
 //! request holds); read the CSR (else `InvalidArgument`); with impersonation,
 //! check that the caller is a trusted node agent and that the node authorizer
-//! agrees (else `PermissionDenied`); sign for the resulting identity.
+//! agrees (else `Unauthenticated`, as Istio's CA answers); sign for the
+//! resulting identity.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -101,13 +102,13 @@ impl CaService {
             return Ok(caller.identity.clone());
         };
         if !self.node_agents.contains(&caller.identity) {
-            return Err(Status::permission_denied(format!(
+            return Err(Status::unauthenticated(format!(
                 "{} is not a trusted node agent and may not request certificates for {asked}",
                 caller.identity
             )));
         }
         let Some(authorizer) = &self.node_authorizer else {
-            return Err(Status::permission_denied(
+            return Err(Status::unauthenticated(
                 "impersonation is not enabled on this CA (no node authorizer)",
             ));
         };
@@ -115,7 +116,7 @@ impl CaService {
             .authorize(caller, &asked)
             .await
             .map_err(|reason| {
-                Status::permission_denied(format!(
+                Status::unauthenticated(format!(
                     "{} may not request a certificate for {asked}: {reason}",
                     caller.identity
                 ))

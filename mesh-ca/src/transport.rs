@@ -2,6 +2,12 @@
 //! telling each request which peer it came from ([`PeerInfo`]: address and TLS
 //! client certificates).
 //!
+//! Connections are accepted through [`mesh_net::Acceptor`]: the TLS handshake
+//! and the HTTP/2 preface must arrive within the [`HandshakeLimits`]' deadline
+//! (10 s by default), at most 1024 connections may be in handshake at once
+//! (64 from one address), and a process out of file descriptors backs off
+//! instead of spinning.
+//!
 //! [`crate::CaServer`] serves through this, and so can any binary that mounts
 //! several services (the CA and xDS, say) on one port. [`ServerHandle`] is the
 //! handle of a server spawned on its own task.
@@ -14,9 +20,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mesh_net::{Acceptor, Handshake, HandshakeLimits};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,24 +34,26 @@ use tonic::transport::server::Router;
 
 use crate::service::PeerInfo;
 
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP/2 client preface's length (RFC 9113 §3.4).
+const PREFACE_LEN: usize = 24;
 
 /// Connections accepted but not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 64;
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
 /// in-flight calls finish. With `tls`, connections are TLS (its ALPN should
-/// include `h2`); without, plaintext HTTP/2.
+/// include `h2`); without, plaintext HTTP/2. Each client must finish its TLS
+/// handshake and send the HTTP/2 preface within `limits`.
 pub async fn serve_router(
     router: Router,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: HandshakeLimits,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (connections, incoming) = mpsc::channel::<io::Result<Connection>>(ACCEPT_BACKLOG);
     let accept = accept_loop(
-        listener,
+        Acceptor::new(listener, "gRPC", limits),
         tls.map(TlsAcceptor::from),
         connections,
         shutdown.clone(),
@@ -55,34 +65,23 @@ pub async fn serve_router(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    mut acceptor: Acceptor,
+    tls: Option<TlsAcceptor>,
     connections: mpsc::Sender<io::Result<Connection>>,
     shutdown: CancellationToken,
 ) {
     let handshakes = TaskTracker::new();
     loop {
-        let (tcp, remote) = tokio::select! {
+        let (tcp, remote, handshake) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
         };
         // Small gRPC messages must not wait for delayed ACKs.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%remote, error = %err, "could not set TCP_NODELAY");
         }
-        let Some(acceptor) = acceptor.clone() else {
-            let connection = Connection {
-                stream: Stream::Plain(tcp),
-                remote,
-            };
+        let Some(tls) = tls.clone() else {
+            let connection = Connection::new(Stream::Plain(tcp), remote, handshake);
             if connections.send(Ok(connection)).await.is_err() {
                 break;
             }
@@ -90,12 +89,10 @@ async fn accept_loop(
         };
         let connections = connections.clone();
         handshakes.spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            match handshake.within(tls.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let connection = Connection {
-                        stream: Stream::Tls(Box::new(stream)),
-                        remote,
-                    };
+                    let stream = Stream::Tls(Box::new(stream));
+                    let connection = Connection::new(stream, remote, handshake);
                     let _ = connections.send(Ok(connection)).await;
                 }
                 Ok(Err(err)) => tracing::debug!(%remote, error = %err, "TLS handshake failed"),
@@ -112,6 +109,32 @@ async fn accept_loop(
 pub struct Connection {
     stream: Stream,
     remote: SocketAddr,
+    /// Until the HTTP/2 preface has arrived: its deadline.
+    preface: Option<Preface>,
+}
+
+impl Connection {
+    fn new(stream: Stream, remote: SocketAddr, handshake: Handshake) -> Self {
+        let preface = Preface {
+            timer: Box::pin(tokio::time::sleep_until(handshake.deadline())),
+            missing: PREFACE_LEN,
+            _handshake: handshake,
+        };
+        Self {
+            stream,
+            remote,
+            preface: Some(preface),
+        }
+    }
+}
+
+/// The HTTP/2 preface a connection still owes, and until when: the
+/// connection's place among those in handshake is held until it arrives.
+#[derive(Debug)]
+struct Preface {
+    timer: Pin<Box<Sleep>>,
+    missing: usize,
+    _handshake: Handshake,
 }
 
 #[derive(Debug)]
@@ -155,12 +178,35 @@ macro_rules! both {
 }
 
 impl AsyncRead for Connection {
+    /// Fails once the handshake's deadline passes with the preface still
+    /// incomplete.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        both!(self, stream => stream.poll_read(cx, buf))
+        let this = self.get_mut();
+        if let Some(preface) = &mut this.preface
+            && preface.timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the HTTP/2 preface did not arrive in time",
+            )));
+        }
+        let before = buf.filled().len();
+        let read = match &mut this.stream {
+            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Tls(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
+        };
+        if let (Poll::Ready(Ok(())), Some(preface)) = (&read, &mut this.preface) {
+            let got = buf.filled().len() - before;
+            preface.missing = preface.missing.saturating_sub(got);
+            if preface.missing == 0 || got == 0 {
+                this.preface = None;
+            }
+        }
+        read
     }
 }
 

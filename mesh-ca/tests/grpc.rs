@@ -10,11 +10,13 @@ use mesh_ca::{
     Authority, CaClient, CaHandle, CaServer, ClientCertificate, ClientError, SigningPolicy,
     StaticNodeAuthorizer, StaticTokens, load_or_create,
 };
+use mesh_net::HandshakeLimits;
 use rcgen::{
     CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
 };
 use rustls_pki_types::CertificateDer;
-use tokio::net::TcpListener;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tonic::Code;
 
 const SHELL_TOKEN: &str = "shell-token";
@@ -31,6 +33,10 @@ struct Mesh {
 }
 
 async fn start() -> Mesh {
+    start_with(HandshakeLimits::default()).await
+}
+
+async fn start_with(limits: HandshakeLimits) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let material = load_or_create(
         dir.path(),
@@ -65,6 +71,7 @@ async fn start() -> Mesh {
                 .workload("node-a", id("spiffe://cluster.local/ns/default/sa/echo"))
                 .workload("node-b", id("spiffe://cluster.local/ns/default/sa/db")),
         )
+        .handshake_limits(limits)
         .build()
         .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -173,7 +180,8 @@ async fn node_agents_impersonate_only_workloads_on_their_node() {
     // db runs on node-b, not on this agent's node.
     let db = id("spiffe://cluster.local/ns/default/sa/db");
     let err = status(node_agent.certificate(&db, true, None).await.unwrap_err());
-    assert_eq!(err.code(), Code::PermissionDenied);
+    // Refused as Istio's CA refuses impersonation: Unauthenticated.
+    assert_eq!(err.code(), Code::Unauthenticated);
     assert!(
         err.message().contains("no workload with identity"),
         "{}",
@@ -183,7 +191,7 @@ async fn node_agents_impersonate_only_workloads_on_their_node() {
     // A workload token is not a node agent.
     let workload = mesh.client().token(SHELL_TOKEN).build().unwrap();
     let err = status(workload.certificate(&echo, true, None).await.unwrap_err());
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::Unauthenticated);
     assert!(
         err.message().contains("not a trusted node agent"),
         "{}",
@@ -198,7 +206,7 @@ async fn node_agents_impersonate_only_workloads_on_their_node() {
             .await
             .unwrap_err(),
     );
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::Unauthenticated);
 }
 
 #[tokio::test]
@@ -308,4 +316,93 @@ async fn the_serving_certificate_names_what_clients_dial() {
         .certificate(&shell, false, None)
         .await
         .unwrap();
+}
+
+/// How a connection ended, as its client sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The server reset it (over the bounds on connections in handshake).
+    Reset,
+    /// The server closed it (its handshake deadline passed).
+    Closed,
+}
+
+/// Waits for the server to end the connection; a reset before the connect
+/// finished counts as a reset. Bounded, so a connection left open fails the
+/// test instead of hanging it.
+async fn ended(stream: std::io::Result<TcpStream>) -> Ended {
+    let mut stream = match stream {
+        Ok(stream) => stream,
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return Ended::Reset,
+        Err(err) => panic!("connect: {err}"),
+    };
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+            Err(_) => panic!("the server kept an idle connection open"),
+            Ok(Ok(0)) => return Ended::Closed,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ended::Reset;
+            }
+            Ok(Err(err)) => panic!("unexpected error {err}"),
+        }
+    }
+}
+
+async fn connect_from(
+    source: [u8; 4],
+    address: std::net::SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    socket.connect(address).await
+}
+
+#[tokio::test]
+async fn idle_and_stalled_handshakes_are_bounded_and_timed_out() {
+    let limits = HandshakeLimits::default()
+        .with_timeout(Duration::from_secs(1))
+        .with_max_in_progress_per_ip(4);
+    let mesh = start_with(limits).await;
+    let address = mesh.handle.local_addr();
+    let attacker = [127, 0, 0, 9];
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(connect_from(attacker, address).await);
+    }
+    // While the attacker holds its share, a normal client is served.
+    let client = mesh.client().token(SHELL_TOKEN).build().unwrap();
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    client
+        .certificate(&shell, false, None)
+        .await
+        .expect("served during the attack");
+    let mut endings = Vec::new();
+    for stream in idle {
+        endings.push(ended(stream).await);
+    }
+    let reset = endings.iter().filter(|e| **e == Ended::Reset).count();
+    assert_eq!(reset, 16, "all but 4 reset at once: {endings:?}");
+    // A TLS handshake, then no HTTP/2 preface: closed at the deadline.
+    let tcp = connect_from(attacker, address).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &mesh.roots {
+        roots.add(root.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("istiod.istio-system.svc").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (tcp, _) = tls.into_inner();
+    assert_eq!(ended(Ok(tcp)).await, Ended::Closed);
+    mesh.handle.drain(Duration::from_secs(5)).await.unwrap();
 }

@@ -263,9 +263,15 @@ async fn run() -> Result<(), String> {
             });
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                mesh_ca::transport::serve_router(router, listener, Some(tls), stop)
-                    .await
-                    .map_err(|err| err.to_string())
+                mesh_ca::transport::serve_router(
+                    router,
+                    listener,
+                    Some(tls),
+                    mesh_net::HandshakeLimits::default(),
+                    stop,
+                )
+                .await
+                .map_err(|err| err.to_string())
             })
         }
         None => {

@@ -5,6 +5,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_net::HandshakeLimits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +57,7 @@ pub struct XdsServerBuilder {
     auth: ClientAuth,
     tls: Option<Arc<rustls::ServerConfig>>,
     max_response_bytes: usize,
+    limits: HandshakeLimits,
 }
 
 impl Default for XdsServerBuilder {
@@ -65,6 +67,7 @@ impl Default for XdsServerBuilder {
             auth: ClientAuth::new(),
             tls: None,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            limits: HandshakeLimits::default(),
         }
     }
 }
@@ -96,6 +99,14 @@ impl XdsServerBuilder {
         self
     }
 
+    /// Bounds on clients in handshake: the TLS handshake and HTTP/2 preface
+    /// deadline, and how many at once (default [`HandshakeLimits::default`]:
+    /// 10 s, 1024, 64 from one address).
+    pub fn handshake_limits(mut self, limits: HandshakeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Validates and assembles; binds nothing.
     pub fn build(self) -> Result<XdsServer, BuildError> {
         let store = self.store.ok_or(BuildError::NoStore)?;
@@ -113,6 +124,7 @@ impl XdsServerBuilder {
                 CancellationToken::new(),
             ),
             tls: self.tls,
+            limits: self.limits,
         })
     }
 }
@@ -122,6 +134,7 @@ impl XdsServerBuilder {
 pub struct XdsServer {
     service: AdsService,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: HandshakeLimits,
 }
 
 impl XdsServer {
@@ -154,7 +167,7 @@ impl XdsServer {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(service);
-        mesh_ca::transport::serve_router(router, listener, self.tls, shutdown)
+        mesh_ca::transport::serve_router(router, listener, self.tls, self.limits, shutdown)
             .await
             .map_err(ServeError::from)
     }

@@ -17,6 +17,7 @@ use mesh_api::workload::address::Type;
 use mesh_api::workload::{
     Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
 };
+use mesh_net::HandshakeLimits;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -132,6 +133,7 @@ async fn instance(
     ip: &str,
     hbone_port: u16,
     registry: Option<&mut Registry>,
+    limits: HandshakeLimits,
 ) -> ZtunnelHandle {
     let bind =
         |port: u16| async move { TcpListener::bind((ip, port)).await.expect("bind listener") };
@@ -139,7 +141,8 @@ async fn instance(
         .state(state.clone())
         .certificates(certs.clone())
         .workload_uid(uid)
-        .hbone_port(hbone_port);
+        .hbone_port(hbone_port)
+        .handshake_limits(limits);
     if let Some(registry) = registry {
         builder = builder.metrics(registry);
     }
@@ -193,6 +196,10 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
+    mesh_with(HandshakeLimits::default()).await
+}
+
+async fn mesh_with(limits: HandshakeLimits) -> Mesh {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let shutdown = CancellationToken::new();
     let ca = ca(
@@ -223,6 +230,7 @@ async fn mesh() -> Mesh {
         "127.0.0.2",
         hbone_port,
         Some(&mut registry),
+        limits,
     )
     .await;
     let mut shell_registry = Registry::default();
@@ -233,6 +241,7 @@ async fn mesh() -> Mesh {
         "127.0.0.3",
         hbone_port,
         Some(&mut shell_registry),
+        limits,
     )
     .await;
     let other = instance(
@@ -242,6 +251,7 @@ async fn mesh() -> Mesh {
         "127.0.0.4",
         hbone_port,
         None,
+        limits,
     )
     .await;
     Mesh {
@@ -741,4 +751,153 @@ async fn the_pool_opens_another_connection_past_100_streams_and_closes_idle_ones
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// File descriptors this process has open.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("fds").count()
+}
+
+/// How a connection ended, as its client sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The server reset it.
+    Reset,
+    /// The server closed it (FIN).
+    Closed,
+}
+
+/// Waits for the server to end `stream` (bounded, so a connection left open
+/// fails the test instead of hanging it). A reset that came before the
+/// connect finished counts as a reset.
+async fn ended(stream: std::io::Result<TcpStream>) -> Ended {
+    let mut stream = match stream {
+        Ok(stream) => stream,
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return Ended::Reset,
+        Err(err) => panic!("connect: {err}"),
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+            Err(_) => panic!("the server kept an idle connection open"),
+            Ok(Ok(0)) => return Ended::Closed,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ended::Reset;
+            }
+            Ok(Err(err)) => panic!("unexpected error {err}"),
+        }
+    }
+}
+
+/// A TCP connection to `address` from the loopback address `source`.
+async fn connect_from(source: &str, address: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.parse().expect("ip"), 0))?;
+    socket.connect(address).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_to_the_proxys_own_ports_are_refused_as_self_calls() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let ShellClient { pool, tls, key, .. } = shell_client(&mesh, &shutdown).await;
+    let echo_ip = mesh.app.ip();
+    let fds_before = open_fds();
+    // No policy selects the echo workload: only the self-call rule refuses.
+    // Before it, one CONNECT to 15006 looped until the fd limit.
+    for port in [
+        mesh.echo.inbound_addr().port(),
+        mesh.echo.outbound_addr().port(),
+        mesh.hbone_port,
+        mesh.echo.socks5_addr().expect("socks5").port(),
+    ] {
+        let refused = pool
+            .connect(&tls, &key, SocketAddr::new(echo_ip, port), &[])
+            .await;
+        assert!(
+            matches!(&refused, Err(HboneError::Refused { status, .. }) if *status == http::StatusCode::BAD_REQUEST),
+            "CONNECT to the proxy's own port {port}: {refused:?}"
+        );
+    }
+    // Plaintext straight to the inbound listener: its own address is the
+    // destination, refused likewise.
+    let direct = TcpStream::connect(mesh.echo.inbound_addr()).await;
+    assert_eq!(ended(direct).await, Ended::Reset);
+    // Outbound (here through SOCKS5) to the proxy's own listeners.
+    let own = mesh.shell.inbound_addr();
+    let through = socks5(&mesh.shell, own).await;
+    assert_eq!(ended(through).await, Ended::Reset);
+    assert!(
+        open_fds() < fds_before + 16,
+        "no connections piled up: {} fds, {fds_before} before",
+        open_fds()
+    );
+    assert_eq!(mesh.echo.live_inbound(), 0);
+    assert_eq!(
+        mesh.shell.pooled_connections(),
+        0,
+        "no pooled self-connections"
+    );
+    // The application is still served.
+    assert!(
+        pool.connect(&tls, &key, mesh.app, &[]).await.is_ok(),
+        "the application's own port is served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_stalled_hbone_handshakes_are_bounded_and_timed_out() {
+    let limits = HandshakeLimits::default()
+        .with_timeout(Duration::from_secs(1))
+        .with_max_in_progress_per_ip(4);
+    let mesh = mesh_with(limits).await;
+    let shutdown = CancellationToken::new();
+    let ShellClient { pool, tls, key, .. } = shell_client(&mesh, &shutdown).await;
+    let hbone = SocketAddr::new(mesh.app.ip(), mesh.hbone_port);
+    let attacker = "127.0.0.9";
+    // Bare TCP connections that never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(connect_from(attacker, hbone).await);
+    }
+    // While the attacker holds its share, a mesh client is served.
+    let served = pool.connect(&tls, &key, mesh.app, &[]).await;
+    assert!(
+        served.is_ok(),
+        "a normal client during the attack: {served:?}"
+    );
+    let mut endings = Vec::new();
+    for stream in idle {
+        endings.push(ended(stream).await);
+    }
+    let refused = endings.iter().filter(|e| **e == Ended::Reset).count();
+    assert_eq!(
+        refused, 16,
+        "all but the attacker's 4 in handshake reset at once: {endings:?}"
+    );
+    // Part of a TLS record, then nothing; and a TLS handshake with no HTTP/2
+    // preface after it. Each is closed at its deadline.
+    let mut partial = connect_from(attacker, hbone).await.expect("connect");
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8])
+        .await
+        .expect("write");
+    assert_eq!(
+        ended(Ok(partial)).await,
+        Ended::Closed,
+        "closed at the deadline"
+    );
+    let tcp = connect_from(attacker, hbone).await.expect("connect");
+    let server_name = rustls_pki_types::ServerName::try_from("echo.default").expect("server name");
+    let tls_stream = tokio_rustls::TlsConnector::from(tls.client.clone())
+        .connect(server_name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (tcp, _) = tls_stream.into_inner();
+    assert_eq!(
+        ended(Ok(tcp)).await,
+        Ended::Closed,
+        "no preface: closed at the deadline"
+    );
 }

@@ -4,7 +4,9 @@
 //! application and stay registered so a policy change can close them.
 //!
 //! HBONE answers: 400 for a request that is not a CONNECT to a workload this
-//! proxy serves, 401 when policy denies, 503 when the application cannot be
+//! proxy serves, or that is a CONNECT to one of the proxy's own ports (a
+//! "self call", refused whatever the policy says: it would loop the proxy
+//! into itself), 401 when policy denies, 503 when the application cannot be
 //! reached, else 200 with a `baggage` header describing the workload.
 
 use std::net::SocketAddr;
@@ -15,7 +17,8 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_api::Identity;
-use tokio::net::{TcpListener, TcpStream};
+use mesh_net::{Acceptor, Handshake};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -23,25 +26,30 @@ use tokio_util::sync::CancellationToken;
 use super::authorize::{Inbound, Registered, local_workload};
 use super::log::{AccessLog, Direction};
 use super::plain::copy_plain;
-use super::{Carried, Context, Established, accept_loop, run_connection, socket};
+use super::{
+    Carried, Context, Established, accept_handshakes, accept_loop, run_connection, socket,
+};
 use crate::hbone::copy::{Progress, copy_bidirectional};
 use crate::hbone::headers::parse_authority;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 
 /// Accepts HBONE connections until `stop` (which also tells open HTTP/2
 /// connections to go away).
-pub(super) async fn serve_hbone(ctx: Arc<Context>, listener: TcpListener, stop: CancellationToken) {
+pub(super) async fn serve_hbone(ctx: Arc<Context>, acceptor: Acceptor, stop: CancellationToken) {
     let draining = stop.clone();
-    accept_loop(ctx, listener, stop, "HBONE", move |ctx, tcp, peer| {
-        hbone_connection(ctx, tcp, peer, draining.clone())
+    accept_handshakes(ctx, acceptor, stop, move |ctx, tcp, peer, handshake| {
+        hbone_connection(ctx, tcp, peer, handshake, draining.clone())
     })
     .await;
 }
 
+/// Serves one HBONE connection: TLS and the HTTP/2 preface within the
+/// handshake's deadline, then its CONNECT streams.
 async fn hbone_connection(
     ctx: Arc<Context>,
     tcp: TcpStream,
     source: SocketAddr,
+    handshake: Handshake,
     draining: CancellationToken,
 ) {
     let tls = match ctx.workload_tls().await {
@@ -51,10 +59,17 @@ async fn hbone_connection(
             return;
         }
     };
-    let stream = match TlsAcceptor::from(tls.server.clone()).accept(tcp).await {
-        Ok(stream) => stream,
-        Err(err) => {
+    let accepted = handshake
+        .within(TlsAcceptor::from(tls.server.clone()).accept(tcp))
+        .await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
             tracing::info!(%source, error = %err, "HBONE handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%source, "HBONE TLS handshake timed out");
             return;
         }
     };
@@ -65,19 +80,27 @@ async fn hbone_connection(
             return;
         }
     };
-    let mut connection = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .handshake::<_, Bytes>(stream)
-        .await
-    {
-        Ok(connection) => connection,
-        Err(err) => {
+    let preface = handshake
+        .within(
+            h2::server::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
+                .handshake::<_, Bytes>(stream),
+        )
+        .await;
+    let mut connection = match preface {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(err)) => {
             tracing::info!(%source, error = %err, "HBONE HTTP/2 handshake failed");
             return;
         }
+        Err(_) => {
+            tracing::info!(%source, "HBONE HTTP/2 preface timed out");
+            return;
+        }
     };
+    drop(handshake);
     let mut going_away = false;
     loop {
         let accepted = tokio::select! {
@@ -147,6 +170,11 @@ async fn establish_stream(
         }
     };
     log.destination = Some(destination);
+    if ctx.is_own_port(destination.port()) {
+        refuse(&mut respond, StatusCode::BAD_REQUEST);
+        log.failed(started, &self_call(destination));
+        return None;
+    }
     let inbound = Inbound {
         peer: Some(peer),
         source,
@@ -250,17 +278,10 @@ impl Established for InboundStream {
 /// Accepts plaintext inbound connections (redirected to 15006) until `stop`.
 pub(super) async fn serve_plaintext(
     ctx: Arc<Context>,
-    listener: TcpListener,
+    acceptor: Acceptor,
     stop: CancellationToken,
 ) {
-    accept_loop(
-        ctx,
-        listener,
-        stop,
-        "inbound plaintext",
-        plaintext_connection,
-    )
-    .await;
+    accept_loop(ctx, acceptor, stop, plaintext_connection).await;
 }
 
 async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {
@@ -275,6 +296,11 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
         }
     };
     log.destination = Some(destination);
+    if ctx.is_own_port(destination.port()) {
+        socket::reset(tcp);
+        log.failed(started, &self_call(destination));
+        return;
+    }
     let inbound = Inbound {
         peer: None,
         source,
@@ -328,6 +354,11 @@ async fn plaintext_connection(ctx: Arc<Context>, mut tcp: TcpStream, source: Soc
         (progress.read(), progress.written()),
         error.as_deref(),
     );
+}
+
+/// Why a connection to one of the proxy's own ports was refused.
+pub(super) fn self_call(destination: SocketAddr) -> String {
+    format!("refused: {destination} is one of the proxy's own ports (a self call)")
 }
 
 /// Why a connection that policy now denies was closed.

@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use mesh_api::Identity;
 use mesh_api::workload::Workload;
+use mesh_net::{Acceptor, Handshake, HandshakeLimits};
 use rustls::crypto::CryptoProvider;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -128,6 +129,7 @@ pub struct ZtunnelBuilder {
     socks5: Option<SocketAddr>,
     metrics: Option<Metrics>,
     demander: Option<Demander>,
+    handshake_limits: HandshakeLimits,
 }
 
 impl Default for ZtunnelBuilder {
@@ -151,6 +153,7 @@ impl Default for ZtunnelBuilder {
             socks5: None,
             metrics: None,
             demander: None,
+            handshake_limits: HandshakeLimits::default(),
         }
     }
 }
@@ -246,6 +249,16 @@ impl ZtunnelBuilder {
         self
     }
 
+    /// Bounds on connections in handshake on the HBONE and SOCKS5 listeners:
+    /// how long a client may take for its TLS handshake and HTTP/2 preface
+    /// (or SOCKS5 greeting), and how many may be in handshake at once, in all
+    /// and from one address (default: [`HandshakeLimits::default`], 10 s,
+    /// 1024, 64). Over them a connection is reset at once.
+    pub fn handshake_limits(mut self, limits: HandshakeLimits) -> Self {
+        self.handshake_limits = limits;
+        self
+    }
+
     /// Checks and assembles; binds nothing.
     pub fn build(self) -> Result<Ztunnel, BuildError> {
         let shutdown = CancellationToken::new();
@@ -274,9 +287,11 @@ impl ZtunnelBuilder {
             tasks: TaskTracker::new(),
             force_close: shutdown.child_token(),
             shutdown,
+            own_ports: Vec::new(),
         };
         Ok(Ztunnel {
-            context: Arc::new(context),
+            context,
+            handshake_limits: self.handshake_limits,
             addresses: self.addresses,
             socks5: self.socks5,
         })
@@ -306,9 +321,18 @@ struct Context {
     force_close: CancellationToken,
     /// Ends everything.
     shutdown: CancellationToken,
+    /// The ports of the instance's own listeners (and of HBONE): never a
+    /// destination, or one request would loop the proxy into itself.
+    own_ports: Vec<u16>,
 }
 
 impl Context {
+    /// Whether `port` is one the proxy itself listens on: a connection
+    /// there through the proxy would come back to it (a "self call").
+    fn is_own_port(&self, port: u16) -> bool {
+        self.own_ports.contains(&port)
+    }
+
     /// The served workload's identity.
     fn served_identity(&self) -> Result<Identity, IdentityError> {
         self.identity_of(self.state.read().workload(&self.served_uid).map(|w| &**w))
@@ -360,37 +384,69 @@ impl Context {
     }
 }
 
-/// Accepts on `listener` until `stop`; each connection, with `TCP_NODELAY`,
-/// runs `handle` as a task the instance tracks (a drain waits for it) and a
-/// forced close ends.
+/// The next connection `acceptor` admits, with `TCP_NODELAY`, or `None`
+/// once `stop` is cancelled.
+async fn next_connection(
+    acceptor: &mut Acceptor,
+    inherits_nodelay: bool,
+    stop: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr, Handshake)> {
+    let (tcp, peer, handshake) = tokio::select! {
+        () = stop.cancelled() => return None,
+        accepted = acceptor.accept() => accepted,
+    };
+    if !inherits_nodelay {
+        let _ = tcp.set_nodelay(true);
+    }
+    Some((tcp, peer, handshake))
+}
+
+/// Accepts until `stop`; each connection runs `handle` as a task the
+/// instance tracks (a drain waits for it) and a forced close ends. For
+/// listeners whose clients owe no handshake: each connection's place among
+/// those in handshake is given back at once.
 async fn accept_loop<F, Fut>(
     ctx: Arc<Context>,
-    listener: TcpListener,
+    mut acceptor: Acceptor,
     stop: CancellationToken,
-    name: &'static str,
     handle: F,
 ) where
     F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let inherits_nodelay = socket::accepted_have_nodelay(&listener);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(listener = name, error = %err, "accept failed");
-                    continue;
-                }
-            },
-        };
-        if !inherits_nodelay {
-            let _ = tcp.set_nodelay(true);
-        }
+    let inherits_nodelay = socket::accepted_have_nodelay(acceptor.listener());
+    while let Some((tcp, peer, handshake)) =
+        next_connection(&mut acceptor, inherits_nodelay, &stop).await
+    {
+        drop(handshake);
         let connection = ctx.clone();
         let handle = handle.clone();
         ctx.spawn_tracked(move || handle(connection, tcp, peer));
+    }
+}
+
+/// [`accept_loop`] for listeners whose clients owe a handshake (TLS,
+/// SOCKS5): `handle` gets the [`Handshake`], runs the client's handshake
+/// within its deadline, and drops it when done.
+async fn accept_handshakes<F, Fut>(
+    ctx: Arc<Context>,
+    mut acceptor: Acceptor,
+    stop: CancellationToken,
+    handle: F,
+) where
+    F: Fn(Arc<Context>, tokio::net::TcpStream, SocketAddr, Handshake) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let inherits_nodelay = socket::accepted_have_nodelay(acceptor.listener());
+    while let Some((tcp, peer, handshake)) =
+        next_connection(&mut acceptor, inherits_nodelay, &stop).await
+    {
+        let connection = ctx.clone();
+        let handle = handle.clone();
+        ctx.spawn_tracked(move || handle(connection, tcp, peer, handshake));
     }
 }
 
@@ -434,7 +490,8 @@ async fn run_connection<E: Established>(setup: Pin<Box<impl Future<Output = Opti
 /// A proxy instance, built but not running.
 #[derive(Debug)]
 pub struct Ztunnel {
-    context: Arc<Context>,
+    context: Context,
+    handshake_limits: HandshakeLimits,
     addresses: [SocketAddr; 3],
     socks5: Option<SocketAddr>,
 }
@@ -462,7 +519,7 @@ impl Ztunnel {
 
     /// Runs on caller-bound listeners, on the current runtime.
     pub fn spawn_with(self, listeners: Listeners) -> io::Result<ZtunnelHandle> {
-        let ctx = self.context;
+        let mut context = self.context;
         let addresses = [
             listeners.outbound.local_addr()?,
             listeners.inbound_plaintext.local_addr()?,
@@ -472,27 +529,35 @@ impl Ztunnel {
             Some(listener) => Some(listener.local_addr()?),
             None => None,
         };
+        context.own_ports = addresses
+            .iter()
+            .chain(&socks5)
+            .map(SocketAddr::port)
+            .chain([context.hbone_port])
+            .collect();
+        let ctx = Arc::new(context);
+        let limits = self.handshake_limits;
         let accepting = ctx.shutdown.child_token();
         let background = TaskTracker::new();
         background.spawn(outbound::serve_outbound(
             ctx.clone(),
-            listeners.outbound,
+            Acceptor::new(listeners.outbound, "outbound", limits),
             accepting.clone(),
         ));
         background.spawn(inbound::serve_plaintext(
             ctx.clone(),
-            listeners.inbound_plaintext,
+            Acceptor::new(listeners.inbound_plaintext, "inbound plaintext", limits),
             accepting.clone(),
         ));
         background.spawn(inbound::serve_hbone(
             ctx.clone(),
-            listeners.hbone,
+            Acceptor::new(listeners.hbone, "HBONE", limits),
             accepting.clone(),
         ));
         if let Some(listener) = listeners.socks5 {
             background.spawn(outbound::serve_socks5(
                 ctx.clone(),
-                listener,
+                Acceptor::new(listener, "SOCKS5", limits),
                 accepting.clone(),
             ));
         }

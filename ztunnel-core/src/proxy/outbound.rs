@@ -11,15 +11,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::HeaderValue;
 use mesh_api::Identity;
 use mesh_api::workload::Workload;
+use mesh_net::{Acceptor, Handshake};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::log::{AccessLog, Direction};
 use super::plain::copy_plain;
 use super::route::{Route, Upstream, first_ip, route};
-use super::{Carried, Context, Established, accept_loop, run_connection, socket, socks5};
+use super::{
+    Carried, Context, Established, accept_handshakes, accept_loop, inbound, run_connection, socket,
+    socks5,
+};
 use crate::hbone::copy::{Progress, copy_bidirectional, ready_bytes};
 use crate::hbone::headers::forwarded_for;
 use crate::hbone::pool::{HboneStream, PoolKey};
@@ -29,13 +33,9 @@ use crate::hbone::pool::{HboneStream, PoolKey};
 const DEMAND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Accepts outbound connections until `stop`.
-pub(super) async fn serve_outbound(
-    ctx: Arc<Context>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
+pub(super) async fn serve_outbound(ctx: Arc<Context>, acceptor: Acceptor, stop: CancellationToken) {
     let random = Arc::new(Random::default());
-    accept_loop(ctx, listener, stop, "outbound", move |ctx, tcp, source| {
+    accept_loop(ctx, acceptor, stop, move |ctx, tcp, source| {
         run_connection(Box::pin(establish_outbound(
             ctx,
             tcp,
@@ -80,14 +80,16 @@ async fn establish_outbound(
 }
 
 /// Accepts SOCKS5 connections until `stop`.
-pub(super) async fn serve_socks5(
-    ctx: Arc<Context>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
+pub(super) async fn serve_socks5(ctx: Arc<Context>, acceptor: Acceptor, stop: CancellationToken) {
     let random = Arc::new(Random::default());
-    accept_loop(ctx, listener, stop, "SOCKS5", move |ctx, tcp, source| {
-        run_connection(Box::pin(establish_socks5(ctx, tcp, source, random.clone())))
+    accept_handshakes(ctx, acceptor, stop, move |ctx, tcp, source, handshake| {
+        run_connection(Box::pin(establish_socks5(
+            ctx,
+            tcp,
+            source,
+            handshake,
+            random.clone(),
+        )))
     })
     .await;
 }
@@ -97,17 +99,23 @@ async fn establish_socks5(
     ctx: Arc<Context>,
     mut tcp: TcpStream,
     source: SocketAddr,
+    handshake: Handshake,
     random: Arc<Random>,
 ) -> Option<Outbound> {
     let started = Instant::now();
     let log = AccessLog::new(Direction::Outbound, source, None);
-    let target = match socks5::handshake(&mut tcp).await {
-        Ok(target) => target,
-        Err(err) => {
+    let target = match handshake.within(socks5::handshake(&mut tcp)).await {
+        Ok(Ok(target)) => target,
+        Ok(Err(err)) => {
             log.failed(started, &format!("SOCKS5: {err}"));
             return None;
         }
+        Err(_) => {
+            log.failed(started, "SOCKS5: the greeting timed out");
+            return None;
+        }
     };
+    drop(handshake);
     let destination = match target {
         socks5::Target::Address(address) => Some(address),
         socks5::Target::Domain(name, port) => resolve(&ctx, &name, port).await,
@@ -161,6 +169,11 @@ async fn forward(
     started: Instant,
 ) -> Option<Outbound> {
     log.destination = Some(destination);
+    if ctx.is_own_port(destination.port()) && is_local(ctx, destination.ip()) {
+        socket::reset(tcp);
+        log.failed(started, &inbound::self_call(destination));
+        return None;
+    }
     let route_now = |log: &mut AccessLog| {
         let state = ctx.state.read();
         let served = state.workload(&ctx.served_uid).cloned();
@@ -215,6 +228,21 @@ async fn forward(
             None
         }
     }
+}
+
+/// Whether `ip` reaches this proxy: a loopback or unspecified address, or
+/// one of the served workload's.
+fn is_local(ctx: &Context, ip: std::net::IpAddr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let state = ctx.state.read();
+    state.workload(&ctx.served_uid).is_some_and(|served| {
+        served
+            .addresses
+            .iter()
+            .any(|address| mesh_api::names::ip_from_wire(address).is_ok_and(|a| a == ip))
+    })
 }
 
 /// A plain TCP connection to `address`.
