@@ -39,6 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Stubs stay transport-agnostic: callers bring their own channel.
         .build_transport(false)
+        // prost's codec, but undecodable messages are InvalidArgument.
+        .codec_path("crate::codec::Codec")
         .emit_rerun_if_changed(false)
         .compile_fds_with_config(descriptors, prost_config)?;
     Ok(())

@@ -8,8 +8,10 @@
 //! - [`names`]: typed resource names and wire IP addresses.
 //! - [`type_url`]: type URLs of the delta ADS resources.
 //! - [`any`]: packing and unpacking `google.protobuf.Any`.
+//! - [`codec`]: the stubs' protobuf codec (undecodable is `InvalidArgument`).
 
 pub mod any;
+pub mod codec;
 pub mod identity;
 pub mod names;
 pub mod proto;

@@ -406,3 +406,27 @@ async fn idle_and_stalled_handshakes_are_bounded_and_timed_out() {
     assert_eq!(ended(Ok(tcp)).await, Ended::Closed);
     mesh.handle.drain(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test]
+async fn an_undecodable_request_is_an_invalid_argument() {
+    let mesh = start().await;
+    let client = mesh.client().build().unwrap();
+    // Field 1 (`csr`, a string) holding bytes that are not UTF-8.
+    // (prost encodes a `Vec<u8>` as `google.protobuf.BytesValue`: field 1.)
+    let garbage: Vec<u8> = vec![0xff, 0xfe, 0xfd];
+    let mut grpc = tonic::client::Grpc::new(client.channel());
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(garbage);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {SHELL_TOKEN}").parse().unwrap(),
+    );
+    let path = http::uri::PathAndQuery::from_static(
+        "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+    );
+    let codec =
+        mesh_api::codec::Codec::<Vec<u8>, mesh_api::ca::IstioCertificateResponse>::default();
+    let status = grpc.unary(request, path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("undecodable"), "{status}");
+}
