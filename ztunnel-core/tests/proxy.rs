@@ -753,6 +753,51 @@ async fn the_pool_opens_another_connection_past_100_streams_and_closes_idle_ones
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_requests_opens_one_connection_per_100_streams() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let ShellClient { pool, tls, key, .. } = shell_client(&mesh, &shutdown).await;
+    // 150 at once to a destination with no connection yet: a real ztunnel
+    // opens 2 connections, as many as the streams need.
+    let burst = (0..150).map(|_| pool.connect(&tls, &key, mesh.app, &[]));
+    let streams = futures::future::join_all(burst).await;
+    assert!(streams.iter().all(Result::is_ok), "every stream opened");
+    assert_eq!(
+        pool.connection_count(),
+        2,
+        "one open at a time, then shared"
+    );
+    drop(streams);
+
+    // When the open fails, the requests that waited for it fail with it
+    // rather than each trying again.
+    let closed = {
+        let probe = TcpListener::bind("127.0.0.2:0").await.expect("probe");
+        probe.local_addr().expect("addr")
+    };
+    let nowhere = PoolKey {
+        address: closed,
+        ..key.clone()
+    };
+    let burst = (0..20).map(|_| pool.connect(&tls, &nowhere, mesh.app, &[]));
+    let failures = futures::future::join_all(burst).await;
+    let connects = failures
+        .iter()
+        .filter(|f| matches!(f, Err(HboneError::Connect { .. })))
+        .count();
+    let shared = failures
+        .iter()
+        .filter(|f| matches!(f, Err(HboneError::Opening { .. })))
+        .count();
+    assert_eq!((connects, shared), (1, 19), "{failures:?}");
+    // Afterwards a request tries afresh.
+    assert!(matches!(
+        pool.connect(&tls, &nowhere, mesh.app, &[]).await,
+        Err(HboneError::Connect { .. })
+    ));
+}
+
 /// File descriptors this process has open.
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("fds").count()

@@ -4,6 +4,11 @@
 //! connection pinged every [`PING_INTERVAL`] and closed after
 //! [`POOL_IDLE_TIMEOUT`] without streams. A new connection is used only if the
 //! server proves one of the identities expected of it.
+//!
+//! One connection is opened at a time per key: requests that find no free
+//! connection wait for the one being opened and then share it (a burst of
+//! 150 first requests to one destination opens 2 connections, not 150), and
+//! if that open fails they fail with it rather than each trying again.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -72,6 +77,15 @@ pub enum HboneError {
         authority: String,
         /// Its answer (401 denied, 503 unreachable, 400 bad request).
         status: StatusCode,
+    },
+    /// The connection this request waited for (opened for another request
+    /// to the same destination) could not be opened.
+    #[error("HBONE connection to {address} failed: {reason}")]
+    Opening {
+        /// The HBONE address.
+        address: SocketAddr,
+        /// Why the other request's open failed.
+        reason: String,
     },
     /// The request could not be built.
     #[error("bad CONNECT request for {authority}: {problem}")]
@@ -187,10 +201,17 @@ pub struct HbonePool {
 #[derive(Debug)]
 struct Inner {
     connections: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    /// Per key with requests waiting for a connection: whose turn it is to
+    /// open one, and why the last open failed.
+    opening: Mutex<HashMap<PoolKey, Arc<Gate>>>,
     mark: Option<u32>,
     shutdown: CancellationToken,
     keep_alive: KeepAlive,
 }
+
+/// Taken by the one request that opens a connection for a key; the others
+/// wait their turn, then reuse what it opened or fail with its reason.
+type Gate = tokio::sync::Mutex<Option<String>>;
 
 /// When pooled connections are pinged and when idle ones close.
 #[derive(Clone, Copy, Debug)]
@@ -217,6 +238,7 @@ impl HbonePool {
         Self {
             inner: Arc::new(Inner {
                 connections: Mutex::new(HashMap::new()),
+                opening: Mutex::new(HashMap::new()),
                 mark,
                 shutdown: shutdown.child_token(),
                 keep_alive: KeepAlive {
@@ -273,7 +295,7 @@ impl HbonePool {
             Some(found) => found,
             // Boxed: the handshakes' state is large and needed only here, so
             // each connection's task stays small while it carries bytes.
-            None => Box::pin(self.open(tls, key)).await?,
+            None => Box::pin(self.open_once(tls, key)).await?,
         };
         let authority = authority.to_string();
         let mut request = Request::builder()
@@ -324,6 +346,50 @@ impl HbonePool {
                 .is_ok();
             taken.then(|| (pooled.clone(), StreamSlot(pooled.streams.clone())))
         })
+    }
+
+    /// A connection for `key` with a slot taken, opened by this request or by
+    /// the one whose turn it was before (one open per key at a time).
+    async fn open_once(
+        &self,
+        tls: &WorkloadTls,
+        key: &PoolKey,
+    ) -> Result<(Arc<Pooled>, StreamSlot), HboneError> {
+        let gate = self
+            .inner
+            .opening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let outcome = {
+            let mut turn = gate.lock().await;
+            match (self.reuse(key), turn.as_ref()) {
+                (Some(found), _) => Ok(found),
+                (None, Some(reason)) => Err(HboneError::Opening {
+                    address: key.address,
+                    reason: reason.clone(),
+                }),
+                (None, None) => {
+                    let opened = self.open(tls, key).await;
+                    if let Err(err) = &opened {
+                        *turn = Some(err.to_string());
+                    }
+                    opened
+                }
+            }
+        };
+        let mut opening = self
+            .inner
+            .opening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The last one through: the next request starts afresh.
+        if Arc::strong_count(&gate) == 2 {
+            opening.remove(key);
+        }
+        outcome
     }
 
     /// Opens a new connection for `key` and pools it, one slot taken.
