@@ -311,8 +311,8 @@ async fn an_allow_policy_admits_one_principal_and_resets_another() {
         .await
         .expect("closed in time");
     assert!(
-        closed.is_err() || rest.is_empty(),
-        "the denied connection ends"
+        matches!(&closed, Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset),
+        "the denied connection is reset, not ended as if complete: {closed:?}"
     );
 
     let allowed = socks5(&mesh.shell, mesh.app).await.expect("connect");
@@ -751,6 +751,32 @@ async fn the_pool_opens_another_connection_past_100_streams_and_closes_idle_ones
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_stream_is_reset_with_connect_error() {
+    let mesh = mesh().await;
+    let shutdown = CancellationToken::new();
+    let ShellClient { pool, tls, key, .. } = shell_client(&mesh, &shutdown).await;
+    let mut stream = pool
+        .connect(&tls, &key, mesh.app, &[])
+        .await
+        .expect("admitted before the policy");
+    allow_only(
+        &mesh.state,
+        mesh.app.port(),
+        "cluster.local/ns/other/sa/shell",
+    );
+    let ended = tokio::time::timeout(WAIT, stream.recv.data())
+        .await
+        .expect("ended in time");
+    // A dropped stream would go out as CANCEL, which ztunnel takes for a
+    // clean end; CONNECT_ERROR is how HTTP/2 reports a reset TCP connection.
+    let reason = match ended {
+        Some(Err(err)) => err.reason(),
+        other => panic!("expected a reset, got {other:?}"),
+    };
+    assert_eq!(reason, Some(h2::Reason::CONNECT_ERROR));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

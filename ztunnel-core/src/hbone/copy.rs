@@ -110,8 +110,9 @@ const TCP_FINISHED: u8 = 1;
 const TCP_WRITE_LEFT_OPEN: u8 = 2;
 
 /// Copies until both directions ended, counting into `progress`. On error,
-/// the stream is reset (the TCP connection is dropped by the caller, reset
-/// with linger 0 if it wants). On success, see [`Progress::tcp_write_open`].
+/// the stream is reset with `CONNECT_ERROR`, as RFC 9113 §8.5 has a proxy
+/// report a failed TCP connection (the TCP connection is dropped by the
+/// caller, reset with linger 0 if it wants). On success, see [`Progress::tcp_write_open`].
 pub async fn copy_bidirectional(
     tcp: &mut TcpStream,
     send: &mut SendStream<Bytes>,
@@ -124,7 +125,7 @@ pub async fn copy_bidirectional(
         stream_to_tcp(recv, writer, progress)
     );
     if outcome.is_err() {
-        send.send_reset(h2::Reason::CANCEL);
+        send.send_reset(h2::Reason::CONNECT_ERROR);
     }
     outcome.map(|((), ())| ())
 }

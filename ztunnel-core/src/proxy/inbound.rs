@@ -265,9 +265,14 @@ impl Established for InboundStream {
         }
     }
 
-    /// An error resets the application's side.
-    fn finish(self, outcome: &Carried) {
+    /// An error (a revocation too) resets both sides: the application's TCP
+    /// connection, and the stream with `CONNECT_ERROR`, so the client's
+    /// application sees a reset rather than an end it could take for a
+    /// complete answer (a dropped stream would go out as `CANCEL`, which
+    /// ztunnel passes on as a clean close).
+    fn finish(mut self, outcome: &Carried) {
         if outcome.is_err() {
+            self.send.send_reset(h2::Reason::CONNECT_ERROR);
             socket::reset(self.upstream);
         }
         self.log

@@ -291,8 +291,9 @@ impl Established for Outbound {
     /// An error resets both ends.
     fn finish(self, outcome: &Carried) {
         if outcome.is_err() {
-            if let Link::Plain(upstream) = self.link {
-                socket::reset(upstream);
+            match self.link {
+                Link::Plain(upstream) => socket::reset(upstream),
+                Link::Hbone(mut stream, _) => stream.send.send_reset(h2::Reason::CONNECT_ERROR),
             }
             socket::reset(self.tcp);
         }
