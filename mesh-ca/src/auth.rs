@@ -9,10 +9,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use mesh_api::Identity;
+use mesh_net::Throttle;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
@@ -35,6 +38,8 @@ pub struct Caller<'a> {
     pub metadata: &'a MetadataMap,
     /// The TLS client certificate chain, leaf first, when the client sent one.
     pub peer_certificates: Option<&'a [CertificateDer<'static>]>,
+    /// The client's address, when known (for logs).
+    pub remote: Option<SocketAddr>,
 }
 
 impl Caller<'_> {
@@ -121,6 +126,51 @@ pub fn unauthenticated(refusals: &[String]) -> tonic::Status {
     } else {
         format!("credentials refused ({})", refusals.join("; "))
     })
+}
+
+/// Refuses callers [`authenticate`] did not accept, and logs each refusal
+/// with the client's address and the reasons, at most once every 5 s (with a
+/// count of those since the last line): an operator sees a client's bad
+/// credentials without the client having to be asked, and a client retrying
+/// in a loop cannot flood the log.
+#[derive(Debug)]
+pub struct RefusalLog {
+    service: &'static str,
+    throttle: Mutex<Throttle>,
+}
+
+impl RefusalLog {
+    /// A log for refusals by `service` (`"xDS"`, `"CA"`).
+    pub fn new(service: &'static str) -> Self {
+        Self {
+            service,
+            throttle: Mutex::new(Throttle::new(Duration::from_secs(5))),
+        }
+    }
+
+    /// The `Unauthenticated` status for `caller` (see [`unauthenticated`]),
+    /// logged.
+    pub fn refuse(&self, caller: &Caller<'_>, refusals: &[String]) -> tonic::Status {
+        let status = unauthenticated(refusals);
+        let logged = self
+            .throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tick();
+        if let Some(refused) = logged {
+            let remote = caller
+                .remote
+                .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
+            tracing::warn!(
+                service = self.service,
+                %remote,
+                refused,
+                reason = status.message(),
+                "refused a client's credentials"
+            );
+        }
+        status
+    }
 }
 
 /// The names of `authenticators`, for debug output.

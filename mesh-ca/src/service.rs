@@ -20,7 +20,7 @@ use prost_types::value::Kind;
 use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Authenticated, Authenticator, Caller, NodeAuthorizer};
+use crate::auth::{Authenticated, Authenticator, Caller, NodeAuthorizer, RefusalLog};
 use crate::authority::{Authority, IssueError};
 use crate::csr::{MAX_CSR_PEM_LEN, verify_csr};
 
@@ -51,6 +51,7 @@ pub struct CaService {
     authenticators: Arc<[Arc<dyn Authenticator>]>,
     node_agents: Arc<HashSet<Identity>>,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
+    refusals: Arc<RefusalLog>,
 }
 
 impl std::fmt::Debug for CaService {
@@ -75,6 +76,7 @@ impl CaService {
             authenticators: authenticators.into(),
             node_agents: Arc::new(node_agents),
             node_authorizer,
+            refusals: Arc::new(RefusalLog::new("CA")),
         }
     }
 
@@ -87,8 +89,8 @@ impl CaService {
     async fn authenticate(&self, caller: &Caller<'_>) -> Result<Authenticated, Status> {
         match crate::auth::authenticate(&self.authenticators, caller).await {
             Ok(Some(authenticated)) => Ok(authenticated),
-            Ok(None) => Err(crate::auth::unauthenticated(&[])),
-            Err(refusals) => Err(crate::auth::unauthenticated(&refusals)),
+            Ok(None) => Err(self.refusals.refuse(caller, &[])),
+            Err(refusals) => Err(self.refusals.refuse(caller, &refusals)),
         }
     }
 
@@ -155,6 +157,7 @@ impl IstioCertificateService for CaService {
         let caller = Caller {
             metadata: request.metadata(),
             peer_certificates: peer.as_ref().and_then(|p| p.certificates.as_deref()),
+            remote: peer.as_ref().and_then(|p| p.remote_addr),
         };
         let authenticated = self.authenticate(&caller).await?;
         let body = request.get_ref();

@@ -430,3 +430,49 @@ async fn an_undecodable_request_is_an_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
     assert!(status.message().contains("undecodable"), "{status}");
 }
+
+/// Log lines written while it is the thread's subscriber.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn refused_credentials_are_logged_with_the_peer_and_rate_limited() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mesh = start().await;
+    let client = mesh.client().token("not-a-token").build().unwrap();
+    let shell = id("spiffe://cluster.local/ns/default/sa/shell");
+    for _ in 0..3 {
+        let err = status(client.certificate(&shell, false, None).await.unwrap_err());
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("refused a client's credentials"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "three refusals, one line within 5 s: {text}"
+    );
+    assert!(lines[0].contains("remote=127.0.0.1:"), "{}", lines[0]);
+    assert!(lines[0].contains("service=\"CA\""), "{}", lines[0]);
+    assert!(lines[0].contains("credentials refused"), "{}", lines[0]);
+}

@@ -123,6 +123,7 @@ async fn authenticate(
     let caller = Caller {
         metadata: &metadata,
         peer_certificates: None,
+        remote: None,
     };
     authenticator.authenticate(&caller).await
 }

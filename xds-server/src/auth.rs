@@ -10,17 +10,28 @@
 use std::sync::Arc;
 
 use mesh_api::Identity;
-use mesh_ca::auth::{BoxFuture, Caller};
+use mesh_ca::auth::{BoxFuture, Caller, RefusalLog};
 use mesh_ca::{Authenticated, Authenticator, NodeAuthorizer};
 use tonic::Status;
 
 use crate::store::Store;
 
 /// How xDS clients are authenticated.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ClientAuth {
     authenticators: Vec<Arc<dyn Authenticator>>,
     anonymous: bool,
+    refusals: Arc<RefusalLog>,
+}
+
+impl Default for ClientAuth {
+    fn default() -> Self {
+        Self {
+            authenticators: Vec::new(),
+            anonymous: false,
+            refusals: Arc::new(RefusalLog::new("xDS")),
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -44,8 +55,8 @@ impl ClientAuth {
     /// Streams need no credentials (plaintext local testing only).
     pub fn anonymous() -> Self {
         Self {
-            authenticators: Vec::new(),
             anonymous: true,
+            ..Self::default()
         }
     }
 
@@ -69,8 +80,8 @@ impl ClientAuth {
         match mesh_ca::auth::authenticate(&self.authenticators, caller).await {
             Ok(Some(authenticated)) => Ok(Some(authenticated)),
             Ok(None) if self.anonymous => Ok(None),
-            Ok(None) => Err(mesh_ca::auth::unauthenticated(&[])),
-            Err(refusals) => Err(mesh_ca::auth::unauthenticated(&refusals)),
+            Ok(None) => Err(self.refusals.refuse(caller, &[])),
+            Err(refusals) => Err(self.refusals.refuse(caller, &refusals)),
         }
     }
 }

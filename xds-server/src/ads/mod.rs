@@ -104,6 +104,7 @@ impl AdsService {
         let caller = Caller {
             metadata,
             peer_certificates: peer.as_ref().and_then(|p| p.certificates.as_deref()),
+            remote: peer.as_ref().and_then(|p| p.remote_addr),
         };
         if self.inner.shutdown.is_cancelled() {
             return Err(Status::unavailable("the server is shutting down"));
