@@ -160,8 +160,12 @@ async fn instance(
     handle
 }
 
-/// Connects through `proxy`'s SOCKS5 listener to `target`.
-async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<TcpStream> {
+/// Asks `proxy`'s SOCKS5 listener for `target`: its reply code (0 for
+/// success), and the connection.
+async fn socks5_reply(
+    proxy: &ZtunnelHandle,
+    target: SocketAddr,
+) -> std::io::Result<(u8, TcpStream)> {
     let mut stream = TcpStream::connect(proxy.socks5_addr().expect("socks5")).await?;
     stream.write_all(&[5, 1, 0]).await?;
     let mut choice = [0u8; 2];
@@ -176,7 +180,13 @@ async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<Tc
     stream.write_all(&request).await?;
     let mut reply = [0u8; 10];
     stream.read_exact(&mut reply).await?;
-    assert_eq!(reply[1], 0, "SOCKS5 success");
+    Ok((reply[1], stream))
+}
+
+/// Connects through `proxy`'s SOCKS5 listener to `target`.
+async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let (reply, stream) = socks5_reply(proxy, target).await?;
+    assert_eq!(reply, 0, "SOCKS5 success");
     Ok(stream)
 }
 
@@ -318,12 +328,10 @@ async fn an_allow_policy_admits_one_principal_and_resets_another() {
     let allowed = socks5(&mesh.shell, mesh.app).await.expect("connect");
     assert!(round_trip(allowed, 1024).await.expect("round trip"));
 
-    let denied = socks5(&mesh.other, mesh.app).await.expect("connect");
-    let outcome = round_trip(denied, 1024).await;
-    assert!(
-        matches!(&outcome, Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset),
-        "denied: reset, got {outcome:?}"
-    );
+    // Refused by the server's policy before any byte moved: SOCKS5 answers
+    // a failure (a redirected connection is reset; see tests/netns.rs).
+    let (reply, _) = socks5_reply(&mesh.other, mesh.app).await.expect("socks5");
+    assert_eq!(reply, 1, "denied: general failure");
 }
 
 /// An HBONE client as `default/shell`, for the echo instance's server.
@@ -754,6 +762,30 @@ async fn the_pool_opens_another_connection_past_100_streams_and_closes_idle_ones
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_answers_success_only_once_the_tunnel_is_up() {
+    let mesh = mesh().await;
+    let (reply, stream) = socks5_reply(&mesh.shell, mesh.app).await.expect("socks5");
+    assert_eq!(reply, 0, "succeeded: the tunnel is up");
+    assert!(round_trip(stream, 1024).await.expect("round trip"));
+    // The application's port is closed: the server answers 503, and the
+    // client hears a failure instead of a success followed by a reset.
+    let closed = {
+        let probe = TcpListener::bind("127.0.0.2:0").await.expect("probe");
+        probe.local_addr().expect("addr")
+    };
+    let (reply, _) = socks5_reply(&mesh.shell, closed).await.expect("socks5");
+    assert_eq!(reply, 1, "general failure");
+    // Policy denies: a failure too.
+    allow_only(
+        &mesh.state,
+        mesh.app.port(),
+        "cluster.local/ns/default/sa/shell",
+    );
+    let (reply, _) = socks5_reply(&mesh.other, mesh.app).await.expect("socks5");
+    assert_eq!(reply, 1, "denied: general failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_stream_is_reset_with_connect_error() {
     let mesh = mesh().await;
     let shutdown = CancellationToken::new();
@@ -897,8 +929,9 @@ async fn connects_to_the_proxys_own_ports_are_refused_as_self_calls() {
     assert_eq!(ended(direct).await, Ended::Reset);
     // Outbound (here through SOCKS5) to the proxy's own listeners.
     let own = mesh.shell.inbound_addr();
-    let through = socks5(&mesh.shell, own).await;
-    assert_eq!(ended(through).await, Ended::Reset);
+    let (reply, through) = socks5_reply(&mesh.shell, own).await.expect("socks5");
+    assert_eq!(reply, 1, "SOCKS5 general failure");
+    assert_eq!(ended(Ok(through)).await, Ended::Closed);
     assert!(
         open_fds() < fds_before + 16,
         "no connections piled up: {} fds, {fds_before} before",

@@ -70,7 +70,10 @@ async fn establish_outbound(
     let started = Instant::now();
     let log = AccessLog::new(Direction::Outbound, source, None);
     match socket::original_destination(&tcp, source) {
-        Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started).await,
+        Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started)
+            .await
+            .map_err(NotForwarded::reset)
+            .ok(),
         Err(err) => {
             socket::reset(tcp);
             log.failed(started, &format!("no destination: {err}"));
@@ -127,15 +130,53 @@ async fn establish_socks5(
         log.failed(started, "SOCKS5: the name does not resolve");
         return None;
     };
-    if tcp
+    // Success is answered once the tunnel is up, a failure code otherwise.
+    let mut outbound = match forward(&ctx, tcp, source, destination, &random, log, started).await {
+        Ok(outbound) => outbound,
+        Err(not_forwarded) => {
+            not_forwarded.refuse_socks5().await;
+            return None;
+        }
+    };
+    let replied = outbound
+        .tcp
         .write_all(&socks5::reply(socks5::Reply::Succeeded))
-        .await
-        .is_err()
-    {
-        log.failed(started, "SOCKS5: the client went away");
+        .await;
+    if replied.is_err() {
+        let carried = Carried {
+            bytes: (0, 0),
+            error: Some("SOCKS5: the client went away".to_owned()),
+        };
+        outbound.finish(&carried);
         return None;
     }
-    forward(&ctx, tcp, source, destination, &random, log, started).await
+    Some(outbound)
+}
+
+/// A connection that could not be forwarded, and why.
+struct NotForwarded {
+    tcp: TcpStream,
+    log: AccessLog,
+    started: Instant,
+    reason: String,
+}
+
+impl NotForwarded {
+    /// Resets the client (a redirected connection) and logs why.
+    fn reset(self) {
+        socket::reset(self.tcp);
+        self.log.failed(self.started, &self.reason);
+    }
+
+    /// Answers a SOCKS5 client with a failure code and logs why.
+    async fn refuse_socks5(mut self) {
+        let _ = self
+            .tcp
+            .write_all(&socks5::reply(socks5::Reply::GeneralFailure))
+            .await;
+        self.log
+            .failed(self.started, &format!("SOCKS5: {}", self.reason));
+    }
 }
 
 /// A mesh hostname's VIP from the state, else the system resolver's answer.
@@ -158,7 +199,8 @@ async fn resolve(ctx: &Context, name: &str, port: u16) -> Option<SocketAddr> {
 }
 
 /// Routes a connection to `destination` and connects it there: what is left
-/// to do is carrying its bytes. `None` if it failed (reset, and logged).
+/// to do is carrying its bytes. If that failed, the connection and why, for
+/// the caller to answer (and log).
 async fn forward(
     ctx: &Context,
     mut tcp: TcpStream,
@@ -167,12 +209,15 @@ async fn forward(
     random: &Random,
     mut log: AccessLog,
     started: Instant,
-) -> Option<Outbound> {
+) -> Result<Outbound, NotForwarded> {
     log.destination = Some(destination);
     if ctx.is_own_port(destination.port()) && is_local(ctx, destination.ip()) {
-        socket::reset(tcp);
-        log.failed(started, &inbound::self_call(destination));
-        return None;
+        return Err(NotForwarded {
+            tcp,
+            log,
+            started,
+            reason: inbound::self_call(destination),
+        });
     }
     let route_now = |log: &mut AccessLog| {
         let state = ctx.state.read();
@@ -215,18 +260,19 @@ async fn forward(
     match link {
         Ok(link) => {
             log.opened(ctx.metrics.as_ref());
-            Some(Outbound {
+            Ok(Outbound {
                 tcp,
                 link,
                 log,
                 started,
             })
         }
-        Err(err) => {
-            socket::reset(tcp);
-            log.failed(started, &err);
-            None
-        }
+        Err(reason) => Err(NotForwarded {
+            tcp,
+            log,
+            started,
+            reason,
+        }),
     }
 }
 
