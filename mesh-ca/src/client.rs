@@ -220,8 +220,7 @@ impl CaClientBuilder {
                     TcpSocket::new_v6()?
                 };
                 if let Some(mark) = mark {
-                    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
-                        .map_err(std::io::Error::from)?;
+                    mesh_net::set_mark(&socket, mark)?;
                 }
                 let tcp = socket.connect(address).await?;
                 tcp.set_nodelay(true)?;

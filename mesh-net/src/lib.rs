@@ -4,10 +4,14 @@
 //!
 //! - [`listen`]: accepting connections with bounded, deadlined handshakes and
 //!   back-off when the process runs out of file descriptors.
+//! - [`mark`]: the socket mark that keeps the mesh's own connections out of
+//!   the redirect rules.
 //! - [`throttle`]: logging a recurring event at a bounded rate.
 
 pub mod listen;
+pub mod mark;
 pub mod throttle;
 
 pub use listen::{Acceptor, Handshake, HandshakeLimits};
+pub use mark::{PROXY_MARK, check_mark, set_mark};
 pub use throttle::Throttle;

@@ -517,9 +517,14 @@ impl Ztunnel {
         self.spawn_with(listeners)
     }
 
-    /// Runs on caller-bound listeners, on the current runtime.
+    /// Runs on caller-bound listeners, on the current runtime. Fails at once
+    /// if the socket mark cannot be set (no `CAP_NET_ADMIN`), rather than on
+    /// every connection later.
     pub fn spawn_with(self, listeners: Listeners) -> io::Result<ZtunnelHandle> {
         let mut context = self.context;
+        if let Some(mark) = context.mark {
+            mesh_net::check_mark(mark)?;
+        }
         let addresses = [
             listeners.outbound.local_addr()?,
             listeners.inbound_plaintext.local_addr()?,

@@ -8,8 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// The mark on the proxy's own sockets (0x539), excluded by the redirect rules.
-pub const PROXY_MARK: u32 = 1337;
+pub use mesh_net::PROXY_MARK;
 
 /// Where a redirected connection was going: `SO_ORIGINAL_DST`, else (not
 /// redirected) the address it reached. The family is the client's (`source`,
@@ -56,7 +55,7 @@ pub async fn connect_from(
 ) -> io::Result<TcpStream> {
     let socket = tcp_socket_for(address)?;
     if let Some(mark) = mark {
-        setsockopt(&socket, sockopt::Mark, &mark).map_err(io::Error::from)?;
+        mesh_net::set_mark(&socket, mark)?;
     }
     if let Some(source) = source.filter(|source| source.is_ipv4() == address.is_ipv4()) {
         setsockopt(&socket, sockopt::IpBindAddressNoPort, &true).map_err(io::Error::from)?;
