@@ -16,13 +16,13 @@
 # connect), and how many lines it has logged; it samples again 30 s after the
 # start. It finishes early when the server exits.
 #
-# "Served" is measured as a real data plane's first step: one delta ADS call
-# (curl, HTTP/2 over cleartext, with a DeltaDiscoveryRequest subscribing to
-# every `istio.workload.Address`), timed from connect to the end of the
-# response; the client counts as served when the response carries the
-# manifest's pod (`echo-1`). The call is made as soon as the port listens (polled
-# every 50 ms) and again at 30 s. Time to listen is counted from the launch,
-# at 50 ms resolution.
+# "Served" is measured as a real data plane's first step: a delta ADS client (a
+# small HTTP/2 cleartext client in Python's standard library, below) opens the
+# DeltaAggregatedResources stream, subscribes to every `istio.workload.Address`
+# and keeps the stream open; it is served when a response carrying the
+# manifest's pod (`echo-1`) arrives, timed from the start of its connect().
+# The client runs as soon as the port listens (polled every 50 ms) and again
+# at 30 s. Time to listen is counted from the launch, at 50 ms resolution.
 #
 # The server is killed at the end whatever happens (and by a watchdog after
 # 55 s, or as soon as its RSS passes MANIFEST_LOOP_MAX_RSS_MB, 4096 by default,
@@ -42,7 +42,7 @@ BIN=$1
 	exit 2
 }
 MAX_RSS_MB=${MANIFEST_LOOP_MAX_RSS_MB:-4096}
-for tool in ss curl; do
+for tool in ss python3 timeout; do
 	command -v "$tool" >/dev/null || {
 		echo "$0: needs $tool" >&2
 		exit 2
@@ -114,31 +114,84 @@ done
 	exit 1
 }
 
-# --- one delta ADS request (gRPC frame: flag, length, DeltaDiscoveryRequest) --
-# DeltaDiscoveryRequest { type_url (field 2) = "type.googleapis.com/istio.workload.Address" }
-type_url=type.googleapis.com/istio.workload.Address
-request=$work/request.bin
-{
-	printf '\000\000\000\000\054' # uncompressed, 44 bytes
-	printf '\022\052'             # field 2, length-delimited, 42 bytes
-	printf '%s' "$type_url"
-} >"$request"
+# --- one delta ADS client ----------------------------------------------------
+# A minimal HTTP/2 (cleartext, prior knowledge) gRPC client in Python's standard
+# library, doing what a data plane does first: connect, send the preface,
+# SETTINGS, the DeltaAggregatedResources call's headers and one
+# DeltaDiscoveryRequest subscribing to every istio.workload.Address, keep its
+# side of the stream open, and read until a response carries the pod. Prints
+# "<connect s> <served s> <response bytes> <pod served: yes/no> <note>", times
+# counted from the start of connect(), 5 s at most.
+client=$work/ads_client.py
+cat >"$client" <<'PY'
+import socket, struct, sys, time
 
-# Prints "<seconds> <http status> <response bytes> <served: yes/no>".
+port = int(sys.argv[1])
+deadline = 5.0
+path = b"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+type_url = b"type.googleapis.com/istio.workload.Address"
+
+
+def frame(kind, flags, stream, payload):
+    return (struct.pack(">I", len(payload))[1:] + bytes([kind, flags])
+            + struct.pack(">I", stream) + payload)
+
+
+def literal(name, value):  # HPACK: literal without indexing, new name, no Huffman
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+headers = b"".join(literal(n, v) for n, v in [
+    (b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+    (b":authority", b"127.0.0.1:%d" % port),
+    (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+request = b"\x12" + bytes([len(type_url)]) + type_url  # field 2: type_url
+grpc = b"\x00" + struct.pack(">I", len(request)) + request
+
+start = time.monotonic()
+connect, served, body, note = "-", "-", b"", ""
+try:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=deadline)
+    connect = "%.6f" % (time.monotonic() - start)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
+                 + frame(1, 0x4, 1, headers) + frame(0, 0, 1, grpc))
+    buffer, done = b"", False
+    while not done:
+        sock.settimeout(max(0.01, deadline - (time.monotonic() - start)))
+        chunk = sock.recv(65536)
+        if not chunk:
+            note = "connection closed"
+            break
+        buffer += chunk
+        while len(buffer) >= 9 and not done:
+            length = int.from_bytes(buffer[:3], "big")
+            if len(buffer) < 9 + length:
+                break
+            kind, flags = buffer[3], buffer[4]
+            stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+            payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+            if kind == 4 and not flags & 0x1:
+                sock.sendall(frame(4, 0x1, 0, b""))  # SETTINGS ACK
+            elif kind == 0 and stream == 1:
+                body += payload
+                if b"echo-1" in body:
+                    served = "%.6f" % (time.monotonic() - start)
+                    done = True
+            elif kind == 1 and stream == 1 and flags & 0x1:
+                note, done = "stream ended without the pod", True
+            elif kind in (3, 7):
+                note, done = ("stream reset" if kind == 3 else "goaway"), True
+    sock.close()
+except socket.timeout:
+    note = "no pod within %.0f s" % deadline
+except OSError as err:
+    note = err.strerror or str(err)
+pod = "yes" if served != "-" else "no"
+print(connect, served, len(body), pod, ", " + note if note else "-")
+PY
+
 ads_call() {
-	local body=$work/response.bin out
-	rm -f "$body"
-	out=$(curl -sS -m 5 --http2-prior-knowledge -o "$body" \
-		-w '%{time_total} %{http_code} %{size_download}' \
-		-H 'content-type: application/grpc' -H 'te: trailers' \
-		--data-binary @"$request" \
-		"http://127.0.0.1:$port/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources" \
-		2>/dev/null) || out=${out:-"- 000 0"}
-	if [ -s "$body" ] && grep -aq echo-1 "$body"; then
-		echo "$out yes"
-	else
-		echo "$out no"
-	fi
+	timeout 8 python3 "$client" "$port" 2>/dev/null || echo "- - 0 no , client failed"
 }
 
 listening() {
@@ -160,9 +213,12 @@ start=$(now)
 "$BIN" --manifests "$m" --listen "127.0.0.1:$port" >"$work/stdout" 2>"$work/stderr" &
 pid=$!
 (
-	sleep 55
+	trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+	sleep 55 &
+	nap=$!
+	wait "$nap"
 	kill -KILL "$pid" 2>/dev/null
-) &
+) </dev/null >/dev/null 2>&1 &
 watchdog=$!
 
 listen_at=
@@ -217,7 +273,7 @@ total=$(since "$start")
 
 skipped=$(grep -c 'manifest skipped' "$work/stderr")
 loaded=$(grep -c 'manifest loaded' "$work/stderr")
-loops=$(grep -c 'a loop, not followed' "$work/stderr")
+loops=$(grep -c 'WARN.*a loop, not followed' "$work/stderr")
 echo
 echo "summary"
 if [ -n "$listen_at" ]; then
@@ -226,16 +282,16 @@ else
 	echo "  time to listen:          never (within ${total} s)"
 fi
 if [ -n "$first_call" ]; then
-	read -r secs code bytes served <<<"$first_call"
-	echo "  first ADS call:          ${secs} s (HTTP $code, $bytes bytes, pod served: $served)"
+	read -r connect secs bytes served note <<<"$first_call"
+	echo "  first ADS client:        pod served: $served, in ${secs} s (connect ${connect} s, $bytes response bytes${note#-})"
 else
-	echo "  first ADS call:          not made (never listening)"
+	echo "  first ADS client:        not run (never listening)"
 fi
 if [ "$late_call" = "not listening" ]; then
-	echo "  ADS call at 30 s:        not made (not listening)"
+	echo "  ADS client at 30 s:      not run (not listening)"
 elif [ -n "$late_call" ]; then
-	read -r secs code bytes served <<<"$late_call"
-	echo "  ADS call at 30 s:        ${secs} s (HTTP $code, $bytes bytes, pod served: $served)"
+	read -r connect secs bytes served note <<<"$late_call"
+	echo "  ADS client at 30 s:      pod served: $served, in ${secs} s (connect ${connect} s, $bytes response bytes${note#-})"
 fi
 echo "  peak RSS (VmHWM):        $((peak_hwm / 1024)) MB"
 echo "  log lines:               $(wc -l <"$work/stderr") (manifest loaded: $loaded, manifest skipped: $skipped, loop reports: $loops)"

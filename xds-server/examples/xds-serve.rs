@@ -200,7 +200,7 @@ async fn run() -> Result<(), String> {
     manifests.sync(&store).map_err(|err| err.to_string())?;
     for problem in manifests.problems().current() {
         eprintln!(
-            "xds-serve: skipped {}: {}",
+            "xds-serve: problem in {}: {}",
             problem.path.display(),
             problem.problems.join("; ")
         );

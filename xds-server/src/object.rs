@@ -157,24 +157,156 @@ pub struct Manifest {
     pub errors: Vec<ObjectError>,
 }
 
+/// The most YAML documents (`---`-separated) one manifest may hold; a longer
+/// manifest fails as a whole, with a message saying so. Other limits guard the
+/// reader against hostile input, per manifest: 250,000 YAML nodes, nesting 64
+/// levels deep, 64 MiB of text values, 50,000 aliases.
+pub const MAX_DOCUMENTS: usize = 1_024;
+
 /// Reads every Namespace, Pod, Service and AuthorizationPolicy in a
-/// (multi-document) YAML manifest. Syntax errors fail the whole text; a document
-/// with wrong fields is reported in [`Manifest::errors`] and the rest are kept.
+/// (multi-document) YAML manifest. Syntax errors, and more than
+/// [`MAX_DOCUMENTS`] documents, fail the whole text; a document with wrong
+/// fields is reported in [`Manifest::errors`] and the rest are kept.
 pub fn parse_manifest(yaml: &str) -> Result<Manifest, ObjectError> {
-    let documents: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|err| ObjectError {
-        document: None,
-        object: "manifest".into(),
-        path: String::new(),
-        message: format!("invalid YAML: {err}"),
-    })?;
     let mut manifest = Manifest::default();
-    for (index, document) in documents.into_iter().enumerate() {
-        read_document(document, index + 1, &mut manifest);
+    for document in read_documents(yaml)? {
+        match document.read {
+            Ok(object) => manifest.objects.push(object),
+            Err(failed) => manifest.errors.extend(failed.errors),
+        }
     }
     Ok(manifest)
 }
 
-fn read_document(document: Value, position: usize, manifest: &mut Manifest) {
+/// One object of a manifest, as read, and the document it came from (the items
+/// of a `kind: List` share their document).
+#[derive(Debug)]
+pub(crate) struct Document {
+    /// The document's position in the text, from 1, counting every
+    /// `---`-separated document (empty ones too, as a reader counts them).
+    pub(crate) position: usize,
+    /// The object, or why it could not be read.
+    pub(crate) read: Result<Object, Failed>,
+}
+
+/// A document that names an object the control plane reads but fails.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    /// The object it defines, when its kind and name could be read.
+    pub(crate) key: Option<ObjectKey>,
+    /// What is wrong (at least one), each naming the document.
+    pub(crate) errors: Vec<ObjectError>,
+}
+
+/// Reads the objects of a (multi-document) manifest one document at a time, so
+/// that a caller can keep the good ones and tell which document failed.
+pub(crate) fn read_documents(yaml: &str) -> Result<Vec<Document>, ObjectError> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = MAX_DOCUMENTS;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let documents: Vec<serde_saphyr::Spanned<Value>> =
+        serde_saphyr::from_multiple_with_options(yaml, options).map_err(|err| ObjectError {
+            document: None,
+            object: "manifest".into(),
+            path: String::new(),
+            message: yaml_error(&err),
+        })?;
+    let lines: Vec<u64> = documents
+        .iter()
+        .map(|document| document.referenced.line())
+        .collect();
+    let positions = document_positions(yaml, &lines);
+    let mut read = Vec::new();
+    for (document, position) in documents.into_iter().zip(positions) {
+        read_document(document.value, position, &mut read);
+    }
+    Ok(read)
+}
+
+/// A YAML error as one sentence: the reader's limits in plain words.
+fn yaml_error(err: &serde_saphyr::Error) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+    let limits = serde_saphyr::Budget::default();
+    let what = match err.without_snippet() {
+        serde_saphyr::Error::Budget { breach, .. } => match breach {
+            BudgetBreach::Documents { .. } => {
+                return format!(
+                    "the file has more than {MAX_DOCUMENTS} YAML documents, the most one \
+                     manifest file may hold: split it into several files"
+                );
+            }
+            BudgetBreach::Nodes { .. } => format!("more than {} YAML nodes", limits.max_nodes),
+            BudgetBreach::Events { .. } => {
+                format!("more than {} YAML parser events", limits.max_events)
+            }
+            BudgetBreach::Depth { .. } => {
+                format!(
+                    "collections nested more than {} levels deep",
+                    limits.max_depth
+                )
+            }
+            BudgetBreach::ScalarBytes { .. } => format!(
+                "more than {} MiB of text values",
+                limits.max_total_scalar_bytes / (1024 * 1024)
+            ),
+            BudgetBreach::Aliases { .. }
+            | BudgetBreach::Anchors { .. }
+            | BudgetBreach::AliasAnchorRatio { .. }
+            | BudgetBreach::MergeKeys { .. } => {
+                "too many YAML aliases, anchors or merge keys".into()
+            }
+            other => format!("{other:?}"),
+        },
+        _ => return format!("invalid YAML: {err}"),
+    };
+    format!("the file is too large or too complex to read safely: it has {what}")
+}
+
+/// The position (from 1) of each document whose root node starts on `lines`
+/// (1-based; 0 when unknown), counting the documents the YAML reader skips
+/// (empty ones, comments only: what a templating tool often leaves), as
+/// someone reading the file counts them: by its `---` separators.
+fn document_positions(yaml: &str, lines: &[u64]) -> Vec<usize> {
+    let mut markers = Vec::new(); // the lines of `---` document markers
+    let mut content_before_first_marker = false;
+    let mut seen_content_or_marker = false;
+    for (index, line) in yaml.lines().enumerate() {
+        let line = line.trim_start_matches('\u{feff}');
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
+        if marker {
+            markers.push(index as u64 + 1);
+            seen_content_or_marker = true;
+            continue;
+        }
+        let trimmed = line.trim_start();
+        let content = !(trimmed.is_empty() || trimmed.starts_with(['#', '%']));
+        if content && !seen_content_or_marker {
+            content_before_first_marker = true;
+            seen_content_or_marker = true;
+        }
+    }
+    let implicit_first = usize::from(content_before_first_marker || markers.is_empty());
+    let mut positions = Vec::with_capacity(lines.len());
+    let mut previous = 0;
+    for &line in lines {
+        let counted = implicit_first + markers.partition_point(|&marker| marker <= line);
+        // Unknown lines, and documents the count cannot see (after a `...`
+        // end marker), follow the previous one.
+        let position = if line == 0 || counted <= previous {
+            previous + 1
+        } else {
+            counted
+        };
+        positions.push(position);
+        previous = position;
+    }
+    positions
+}
+
+fn read_document(document: Value, position: usize, read: &mut Vec<Document>) {
     if !document.is_object() {
         return; // empty documents and comments
     }
@@ -182,26 +314,34 @@ fn read_document(document: Value, position: usize, manifest: &mut Manifest) {
     if text("kind") == "List" {
         if let Some(Value::Array(items)) = document.get("items") {
             for item in items.clone() {
-                read_document(item, position, manifest);
+                read_document(item, position, read);
             }
         }
         return;
     }
-    match object_from_value(document) {
-        Ok(Some(object)) => manifest.objects.push(object),
-        Ok(None) => {}
-        Err(mut errors) => {
-            for error in &mut errors {
+    let result = match read_object(document) {
+        Ok(Some(object)) => Ok(object),
+        Ok(None) => return,
+        Err(mut failed) => {
+            for error in &mut failed.errors {
                 error.document = Some(position);
             }
-            manifest.errors.extend(errors);
+            Err(failed)
         }
-    }
+    };
+    read.push(Document {
+        position,
+        read: result,
+    });
 }
 
 /// Reads one Kubernetes object given as JSON (e.g. from a watch). `Ok(None)` for
 /// kinds the control plane does not read.
 pub fn object_from_value(document: Value) -> Result<Option<Object>, Vec<ObjectError>> {
+    read_object(document).map_err(|failed| failed.errors)
+}
+
+fn read_object(document: Value) -> Result<Option<Object>, Failed> {
     let text = |name: &str| document.get(name).and_then(Value::as_str).unwrap_or("");
     let kind = text("kind").to_owned();
     let api_version = text("apiVersion").to_owned();
@@ -217,11 +357,33 @@ pub fn object_from_value(document: Value) -> Result<Option<Object>, Vec<ObjectEr
         (None, Some(name)) => format!("{kind} {name}"),
         _ => format!("{kind} <unnamed>"),
     };
+    let read_kind = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => Some(Kind::Namespace),
+        ("v1", "Pod") => Some(Kind::Pod),
+        ("v1", "Service") => Some(Kind::Service),
+        (_, "AuthorizationPolicy") if api_version.starts_with("security.istio.io/") => {
+            Some(Kind::AuthorizationPolicy)
+        }
+        _ => None,
+    };
+    let key = read_kind
+        .zip(metadata("name").filter(|name| !name.is_empty()))
+        .map(|(kind, name)| {
+            let namespace = match kind {
+                Kind::Namespace => String::new(),
+                _ => metadata("namespace").unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            };
+            ObjectKey::new(kind, namespace, name)
+        });
     let error = |path: String, message: String| ObjectError {
         document: None,
         object: label.clone(),
         path,
         message,
+    };
+    let failed = |errors: Vec<ObjectError>| Failed {
+        key: key.clone(),
+        errors,
     };
     if metadata("name").is_none_or(|name| name.is_empty()) {
         let known = matches!(
@@ -229,27 +391,31 @@ pub fn object_from_value(document: Value) -> Result<Option<Object>, Vec<ObjectEr
             ("v1", "Pod" | "Service" | "Namespace")
         ) || kind == "AuthorizationPolicy";
         if known {
-            return Err(vec![error(
+            return Err(failed(vec![error(
                 "metadata.name".into(),
                 "missing: every object needs a name".into(),
-            )]);
+            )]));
         }
     }
-    let object = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => Object::Namespace(Box::new(typed(document, &error)?)),
-        ("v1", "Pod") => Object::Pod(Box::new(typed(document, &error)?)),
-        ("v1", "Service") => Object::Service(Box::new(typed(document, &error)?)),
-        (_, "AuthorizationPolicy") if api_version.starts_with("security.istio.io/") => {
+    let object = match read_kind {
+        Some(Kind::Namespace) => {
+            Object::Namespace(Box::new(typed(document, &error).map_err(failed)?))
+        }
+        Some(Kind::Pod) => Object::Pod(Box::new(typed(document, &error).map_err(failed)?)),
+        Some(Kind::Service) => Object::Service(Box::new(typed(document, &error).map_err(failed)?)),
+        Some(Kind::AuthorizationPolicy) => {
             let policy =
                 authz::policy_from_document(document, DEFAULT_NAMESPACE).map_err(|problems| {
-                    problems
-                        .into_iter()
-                        .map(|problem| error(problem.path, problem.message))
-                        .collect::<Vec<_>>()
+                    failed(
+                        problems
+                            .into_iter()
+                            .map(|problem| error(problem.path, problem.message))
+                            .collect(),
+                    )
                 })?;
             Object::AuthorizationPolicy(Box::new(policy))
         }
-        _ => return Ok(None),
+        None => return Ok(None),
     };
     Ok(Some(object))
 }
@@ -260,4 +426,35 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Vec<ObjectError>> {
     serde_path_to_error::deserialize(document)
         .map_err(|err| vec![error(err.path().to_string(), err.inner().to_string())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_numbered_as_a_reader_counts_them() {
+        let pod = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec: {{containers: 7}}\n"
+            )
+        };
+        // An implicit first document, an empty one, a comment-only one, one
+        // on its marker's line, and a directive before the first marker.
+        let text = format!(
+            "{}---\n---\n# only a comment\n---\n{}--- {{apiVersion: v1, kind: Pod, metadata: {{name: c}}, spec: {{containers: 7}}}}\n",
+            pod("a"),
+            pod("b")
+        );
+        let positions: Vec<usize> = read_documents(&text)
+            .expect("YAML")
+            .iter()
+            .map(|document| document.position)
+            .collect();
+        assert_eq!(positions, [1, 4, 5]);
+        let text = format!("%YAML 1.2\n---\n{}---\n\n---\n{}", pod("a"), pod("b"));
+        let errors = parse_manifest(&text).expect("YAML").errors;
+        let documents: Vec<Option<usize>> = errors.iter().map(|error| error.document).collect();
+        assert_eq!(documents, [Some(1), Some(3)]);
+    }
 }
