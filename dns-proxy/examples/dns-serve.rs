@@ -2,8 +2,12 @@
 //!
 //! ```sh
 //! cargo run -p dns-proxy --example dns-serve -- --listen 127.0.0.1:15053 \
-//!     --records records.yaml --upstream 127.0.0.1:53 [--domain cluster.local]
+//!     --records records.yaml --upstream 127.0.0.1:53 [--domain cluster.local] \
+//!     [--max-in-flight 256]
 //! ```
+//!
+//! `--max-in-flight` bounds the questions waiting for the upstream at once
+//! (see `UpstreamConfig::max_in_flight`); beyond it they get SERVFAIL.
 //!
 //! The records file lists services and which namespace each client IP is in:
 //!
@@ -65,15 +69,17 @@ struct Args {
     records: PathBuf,
     upstreams: Vec<SocketAddr>,
     domain: String,
+    max_in_flight: usize,
 }
 
-const USAGE: &str = "usage: dns-serve --listen <addr> --records <file.yaml> [--upstream <addr>] ... [--domain <domain>]";
+const USAGE: &str = "usage: dns-serve --listen <addr> --records <file.yaml> [--upstream <addr>] ... [--domain <domain>] [--max-in-flight <n>]";
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
     let mut records = None;
     let mut upstreams = Vec::new();
     let mut domain = "cluster.local".to_owned();
+    let mut max_in_flight = UpstreamConfig::default().max_in_flight;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
@@ -88,6 +94,11 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|err| format!("--upstream: {err}"))?,
             ),
             "--domain" => domain = value()?,
+            "--max-in-flight" => {
+                max_in_flight = value()?
+                    .parse()
+                    .map_err(|err| format!("--max-in-flight: {err}"))?;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -97,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
         records: records.ok_or(format!("--records is required\n{USAGE}"))?,
         upstreams,
         domain,
+        max_in_flight,
     })
 }
 
@@ -134,6 +146,7 @@ async fn run() -> Result<(), String> {
         .domain(&args.domain)
         .upstream(UpstreamConfig {
             servers: args.upstreams.clone(),
+            max_in_flight: args.max_in_flight,
             ..UpstreamConfig::default()
         })
         .build()

@@ -4,7 +4,7 @@
 //!
 //! - [`lookup`]: the mesh state the proxy answers from.
 //! - [`resolve`](mod@resolve): the decision for one question, free of I/O.
-//! - [`upstream`]: forwarding with a cache.
+//! - [`upstream`]: forwarding with a cache, bounded.
 //! - [`server`]: serving on caller-bound sockets.
 
 pub mod lookup;
@@ -13,6 +13,6 @@ pub mod server;
 pub mod upstream;
 
 pub use lookup::{InMemoryMeshDns, MeshDns, ServiceRecord};
-pub use resolve::{Resolution, resolve};
-pub use server::{DnsHandle, DnsProxy, DnsProxyBuilder};
-pub use upstream::{Upstream, UpstreamConfig};
+pub use resolve::{Resolution, in_domain, resolve};
+pub use server::{DnsHandle, DnsProxy, DnsProxyBuilder, DnsStats};
+pub use upstream::{DEFAULT_MAX_IN_FLIGHT, MAX_FORWARD_TIME, Upstream, UpstreamConfig};

@@ -11,7 +11,9 @@
 //! hostname, the client's namespace wins, then a canonical one.
 //!
 //! Only A and AAAA are answered from the mesh; other types, and names the mesh
-//! does not know, are forwarded.
+//! does not know, are [`Resolution::Forward`] here. The server then answers
+//! names in the cluster domain itself (see [`in_domain`] and
+//! [`server`](crate::server)) and forwards the rest.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -71,6 +73,12 @@ pub fn resolve(
         .iter()
         .find_map(|hostname| answer(hostname))
         .unwrap_or(Resolution::Forward)
+}
+
+/// Whether `name` (lowercase, no trailing dot) is `domain` or a name under it.
+pub fn in_domain(domain: &str, name: &str) -> bool {
+    name.strip_suffix(domain)
+        .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
 }
 
 /// The client's namespace first, then a canonical service, then any.
@@ -258,6 +266,15 @@ mod tests {
             answer("default", "shared.example.com", RecordType::A),
             a(None, &["240.0.0.3"])
         );
+    }
+
+    #[test]
+    fn names_in_the_domain() {
+        assert!(in_domain("cluster.local", "cluster.local"));
+        assert!(in_domain("cluster.local", "echo.default.svc.cluster.local"));
+        assert!(!in_domain("cluster.local", "mycluster.local"));
+        assert!(!in_domain("cluster.local", "cluster.local.example.com"));
+        assert!(!in_domain("cluster.local", "local"));
     }
 
     #[test]

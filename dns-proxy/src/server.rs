@@ -4,8 +4,15 @@
 //! that answers mesh questions inline, with hickory-proto for the wire format
 //! (profiling showed hickory's per-question task and channel dominating).
 //!
+//! The proxy is the authority for the cluster domain: a name in it that the
+//! mesh does not know gets NXDOMAIN (NODATA for the apex, `svc.<domain>` and
+//! `<namespace>.svc.<domain>`, which exist as parents of service names), with
+//! the domain's SOA, and is never forwarded.
+//!
 //! Malformed questions get FORMERR when their header can be read and are
 //! dropped otherwise; questions larger than [`MAX_QUERY_BYTES`] are refused.
+//! Any opcode but QUERY (UPDATE, NOTIFY, STATUS, ...) gets NOTIMP with the
+//! request's ID and opcode.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,7 +21,7 @@ use std::time::Duration;
 use hickory_proto::op::{
     Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
 };
-use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
@@ -28,14 +35,19 @@ use crate::lookup::MeshDns;
 use answers::AnswerCache;
 
 mod answers;
-use crate::resolve::{Resolution, resolve};
-use crate::upstream::{Relayed, Upstream, UpstreamConfig};
+use crate::resolve::{Resolution, in_domain, resolve};
+use crate::upstream::{Relayed, Start, Upstream, UpstreamConfig};
 
 /// The largest question accepted, in bytes.
 pub const MAX_QUERY_BYTES: usize = 4096;
 
 /// How long an idle TCP connection stays open.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// The longest a negative answer for the cluster domain may be cached (the
+/// SOA's TTL and minimum; the mesh TTL when that is shorter): a service
+/// created just after a miss is found soon.
+const NEGATIVE_TTL: u32 = 5;
 
 /// Why a proxy could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +59,14 @@ pub enum BuildError {
     /// The upstream configuration is unusable.
     #[error("upstream: {0}")]
     Upstream(String),
+    /// The cluster domain is not a valid DNS name.
+    #[error("cluster domain {domain:?}: {reason}")]
+    Domain {
+        /// The domain given.
+        domain: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Builds a [`DnsProxy`].
@@ -86,7 +106,9 @@ impl DnsProxyBuilder {
         self
     }
 
-    /// Upstream resolvers and their behaviour; with none, unknown names get SERVFAIL.
+    /// Upstream resolvers and their behaviour, including the bound on
+    /// questions waiting for them ([`UpstreamConfig::max_in_flight`]); with
+    /// none, unknown names outside the cluster domain get SERVFAIL.
     pub fn upstream(mut self, upstream: UpstreamConfig) -> Self {
         self.upstream = upstream;
         self
@@ -100,14 +122,82 @@ impl DnsProxyBuilder {
         } else {
             Some(Upstream::new(&self.upstream).map_err(BuildError::Upstream)?)
         };
-        let domain = self.domain.unwrap_or_else(|| "cluster.local".into());
+        let domain = self
+            .domain
+            .unwrap_or_else(|| "cluster.local".into())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let ttl = self.ttl.unwrap_or(30);
+        let soa = soa(&domain, ttl.min(NEGATIVE_TTL)).map_err(|reason| BuildError::Domain {
+            domain: domain.clone(),
+            reason,
+        })?;
         Ok(DnsProxy {
             handler: Handler {
                 mesh,
-                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
-                ttl: self.ttl.unwrap_or(30),
+                domain,
+                ttl,
                 upstream,
+                soa: Arc::new(soa),
             },
+        })
+    }
+}
+
+/// The SOA record of the cluster domain, sent with its negative answers.
+fn soa(domain: &str, negative_ttl: u32) -> Result<Record, String> {
+    let name = |prefix: &str| {
+        let text = match (prefix.is_empty(), domain.is_empty()) {
+            (_, true) => format!("{prefix}."),
+            (true, false) => format!("{domain}."),
+            (false, false) => format!("{prefix}.{domain}."),
+        };
+        Name::from_ascii(&text).map_err(|err| err.to_string())
+    };
+    if domain.is_empty() {
+        return Err("empty".into());
+    }
+    Ok(Record::from_rdata(
+        name("")?,
+        negative_ttl,
+        RData::SOA(SOA::new(
+            name("ns.dns")?,
+            name("hostmaster")?,
+            1,
+            7200,
+            1800,
+            86400,
+            negative_ttl,
+        )),
+    ))
+}
+
+/// Counters an embedder can read (and export as metrics), from
+/// [`DnsProxy::stats`] or [`DnsHandle::stats`]. All zero without an upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DnsStats {
+    /// Questions sent to the upstream (the cache could not answer them)
+    /// since the proxy was built.
+    pub forwarded: u64,
+    /// Forwarded questions waiting for the upstream now, at most
+    /// [`UpstreamConfig::max_in_flight`].
+    pub forwards_in_flight: usize,
+    /// Questions answered SERVFAIL at once, without asking the upstream,
+    /// because `max_in_flight` questions were already waiting.
+    pub forwards_refused: u64,
+    /// UDP sockets towards the upstream open now: one per waiting question
+    /// at most, plus a few idle ones kept for reuse.
+    pub upstream_sockets: usize,
+}
+
+impl DnsStats {
+    fn of(upstream: Option<&Upstream>) -> Self {
+        upstream.map_or_else(Self::default, |upstream| Self {
+            forwarded: upstream.forwarded(),
+            forwards_in_flight: upstream.in_flight(),
+            forwards_refused: upstream.refused(),
+            upstream_sockets: upstream.sockets(),
         })
     }
 }
@@ -132,6 +222,11 @@ impl DnsProxy {
         DnsProxyBuilder::default()
     }
 
+    /// The counters, shared by every clone and the running proxy.
+    pub fn stats(&self) -> DnsStats {
+        DnsStats::of(self.handler.upstream.as_ref())
+    }
+
     /// Serves on the caller's sockets until `shutdown` is cancelled.
     pub async fn serve(
         self,
@@ -141,9 +236,16 @@ impl DnsProxy {
     ) -> Result<(), std::io::Error> {
         let mut server = Server::new(self.handler.clone());
         server.register_listener(tcp, TCP_IDLE, 32);
+        let tidy = self.handler.upstream.clone().map(|upstream| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { upstream.close_idle_sockets(shutdown).await })
+        });
         let udp = tokio::spawn(serve_udp(self.handler, Arc::new(udp), shutdown.clone()));
         shutdown.cancelled().await;
         let _ = udp.await;
+        if let Some(tidy) = tidy {
+            let _ = tidy.await;
+        }
         server
             .shutdown_gracefully()
             .await
@@ -155,11 +257,13 @@ impl DnsProxy {
         let udp_addr = udp.local_addr()?;
         let tcp_addr = tcp.local_addr()?;
         let shutdown = CancellationToken::new();
+        let upstream = self.handler.upstream.clone();
         let task = tokio::spawn(self.serve(udp, tcp, shutdown.clone()));
         Ok(DnsHandle {
             udp_addr,
             tcp_addr,
             shutdown,
+            upstream,
             task,
         })
     }
@@ -171,6 +275,7 @@ pub struct DnsHandle {
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
     shutdown: CancellationToken,
+    upstream: Option<Upstream>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -183,6 +288,11 @@ impl DnsHandle {
     /// The TCP address served.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// The counters (see [`DnsStats`]).
+    pub fn stats(&self) -> DnsStats {
+        DnsStats::of(self.upstream.as_ref())
     }
 
     /// Stops serving.
@@ -205,6 +315,8 @@ struct Handler {
     domain: String,
     ttl: u32,
     upstream: Option<Upstream>,
+    /// The cluster domain's SOA, for negative answers.
+    soa: Arc<Record>,
 }
 
 /// What the handler sends back.
@@ -224,6 +336,20 @@ impl Reply {
             authorities: Vec::new(),
         }
     }
+
+    fn relayed(relayed: Relayed) -> Self {
+        let Relayed {
+            code,
+            answers,
+            authorities,
+        } = relayed;
+        Self {
+            code,
+            authoritative: false,
+            answers,
+            authorities,
+        }
+    }
 }
 
 /// What the mesh says about one question.
@@ -236,6 +362,9 @@ impl Handler {
     async fn reply(&self, request: &Request) -> Reply {
         if request.as_slice().len() > MAX_QUERY_BYTES {
             return Reply::code(ResponseCode::FormErr);
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return Reply::code(ResponseCode::NotImp);
         }
         let Ok(info) = request.request_info() else {
             return Reply::code(ResponseCode::FormErr);
@@ -270,53 +399,124 @@ impl Handler {
             Resolution::Answer {
                 alias_of,
                 addresses,
-            } => {
-                let mut answers = Vec::with_capacity(addresses.len() + 1);
-                let mut owner = question.clone();
-                if let Some(target) = alias_of {
-                    let Ok(target) = Name::from_ascii(format!("{target}.")) else {
-                        return Decision::Reply(Reply::code(ResponseCode::ServFail));
-                    };
-                    answers.push(Record::from_rdata(
-                        question.clone(),
-                        self.ttl,
-                        RData::CNAME(CNAME(target.clone())),
-                    ));
-                    owner = target;
-                }
-                answers.extend(addresses.into_iter().map(|ip| {
-                    let rdata = match ip {
-                        IpAddr::V4(v4) => RData::A(A(v4)),
-                        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
-                    };
-                    Record::from_rdata(owner.clone(), self.ttl, rdata)
-                }));
-                Decision::Reply(Reply {
-                    code: ResponseCode::NoError,
-                    authoritative: true,
-                    answers,
-                    authorities: Vec::new(),
-                })
+            } => self.mesh_answer(question, &name, alias_of, addresses),
+            Resolution::Forward if in_domain(&self.domain, &name) => {
+                self.authority(question, &name, record_type, namespace)
             }
             Resolution::Forward => Decision::Forward(question.clone(), record_type),
         }
     }
 
-    async fn forward(&self, name: &Name, record_type: RecordType) -> Reply {
-        let Some(upstream) = &self.upstream else {
-            return Reply::code(ResponseCode::ServFail);
-        };
-        let Relayed {
-            code,
-            answers,
-            authorities,
-        } = upstream.query(name, record_type).await;
-        Reply {
-            code,
-            authoritative: false,
-            answers,
-            authorities,
+    /// The answer to a name in the cluster domain that the mesh has no
+    /// records of the asked type for: NODATA for a name that exists (a
+    /// service asked for another type, or a parent of service names), the SOA
+    /// for the apex, NXDOMAIN for the rest. With the SOA, so resolvers cache
+    /// the miss briefly.
+    fn authority(
+        &self,
+        question: &Name,
+        name: &str,
+        record_type: RecordType,
+        namespace: Option<&str>,
+    ) -> Decision {
+        let apex = name == self.domain;
+        if apex && record_type == RecordType::SOA {
+            let mut soa = (*self.soa).clone();
+            soa.name = question.clone();
+            return Decision::Reply(Reply {
+                code: ResponseCode::NoError,
+                authoritative: true,
+                answers: vec![soa],
+                authorities: Vec::new(),
+            });
         }
+        if !matches!(record_type, RecordType::A | RecordType::AAAA)
+            && let Resolution::Answer { alias_of, .. } = resolve(
+                self.mesh.as_ref(),
+                &self.domain,
+                namespace,
+                name,
+                RecordType::A,
+            )
+        {
+            return self.mesh_answer(question, name, alias_of, Vec::new());
+        }
+        let parent = name
+            .strip_suffix(self.domain.as_str())
+            .and_then(|rest| rest.strip_suffix(".svc."))
+            .is_some_and(|namespace| !namespace.contains('.'));
+        let exists = apex || parent || name == format!("svc.{}", self.domain);
+        Decision::Reply(Reply {
+            code: if exists {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::NXDomain
+            },
+            authoritative: true,
+            answers: Vec::new(),
+            authorities: vec![(*self.soa).clone()],
+        })
+    }
+
+    /// An authoritative answer from the mesh to `question` (`name` in
+    /// lowercase, without the final dot): a CNAME to `alias_of` if given, then
+    /// the addresses; with the SOA when there are none and the name answered
+    /// is in the cluster domain.
+    fn mesh_answer(
+        &self,
+        question: &Name,
+        name: &str,
+        alias_of: Option<String>,
+        addresses: Vec<IpAddr>,
+    ) -> Decision {
+        let mut answers = Vec::with_capacity(addresses.len() + 1);
+        let mut owner = question.clone();
+        let soa =
+            addresses.is_empty() && in_domain(&self.domain, alias_of.as_deref().unwrap_or(name));
+        if let Some(target) = alias_of {
+            let Ok(target) = Name::from_ascii(format!("{target}.")) else {
+                return Decision::Reply(Reply::code(ResponseCode::ServFail));
+            };
+            answers.push(Record::from_rdata(
+                question.clone(),
+                self.ttl,
+                RData::CNAME(CNAME(target.clone())),
+            ));
+            owner = target;
+        }
+        answers.extend(addresses.into_iter().map(|ip| {
+            let rdata = match ip {
+                IpAddr::V4(v4) => RData::A(A(v4)),
+                IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+            };
+            Record::from_rdata(owner.clone(), self.ttl, rdata)
+        }));
+        Decision::Reply(Reply {
+            code: ResponseCode::NoError,
+            authoritative: true,
+            answers,
+            authorities: if soa {
+                vec![(*self.soa).clone()]
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Starts forwarding: answered at once (from the cache, SERVFAIL with no
+    /// upstream or no free place), or a question to ask the upstream.
+    fn start_forward(&self, name: &Name, record_type: RecordType) -> Start {
+        match &self.upstream {
+            Some(upstream) => upstream.start(name, record_type),
+            None => Start::Answered(Relayed::servfail()),
+        }
+    }
+
+    async fn forward(&self, name: &Name, record_type: RecordType) -> Reply {
+        Reply::relayed(match self.start_forward(name, record_type) {
+            Start::Answered(relayed) => relayed,
+            Start::Forward(forward) => forward.answer().await,
+        })
     }
 }
 
@@ -361,11 +561,13 @@ impl RequestHandler for Handler {
 }
 
 /// The UDP side: one receive loop that answers mesh questions inline (no task
-/// or channel per question) and hands only forwarded ones to tasks. hickory-proto
-/// reads and writes the messages; a mesh answer is kept encoded and reused
-/// for the same question while the mesh state is unchanged. Unreadable
-/// datagrams with a query header get FORMERR; shorter ones, and responses, are
-/// dropped.
+/// or channel per question), and cached or refused forwards too; only a
+/// question that waits for the upstream gets a task (at most
+/// `max_in_flight` at a time). hickory-proto reads and writes the messages;
+/// a mesh answer is kept encoded and reused for the same question while the
+/// mesh state is unchanged. Other opcodes than QUERY get NOTIMP; unreadable
+/// datagrams with a query header get FORMERR; shorter ones, and responses,
+/// are dropped.
 async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
     let forwards = TaskTracker::new();
     let mut buffer = vec![0u8; MAX_QUERY_BYTES];
@@ -385,6 +587,17 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
             continue;
         }
         let packet = &buffer[..len];
+        if let Some(reply) = not_implemented(packet) {
+            // With the question (or zone) section and EDNS when readable.
+            match Message::from_vec(packet)
+                .ok()
+                .and_then(|request| encode_udp(request, Reply::code(ResponseCode::NotImp)))
+            {
+                Some(bytes) => send(&socket, &bytes, client).await,
+                None => send(&socket, &reply, client).await,
+            }
+            continue;
+        }
         let namespace = handler.mesh.client_namespace(client.ip());
         let generation = handler.mesh.generation();
         if let Some(generation) = generation
@@ -422,19 +635,48 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
                 }
             }
             Decision::Forward(name, record_type) => {
-                let handler = handler.clone();
-                let socket = socket.clone();
-                forwards.spawn(async move {
-                    let reply = handler.forward(&name, record_type).await;
-                    if let Some(bytes) = encode_udp(request, reply) {
-                        send(&socket, &bytes, client).await;
+                match handler.start_forward(&name, record_type) {
+                    // From the cache, or SERVFAIL: no task needed.
+                    Start::Answered(relayed) => {
+                        if let Some(bytes) = encode_udp(request, Reply::relayed(relayed)) {
+                            send(&socket, &bytes, client).await;
+                        }
                     }
-                });
+                    // At most `max_in_flight` of these at a time.
+                    Start::Forward(forward) => {
+                        let socket = socket.clone();
+                        forwards.spawn(async move {
+                            let reply = Reply::relayed(forward.answer().await);
+                            if let Some(bytes) = encode_udp(request, reply) {
+                                send(&socket, &bytes, client).await;
+                            }
+                        });
+                    }
+                }
             }
         }
     }
     forwards.close();
     forwards.wait().await;
+}
+
+/// The response to a request with an opcode other than QUERY (UPDATE, NOTIFY,
+/// STATUS, unassigned ones), as a bare header: the same ID, opcode and RD
+/// flag, QR set and NOTIMP. `None` for a QUERY, a response, or less than a
+/// header.
+fn not_implemented(packet: &[u8]) -> Option<[u8; 12]> {
+    let flags = *packet.get(2)?;
+    let is_query = flags & 0x80 == 0;
+    let op_code = (flags >> 3) & 0x0f;
+    if packet.len() < 12 || !is_query || op_code == 0 {
+        return None;
+    }
+    let mut reply = [0u8; 12];
+    reply[..2].copy_from_slice(&packet[..2]);
+    // QR, the opcode and RD as asked; RA and NOTIMP (4).
+    reply[2] = 0x80 | (flags & 0x79);
+    reply[3] = 0x80 | ResponseCode::NotImp.low();
+    Some(reply)
 }
 
 /// A UDP response to `request`, cut to an empty truncated answer (the client

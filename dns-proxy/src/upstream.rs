@@ -1,25 +1,57 @@
 //! Forwarding what the mesh does not answer to the node's resolvers, through
 //! hickory's resolver: UDP with TCP on truncation, timeouts and attempts, and a
-//! cache that honours record TTLs and negative TTLs (from the SOA).
+//! cache (hickory's) that honours record TTLs and negative TTLs (from the SOA).
+//!
+//! Forwarding is bounded, so a flood of names the upstream does not answer
+//! cannot take the process's memory or file descriptors:
+//!
+//! - The cache is asked first, and answers without limit.
+//! - At most [`UpstreamConfig::max_in_flight`] questions wait for the
+//!   upstream at a time. Beyond that a question gets SERVFAIL at once (counted
+//!   in [`DnsStats::forwards_refused`](crate::DnsStats::forwards_refused)).
+//! - A forwarded question gets its answer or SERVFAIL within
+//!   `timeout × attempts` (at most [`MAX_FORWARD_TIME`]).
+//! - Each waiting question holds at most one UDP socket; sockets are reused by
+//!   later questions and the idle ones closed after a while (see `sockets`).
+//!   A socket is only opened when none is idle, so the sockets open (in use
+//!   or idle) never outnumber `max_in_flight` (with upstreams of one address
+//!   family).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_resolver::Resolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::{ResponseCache, TtlConfig};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use sockets::{SocketPool, UpstreamConnections, UpstreamRuntime};
+
+mod sockets;
+
+/// The default of [`UpstreamConfig::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
+/// The longest a forwarded question may wait for the upstream
+/// (`timeout × attempts`); longer configurations are refused.
+pub const MAX_FORWARD_TIME: Duration = Duration::from_secs(30);
 
 /// How upstream queries behave.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// The resolvers, tried in order.
     pub servers: Vec<SocketAddr>,
-    /// Per-attempt timeout.
+    /// Per-attempt timeout (not zero).
     pub timeout: Duration,
-    /// Attempts per server.
+    /// Tries of each question (at least one), one upstream at a time, each
+    /// one datagram. A question is answered, or gets SERVFAIL,
+    /// within `timeout × attempts`, which may not exceed [`MAX_FORWARD_TIME`].
     pub attempts: usize,
     /// Cached responses at most.
     pub cache_size: u64,
@@ -27,6 +59,11 @@ pub struct UpstreamConfig {
     pub negative_min_ttl: Duration,
     /// Longest time a negative answer is cached.
     pub negative_max_ttl: Duration,
+    /// Questions waiting for the upstream at most (at least one); the cache
+    /// answers beyond it, and questions it cannot answer get SERVFAIL at once.
+    /// Each waiting question holds one UDP socket, so keep this well under the
+    /// process's file descriptor limit. Default [`DEFAULT_MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -38,7 +75,37 @@ impl Default for UpstreamConfig {
             cache_size: 4096,
             negative_min_ttl: Duration::from_secs(1),
             negative_max_ttl: Duration::from_secs(300),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
+    }
+}
+
+impl UpstreamConfig {
+    /// Why this configuration cannot be used, if it cannot.
+    fn check(&self) -> Result<(), String> {
+        if self.servers.is_empty() {
+            return Err("no upstream resolvers".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("the upstream timeout is zero".into());
+        }
+        if self.attempts == 0 {
+            return Err("upstream attempts must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight must be at least 1".into());
+        }
+        let total = u32::try_from(self.attempts)
+            .ok()
+            .and_then(|attempts| self.timeout.checked_mul(attempts))
+            .filter(|total| *total <= MAX_FORWARD_TIME);
+        if total.is_none() {
+            return Err(format!(
+                "timeout {:?} × {} attempts exceeds {MAX_FORWARD_TIME:?}",
+                self.timeout, self.attempts
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -54,24 +121,97 @@ pub struct Relayed {
     pub authorities: Vec<Record>,
 }
 
-/// The upstream resolvers with a shared cache.
+impl Relayed {
+    pub(crate) fn servfail() -> Self {
+        Self {
+            code: ResponseCode::ServFail,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+        }
+    }
+
+    /// From an upstream response, or its failure (as the cache keeps them).
+    fn from_result(
+        name: &Name,
+        record_type: RecordType,
+        result: Result<Message, NetError>,
+    ) -> Self {
+        match result {
+            Ok(message) => Self {
+                code: message.metadata.response_code,
+                answers: message.answers,
+                authorities: message.authorities,
+            },
+            Err(NetError::Dns(DnsError::NoRecordsFound(no_records))) => Self {
+                code: no_records.response_code,
+                answers: Vec::new(),
+                authorities: no_records
+                    .soa
+                    .map(|soa| vec![soa.into_record_of_rdata()])
+                    .unwrap_or_default(),
+            },
+            Err(NetError::Dns(DnsError::ResponseCode(code))) => Self {
+                code,
+                answers: Vec::new(),
+                authorities: Vec::new(),
+            },
+            Err(err) => {
+                tracing::debug!(%name, ?record_type, error = %err, "upstream failed");
+                Self::servfail()
+            }
+        }
+    }
+}
+
+/// The upstream resolvers with a shared cache and a bound on the questions
+/// waiting for them. Clones share all of it.
 #[derive(Clone)]
 pub struct Upstream {
-    resolver: Resolver<TokioRuntimeProvider>,
+    shared: Arc<Shared>,
+}
+
+/// What clones of one [`Upstream`] share.
+struct Shared {
+    resolver: Resolver<UpstreamConnections>,
+    cache: ResponseCache,
+    places: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// `timeout × attempts`.
+    deadline: Duration,
+    sockets: Arc<SocketPool>,
+    forwarded: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").finish_non_exhaustive()
+        f.debug_struct("Upstream")
+            .field("max_in_flight", &self.shared.max_in_flight)
+            .finish_non_exhaustive()
     }
+}
+
+/// The first step of forwarding a question: answered already (from the cache,
+/// or SERVFAIL when too many questions wait), or holding a place to ask.
+pub(crate) enum Start {
+    /// Nothing to wait for.
+    Answered(Relayed),
+    /// Ask the upstream with [`Forward::answer`].
+    Forward(Forward),
+}
+
+/// A question holding one of the [`UpstreamConfig::max_in_flight`] places,
+/// released when it is answered or dropped.
+pub(crate) struct Forward {
+    upstream: Upstream,
+    query: Query,
+    _place: OwnedSemaphorePermit,
 }
 
 impl Upstream {
     /// A forwarder to `config.servers` (no system configuration is read).
     pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
-        if config.servers.is_empty() {
-            return Err("no upstream resolvers".into());
-        }
+        config.check()?;
         let servers = config
             .servers
             .iter()
@@ -85,57 +225,182 @@ impl Upstream {
             .collect();
         let mut options = ResolverOpts::default();
         options.timeout = config.timeout;
-        options.attempts = config.attempts;
-        options.cache_size = config.cache_size;
+        // hickory's `attempts` counts the retries after the first try.
+        options.attempts = config.attempts - 1;
         options.negative_min_ttl = Some(config.negative_min_ttl);
         options.negative_max_ttl = Some(config.negative_max_ttl);
         options.use_hosts_file = ResolveHosts::Never;
         options.ndots = 0;
+        // One server at a time, so a question holds one socket at most.
+        options.num_concurrent_reqs = 1;
+        // The cache in front of the resolver is ours (asked before taking a
+        // place); the resolver's own would only hold copies.
+        let cache = ResponseCache::new(config.cache_size, TtlConfig::from_opts(&options));
+        options.cache_size = 0;
+        let sockets = Arc::new(SocketPool::default());
         let resolver = Resolver::builder_with_config(
             ResolverConfig::from_name_servers(servers),
-            TokioRuntimeProvider::default(),
+            UpstreamConnections::new(UpstreamRuntime::new(sockets.clone())),
         )
         .with_options(options)
         .build()
         .map_err(|err| err.to_string())?;
-        Ok(Self { resolver })
+        let attempts = u32::try_from(config.attempts).unwrap_or(u32::MAX);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                resolver,
+                cache,
+                places: Arc::new(Semaphore::new(config.max_in_flight)),
+                max_in_flight: config.max_in_flight,
+                deadline: config.timeout.saturating_mul(attempts),
+                sockets,
+                forwarded: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            }),
+        })
     }
 
     /// Asks the upstream (or the cache). NXDOMAIN and NODATA come back as
-    /// answers with their SOA; failures to get any answer are SERVFAIL.
+    /// answers with their SOA; failures to get any answer are SERVFAIL, and so
+    /// is a question the cache cannot answer while
+    /// [`UpstreamConfig::max_in_flight`] questions already wait.
     pub async fn query(&self, name: &Name, record_type: RecordType) -> Relayed {
+        match self.start(name, record_type) {
+            Start::Answered(relayed) => relayed,
+            Start::Forward(forward) => forward.answer().await,
+        }
+    }
+
+    /// Answers from the cache, or takes a place to ask the upstream, or
+    /// answers SERVFAIL when there is none; never waits.
+    pub(crate) fn start(&self, name: &Name, record_type: RecordType) -> Start {
         let mut fqdn = name.clone();
         fqdn.set_fqdn(true);
-        match self.resolver.lookup(fqdn, record_type).await {
-            Ok(lookup) => {
-                let message = lookup.message();
-                Relayed {
-                    code: message.metadata.response_code,
-                    answers: lookup.answers().to_vec(),
-                    authorities: message.authorities.clone(),
-                }
+        let query = Query::query(fqdn, record_type);
+        if let Some(cached) = self.shared.cache.get(&query, now()) {
+            return Start::Answered(Relayed::from_result(name, record_type, cached));
+        }
+        match self.shared.places.clone().try_acquire_owned() {
+            Ok(place) => {
+                self.shared.forwarded.fetch_add(1, Ordering::Relaxed);
+                Start::Forward(Forward {
+                    upstream: self.clone(),
+                    query,
+                    _place: place,
+                })
             }
-            Err(NetError::Dns(DnsError::NoRecordsFound(no_records))) => Relayed {
-                code: no_records.response_code,
-                answers: Vec::new(),
-                authorities: no_records
-                    .soa
-                    .map(|soa| vec![soa.into_record_of_rdata()])
-                    .unwrap_or_default(),
-            },
-            Err(NetError::Dns(DnsError::ResponseCode(code))) => Relayed {
-                code,
-                answers: Vec::new(),
-                authorities: Vec::new(),
-            },
-            Err(err) => {
-                tracing::debug!(%name, ?record_type, error = %err, "upstream failed");
-                Relayed {
-                    code: ResponseCode::ServFail,
-                    answers: Vec::new(),
-                    authorities: Vec::new(),
-                }
+            Err(_) => {
+                self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%name, ?record_type, "too many questions upstream: SERVFAIL");
+                Start::Answered(Relayed::servfail())
             }
         }
+    }
+
+    /// Questions forwarded (cache misses given a place) since this was built.
+    pub(crate) fn forwarded(&self) -> u64 {
+        self.shared.forwarded.load(Ordering::Relaxed)
+    }
+
+    /// Questions waiting for the upstream now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shared
+            .max_in_flight
+            .saturating_sub(self.shared.places.available_permits())
+    }
+
+    /// Questions answered SERVFAIL because the places were all taken.
+    pub(crate) fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// UDP sockets towards the upstream open now (in use or kept for reuse).
+    pub(crate) fn sockets(&self) -> usize {
+        self.shared.sockets.open()
+    }
+
+    /// Closes the sockets kept for reuse once they have been idle for a
+    /// while, checking regularly until `shutdown`: after a burst they go even
+    /// when no more questions come.
+    pub(crate) async fn close_idle_sockets(&self, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(sockets::IDLE_FOR);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticks.tick() => self.shared.sockets.close_idle(),
+            }
+        }
+    }
+}
+
+impl Forward {
+    /// Asks the upstream, within `timeout × attempts`, and caches what is
+    /// cacheable (answers and negative answers).
+    pub(crate) async fn answer(self) -> Relayed {
+        let upstream = &self.upstream.shared;
+        let name = self.query.name().clone();
+        let record_type = self.query.query_type();
+        let result = match tokio::time::timeout(
+            upstream.deadline,
+            upstream.resolver.lookup(name.clone(), record_type),
+        )
+        .await
+        {
+            Ok(Ok(lookup)) => Ok(lookup.message().clone()),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(NetError::Timeout),
+        };
+        match &result {
+            Ok(_) | Err(NetError::Dns(DnsError::NoRecordsFound(_))) => {
+                upstream.cache.insert(self.query, result.clone(), now());
+            }
+            Err(_) => {}
+        }
+        Relayed::from_result(&name, record_type, result)
+    }
+}
+
+/// The cache's clock, from Tokio's.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> UpstreamConfig {
+        UpstreamConfig {
+            servers: vec!["127.0.0.1:53".parse().unwrap()],
+            ..UpstreamConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_default_configuration_is_bounded() {
+        let config = config();
+        assert_eq!(config.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(config.check(), Ok(()));
+        assert!(config.timeout * u32::try_from(config.attempts).unwrap() <= MAX_FORWARD_TIME);
+    }
+
+    #[test]
+    fn unbounded_or_empty_configurations_are_refused() {
+        let refused = |change: fn(&mut UpstreamConfig)| {
+            let mut config = config();
+            change(&mut config);
+            config.check().unwrap_err()
+        };
+        assert!(refused(|c| c.servers.clear()).contains("no upstream"));
+        assert!(refused(|c| c.timeout = Duration::ZERO).contains("timeout"));
+        assert!(refused(|c| c.attempts = 0).contains("attempts"));
+        assert!(refused(|c| c.max_in_flight = 0).contains("max_in_flight"));
+        assert!(refused(|c| c.timeout = Duration::from_secs(16)).contains("exceeds"));
+        assert!(refused(|c| c.attempts = usize::MAX).contains("exceeds"));
+        let mut longest = config();
+        longest.timeout = Duration::from_secs(10);
+        longest.attempts = 3;
+        assert_eq!(longest.check(), Ok(()));
     }
 }

@@ -1,5 +1,6 @@
 //! The `dns-serve` example queried with `dig` (Debian's bind9-dnsutils), as a
-//! person would: from clients in two namespaces, over UDP and TCP.
+//! person would: from clients in two namespaces, over UDP and TCP; unknown
+//! names of the cluster domain, with and without an upstream; other opcodes.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -80,8 +81,8 @@ fn dig(port: u16, from: &str, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn dig_gets_mesh_answers_by_namespace() {
+/// `dns-serve` on 127.0.0.1 with `RECORDS` and `args`, and its port.
+fn serve(args: &[&str]) -> (Running, u16) {
     let dir = tempfile::tempdir().unwrap();
     let records = dir.path().join("records.yaml");
     std::fs::write(&records, RECORDS).unwrap();
@@ -89,6 +90,7 @@ fn dig_gets_mesh_answers_by_namespace() {
         Command::new(dns_serve())
             .args(["--listen", "127.0.0.1:0", "--records"])
             .arg(&records)
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -99,6 +101,22 @@ fn dig_gets_mesh_answers_by_namespace() {
         .unwrap()
         .unwrap();
     let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    (child, port)
+}
+
+/// dig's whole output (header, flags, sections).
+fn dig_full(port: u16, args: &[&str]) -> String {
+    let output = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=5", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig is installed (Debian bind9-dnsutils)");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn dig_gets_mesh_answers_by_namespace() {
+    let (_child, port) = serve(&[]);
 
     assert_eq!(
         dig(port, "127.0.0.1", &["echo.default.svc.cluster.local", "A"]),
@@ -164,4 +182,59 @@ fn dig_gets_mesh_answers_by_namespace() {
     assert!(text.contains("status: NOERROR"), "{text}");
     assert!(text.contains("flags: qr aa rd ra"), "{text}");
     assert!(text.contains("OPT PSEUDOSECTION"), "EDNS answered: {text}");
+}
+
+#[test]
+fn dig_gets_nxdomain_for_unknown_cluster_names_with_or_without_an_upstream() {
+    // An upstream that is sent questions and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let upstream = silent.local_addr().unwrap().to_string();
+    for args in [vec![], vec!["--upstream", upstream.as_str()]] {
+        let (_child, port) = serve(&args);
+        for transport in ["+notcp", "+tcp"] {
+            let text = dig_full(port, &[transport, "nope.default.svc.cluster.local", "A"]);
+            assert!(text.contains("status: NXDOMAIN"), "{args:?} {text}");
+            assert!(text.contains("flags: qr aa rd ra"), "{args:?} {text}");
+            assert!(
+                text.contains(
+                    "cluster.local.\t\t5\tIN\tSOA\tns.dns.cluster.local. hostmaster.cluster.local."
+                ),
+                "{args:?} {text}"
+            );
+            // A search suffix after an external name: NXDOMAIN, the resolver
+            // then tries the name as given.
+            let text = dig_full(
+                port,
+                &[transport, "www.example.org.default.svc.cluster.local"],
+            );
+            assert!(text.contains("status: NXDOMAIN"), "{args:?} {text}");
+        }
+        // A service asked for another type: no data, authoritatively.
+        let text = dig_full(port, &["echo.default.svc.cluster.local", "TXT"]);
+        assert!(text.contains("status: NOERROR"), "{text}");
+        assert!(text.contains("ANSWER: 0, AUTHORITY: 1"), "{text}");
+    }
+}
+
+#[test]
+fn dig_update_and_notify_get_notimp() {
+    let (_child, port) = serve(&[]);
+    for args in [
+        ["+notcp", "+opcode=update"],
+        ["+tcp", "+opcode=update"],
+        ["+notcp", "+opcode=notify"],
+        ["+tcp", "+opcode=status"],
+    ] {
+        let text = dig_full(port, &[args[0], args[1], "cluster.local", "SOA"]);
+        let opcode = args[1].trim_start_matches("+opcode=").to_ascii_uppercase();
+        assert!(
+            text.contains(&format!("opcode: {opcode}, status: NOTIMP")),
+            "{args:?} {text}"
+        );
+    }
+    // And the proxy still answers questions.
+    assert_eq!(
+        dig(port, "127.0.0.1", &["echo.default.svc.cluster.local", "A"]),
+        ["10.96.0.10"]
+    );
 }

@@ -1,18 +1,22 @@
 //! The proxy over real UDP and TCP on loopback, with an upstream started by the
 //! test: the search-expansion table for clients in `default` (127.0.0.1) and
 //! `other` (127.0.0.2), headless and single-family services, forwarding, cache
-//! hits, NXDOMAIN only from upstream, timeouts, truncation with TCP fallback,
-//! and malformed packets.
+//! hits, NXDOMAIN from upstream for external names and from the proxy for the
+//! cluster domain, timeouts, truncation with TCP fallback, malformed packets,
+//! NOTIMP for opcodes other than QUERY, and quiet TCP disconnects.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dns_proxy::{DnsHandle, DnsProxy, InMemoryMeshDns, ServiceRecord, UpstreamConfig};
-use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, Query, ResponseCode};
+use hickory_proto::op::{
+    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
+    update_message,
+};
 use hickory_proto::rr::rdata::{A, SOA};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -189,13 +193,17 @@ async fn ask_udp(from: &str, to: SocketAddr, name: &str, record_type: RecordType
 }
 
 async fn ask_tcp(to: SocketAddr, name: &str, record_type: RecordType) -> Message {
+    tcp_exchange(to, &question(name, record_type, false)).await
+}
+
+/// One message over a TCP connection of its own, and the reply.
+async fn tcp_exchange(to: SocketAddr, packet: &[u8]) -> Message {
     let mut stream = TcpStream::connect(to).await.unwrap();
-    let packet = question(name, record_type, false);
     stream
         .write_all(&u16::try_from(packet.len()).unwrap().to_be_bytes())
         .await
         .unwrap();
-    stream.write_all(&packet).await.unwrap();
+    stream.write_all(packet).await.unwrap();
     let mut len = [0u8; 2];
     stream.read_exact(&mut len).await.unwrap();
     let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
@@ -420,7 +428,8 @@ async fn repeated_questions_get_their_own_id_and_follow_mesh_changes() {
             format!("A {other} 10.96.0.20")
         ]
     );
-    // And a removed service is no longer the mesh's to answer.
+    // And a removed service is gone: NXDOMAIN from the proxy, the authority
+    // for the cluster domain.
     assert!(
         setup
             .mesh
@@ -428,7 +437,8 @@ async fn repeated_questions_get_their_own_id_and_follow_mesh_changes() {
     );
     let response = ask(6, other).await;
     assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
-    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), 1);
+    assert!(response.metadata.authoritative);
+    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
@@ -467,15 +477,11 @@ async fn unknown_names_and_other_types_are_forwarded_and_cached() {
         "a negative cache hit"
     );
 
-    // A mesh name asked for another type goes upstream too.
-    let response = ask_udp(
-        "127.0.0.1",
-        to,
-        "echo.default.svc.cluster.local.",
-        RecordType::TXT,
-    )
-    .await;
+    // An external name asked for another type goes upstream too.
+    let before = setup.upstream_questions.load(Ordering::SeqCst);
+    let response = ask_udp("127.0.0.1", to, "mail.example.org.", RecordType::MX).await;
     assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), before + 1);
 }
 
 #[tokio::test]
@@ -642,4 +648,271 @@ async fn oversized_tcp_questions_are_refused() {
     let response = Message::from_vec(&body).unwrap();
     assert_eq!(response.metadata.response_code, ResponseCode::FormErr);
     assert!(response.answers.is_empty());
+}
+
+/// The SOA records in the authority section, as text.
+fn soa_authority(message: &Message) -> Vec<String> {
+    message
+        .authorities
+        .iter()
+        .filter(|record| matches!(record.data, RData::SOA(_)))
+        .map(|record| record.name.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_proxy_is_the_authority_for_the_cluster_domain() {
+    let setup = start().await;
+    let udp = setup.proxy.udp_addr();
+    let tcp = setup.proxy.tcp_addr();
+    // Unknown names in the domain: NXDOMAIN with the domain's SOA, over UDP
+    // and TCP, also when a resolver appended a search suffix to an external name.
+    for name in [
+        "nope.default.svc.cluster.local.",
+        "www.example.org.default.svc.cluster.local.",
+        "www.example.org.svc.cluster.local.",
+        "nope.cluster.local.",
+    ] {
+        for response in [
+            ask_udp("127.0.0.1", udp, name, RecordType::A).await,
+            ask_tcp(tcp, name, RecordType::AAAA).await,
+        ] {
+            assert_eq!(
+                response.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{name}"
+            );
+            assert!(response.metadata.authoritative, "{name}");
+            assert!(response.answers.is_empty(), "{name}");
+            assert_eq!(soa_authority(&response), ["cluster.local."], "{name}");
+        }
+    }
+    // Names that exist without records of the type: NODATA with the SOA.
+    for (name, record_type) in [
+        ("echo.default.svc.cluster.local.", RecordType::TXT),
+        ("echo.default.svc.cluster.local.", RecordType::MX),
+        ("default.svc.cluster.local.", RecordType::A),
+        ("svc.cluster.local.", RecordType::A),
+        ("cluster.local.", RecordType::NS),
+    ] {
+        let response = ask_udp("127.0.0.1", udp, name, record_type).await;
+        assert_eq!(
+            response.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
+        assert!(response.metadata.authoritative, "{name}");
+        assert!(response.answers.is_empty(), "{name} {record_type}");
+        assert_eq!(soa_authority(&response), ["cluster.local."], "{name}");
+    }
+    // A short name in the domain's search form asked for another type: the
+    // CNAME to the service, and no data.
+    let response = ask_udp(
+        "127.0.0.1",
+        udp,
+        "echo.default.default.svc.cluster.local.",
+        RecordType::TXT,
+    )
+    .await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        answers(&response),
+        ["CNAME echo.default.default.svc.cluster.local. echo.default.svc.cluster.local."]
+    );
+    // Outside the domain, a mesh host without records of the family: no SOA
+    // of ours.
+    let response = ask_udp("127.0.0.1", udp, "api.example.com.", RecordType::AAAA).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+    assert!(response.answers.is_empty());
+    assert!(soa_authority(&response).is_empty());
+    // The apex's SOA.
+    let response = ask_udp("127.0.0.1", udp, "cluster.local.", RecordType::SOA).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+    assert!(matches!(
+        response.answers.first().map(|r| &r.data),
+        Some(RData::SOA(_))
+    ));
+    // None of it went upstream; names outside the domain still do.
+    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), 0);
+    let response = ask_udp("127.0.0.1", udp, "nope.example.org.", RecordType::A).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    assert!(!response.metadata.authoritative);
+    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn without_an_upstream_unknown_cluster_names_are_nxdomain() {
+    let mesh = InMemoryMeshDns::new();
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tcp = TcpListener::bind(udp.local_addr().unwrap()).await.unwrap();
+    let proxy = DnsProxy::builder()
+        .mesh(Arc::new(mesh))
+        .build()
+        .unwrap()
+        .spawn(udp, tcp)
+        .unwrap();
+    let name = "nope.default.svc.cluster.local.";
+    let response = ask_udp("127.0.0.1", proxy.udp_addr(), name, RecordType::A).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    let response = ask_tcp(proxy.tcp_addr(), name, RecordType::A).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    // Outside the domain there is nobody to ask.
+    let response = ask_udp("127.0.0.1", proxy.udp_addr(), "example.org.", RecordType::A).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+    proxy.join().await.unwrap();
+}
+
+/// A DNS UPDATE (RFC 2136) adding a record to the cluster domain.
+fn update(id: u16) -> Message {
+    let record = Record::from_rdata(
+        Name::from_ascii("new.default.svc.cluster.local.").unwrap(),
+        60,
+        RData::A(A::new(10, 96, 0, 99)),
+    );
+    let mut message = update_message::create(
+        RecordSet::from(record),
+        Name::from_ascii("cluster.local.").unwrap(),
+        false,
+    );
+    message.metadata.id = id;
+    message
+}
+
+#[tokio::test]
+async fn other_opcodes_get_notimp() {
+    let setup = start().await;
+    let udp = setup.proxy.udp_addr();
+    let check = |response: &Message, id: u16, op_code: OpCode| {
+        assert_eq!(response.metadata.id, id);
+        assert_eq!(response.metadata.message_type, MessageType::Response);
+        assert_eq!(response.metadata.op_code, op_code);
+        assert_eq!(response.metadata.response_code, ResponseCode::NotImp);
+        assert!(response.answers.is_empty());
+    };
+    // An UPDATE, over UDP and TCP, with EDNS or without.
+    let packet = update(0x1234).to_vec().unwrap();
+    let response = udp_exchange("127.0.0.1", udp, &packet).await.unwrap();
+    check(&response, 0x1234, OpCode::Update);
+    let response = tcp_exchange(setup.proxy.tcp_addr(), &packet).await;
+    check(&response, 0x1234, OpCode::Update);
+    let mut with_edns = update(0x4321);
+    with_edns.set_edns(Edns::new());
+    let response = udp_exchange("127.0.0.1", udp, &with_edns.to_vec().unwrap())
+        .await
+        .unwrap();
+    check(&response, 0x4321, OpCode::Update);
+    assert!(response.edns.is_some(), "EDNS answered with EDNS");
+    // A question with another opcode: NOTIFY, STATUS, and unassigned ones.
+    for (op, op_code) in [
+        (4, OpCode::Notify),
+        (2, OpCode::Status),
+        (3, OpCode::Unknown(3)),
+        (15, OpCode::Unknown(15)),
+    ] {
+        let mut packet = question("echo.default.svc.cluster.local.", RecordType::A, false);
+        packet[..2].copy_from_slice(&[0xab, op]);
+        packet[2] = (packet[2] & 0x87) | (op << 3);
+        let response = udp_exchange("127.0.0.1", udp, &packet).await.unwrap();
+        check(&response, u16::from_be_bytes([0xab, op]), op_code);
+        let response = tcp_exchange(setup.proxy.tcp_addr(), &packet).await;
+        check(&response, u16::from_be_bytes([0xab, op]), op_code);
+    }
+    // A header alone with another opcode: the bare NOTIMP header.
+    let response = udp_exchange(
+        "127.0.0.1",
+        udp,
+        &[0x0f, 0x0f, 0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    )
+    .await
+    .unwrap();
+    check(&response, 0x0f0f, OpCode::Update);
+    // Nothing was updated, nothing went upstream.
+    let response = ask_udp(
+        "127.0.0.1",
+        udp,
+        "new.default.svc.cluster.local.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(setup.upstream_questions.load(Ordering::SeqCst), 0);
+}
+
+/// Every event at WARN or ERROR level, from any crate.
+#[derive(Clone, Default)]
+struct Alarms(Arc<Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Alarms {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+        let metadata = event.metadata();
+        let mut text = Text(format!("{} {}:", metadata.level(), metadata.target()));
+        event.record(&mut text);
+        self.0.lock().unwrap().push(text.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Writes a question for `name` to a TCP stream.
+async fn send(stream: &mut TcpStream, name: &str) {
+    let packet = question(name, RecordType::A, false);
+    let mut framed = u16::try_from(packet.len()).unwrap().to_be_bytes().to_vec();
+    framed.extend_from_slice(&packet);
+    stream.write_all(&framed).await.unwrap();
+}
+
+/// TCP clients that close their end cleanly (after a question, with or
+/// without its answer, or without asking) are no cause for a warning or an
+/// error. Each case ends when the proxy has closed its end too, so it has
+/// seen the close and logged whatever it logs for it.
+#[tokio::test]
+async fn tcp_clients_closing_cleanly_are_not_logged_as_errors() {
+    let alarms = Alarms::default();
+    let _guard = tracing::subscriber::set_default(alarms.clone());
+    let setup = start().await;
+    let to = setup.proxy.tcp_addr();
+    // Connects and closes without a question.
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(stream.read_to_end(&mut Vec::new()).await.unwrap(), 0);
+    // Asks, reads the answer, closes.
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    send(&mut stream, "echo.default.svc.cluster.local.").await;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut body).await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(stream.read_to_end(&mut Vec::new()).await.unwrap(), 0);
+    // Asks a mesh name and a forwarded name, closes at once (the answers come
+    // after the close).
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    send(&mut stream, "echo.default.svc.cluster.local.").await;
+    send(&mut stream, "www.example.org.").await;
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert!(!rest.is_empty(), "both answered");
+    // And a question that times out upstream, the client gone meanwhile.
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    send(&mut stream, "slow.example.org.").await;
+    stream.shutdown().await.unwrap();
+    stream.read_to_end(&mut Vec::new()).await.unwrap();
+    setup.proxy.join().await.unwrap();
+    let alarms = alarms.0.lock().unwrap();
+    assert!(alarms.is_empty(), "{alarms:#?}");
 }
