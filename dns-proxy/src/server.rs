@@ -1,8 +1,12 @@
 //! The DNS server on caller-bound sockets. Both transports share one decision
-//! (answer from the mesh, see [`resolve`](mod@crate::resolve), or forward): TCP
-//! runs on hickory's server; UDP, the hot path, on a receive loop of our own
-//! that answers mesh questions inline, with hickory-proto for the wire format
-//! (profiling showed hickory's per-question task and channel dominating).
+//! (answer from the mesh, see [`resolve`](mod@crate::resolve), or forward),
+//! with hickory-proto for the wire format. UDP, the hot path, runs on a
+//! receive loop that answers mesh questions inline (profiling showed
+//! hickory-server's per-question task and channel dominating); TCP
+//! ([`tcp`]) on connections accepted through [`mesh_net::Acceptor`], so a
+//! client must send its first question within the handshake deadline, the
+//! connections waiting for one are bounded, and a process out of file
+//! descriptors backs off instead of spinning.
 //!
 //! The proxy is the authority for the cluster domain: a name in it that the
 //! mesh does not know gets NXDOMAIN (NODATA for the apex, `svc.<domain>` and
@@ -18,15 +22,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{
-    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
-};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_server::Server;
-use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use mesh_net::{Acceptor, HandshakeLimits};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,14 +34,24 @@ use crate::lookup::MeshDns;
 use answers::AnswerCache;
 
 mod answers;
+mod tcp;
 use crate::resolve::{Resolution, in_domain, resolve};
 use crate::upstream::{Relayed, Start, Upstream, UpstreamConfig};
 
 /// The largest question accepted, in bytes.
 pub const MAX_QUERY_BYTES: usize = 4096;
 
-/// How long an idle TCP connection stays open.
+/// How long an idle TCP connection stays open between questions.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Bounds on TCP clients that have not sent their first question yet: 10 s
+/// for it, at most 256 waiting at once, 32 from one address.
+fn tcp_limits() -> HandshakeLimits {
+    HandshakeLimits::default()
+        .with_timeout(TCP_IDLE)
+        .with_max_in_progress(256)
+        .with_max_in_progress_per_ip(32)
+}
 
 /// The longest a negative answer for the cluster domain may be cached (the
 /// SOA's TTL and minimum; the mesh TTL when that is shorter): a service
@@ -234,21 +243,22 @@ impl DnsProxy {
         tcp: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), std::io::Error> {
-        let mut server = Server::new(self.handler.clone());
-        server.register_listener(tcp, TCP_IDLE, 32);
         let tidy = self.handler.upstream.clone().map(|upstream| {
             let shutdown = shutdown.clone();
             tokio::spawn(async move { upstream.close_idle_sockets(shutdown).await })
         });
+        let tcp = tokio::spawn(tcp::serve_tcp(
+            self.handler.clone(),
+            Acceptor::new(tcp, "DNS over TCP", tcp_limits()),
+            shutdown.clone(),
+        ));
         let udp = tokio::spawn(serve_udp(self.handler, Arc::new(udp), shutdown.clone()));
         shutdown.cancelled().await;
-        let _ = udp.await;
+        let (udp, tcp) = tokio::join!(udp, tcp);
         if let Some(tidy) = tidy {
             let _ = tidy.await;
         }
-        server
-            .shutdown_gracefully()
-            .await
+        udp.and(tcp)
             .map_err(|err| std::io::Error::other(err.to_string()))
     }
 
@@ -359,21 +369,31 @@ enum Decision {
 }
 
 impl Handler {
-    async fn reply(&self, request: &Request) -> Reply {
-        if request.as_slice().len() > MAX_QUERY_BYTES {
-            return Reply::code(ResponseCode::FormErr);
+    /// The encoded answer to the question in `packet` from `client`, for a
+    /// stream transport (no size limit but DNS's own): NOTIMP for opcodes
+    /// other than QUERY, FORMERR for what does not read as one question,
+    /// otherwise the mesh's answer or the upstream's. `None` when nothing
+    /// should be sent (a response, or not even a header).
+    async fn answer(&self, packet: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
+        if let Some(refusal) = refusal(packet) {
+            return Some(refusal);
         }
-        if request.metadata.op_code != OpCode::Query {
-            return Reply::code(ResponseCode::NotImp);
+        let request = Message::from_vec(packet).ok()?;
+        if packet.len() > MAX_QUERY_BYTES {
+            return encode(request, Reply::code(ResponseCode::FormErr), None);
         }
-        let Ok(info) = request.request_info() else {
-            return Reply::code(ResponseCode::FormErr);
+        if request.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let namespace = self.mesh.client_namespace(client.ip());
+        let reply = match request.queries.as_slice() {
+            [query] => match self.decide(query, namespace.as_deref()) {
+                Decision::Reply(reply) => reply,
+                Decision::Forward(name, record_type) => self.forward(&name, record_type).await,
+            },
+            _ => Reply::code(ResponseCode::FormErr),
         };
-        let namespace = self.mesh.client_namespace(request.src().ip());
-        match self.decide(info.query.original(), namespace.as_deref()) {
-            Decision::Reply(reply) => reply,
-            Decision::Forward(name, record_type) => self.forward(&name, record_type).await,
-        }
+        encode(request, reply, None)
     }
 
     /// Answers from the mesh for a client in `namespace` without waiting for
@@ -520,46 +540,6 @@ impl Handler {
     }
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let reply = self.reply(request).await;
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        let mut edns = Edns::new();
-        if let Some(asked) = &request.edns {
-            edns.set_max_payload(asked.max_payload().clamp(512, 1232));
-            builder.edns(&edns);
-        }
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.authoritative = reply.authoritative;
-        metadata.recursion_available = true;
-        metadata.response_code = reply.code;
-        let response = builder.build(
-            metadata,
-            reply.answers.iter(),
-            reply.authorities.iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
-        match response_handle.send_response(response).await {
-            Ok(info) => info,
-            Err(err) => {
-                tracing::debug!(error = %err, "could not send a DNS response");
-                let mut header = Metadata::response_from_request(&request.metadata);
-                header.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(Header {
-                    metadata: header,
-                    counts: HeaderCounts::default(),
-                })
-            }
-        }
-    }
-}
-
 /// The UDP side: one receive loop that answers mesh questions inline (no task
 /// or channel per question), and cached or refused forwards too; only a
 /// question that waits for the upstream gets a task (at most
@@ -587,14 +567,9 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
             continue;
         }
         let packet = &buffer[..len];
-        if let Some(reply) = not_implemented(packet) {
-            // With the question (or zone) section and EDNS when readable.
-            match Message::from_vec(packet)
-                .ok()
-                .and_then(|request| encode_udp(request, Reply::code(ResponseCode::NotImp)))
-            {
-                Some(bytes) => send(&socket, &bytes, client).await,
-                None => send(&socket, &reply, client).await,
+        if not_implemented(packet).is_some() {
+            if let Some(reply) = refusal(packet) {
+                send(&socket, &reply, client).await;
             }
             continue;
         }
@@ -607,14 +582,8 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
             continue;
         }
         let Ok(request) = Message::from_vec(packet) else {
-            // A readable query header: say what was wrong. Anything else: drop.
-            if len >= 12 && packet[2] & 0x80 == 0 {
-                let id = u16::from_be_bytes([packet[0], packet[1]]);
-                if let Ok(bytes) =
-                    Message::error_msg(id, OpCode::Query, ResponseCode::FormErr).to_vec()
-                {
-                    send(&socket, &bytes, client).await;
-                }
+            if let Some(reply) = refusal(packet) {
+                send(&socket, &reply, client).await;
             }
             continue;
         };
@@ -660,6 +629,27 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
     forwards.wait().await;
 }
 
+/// What to answer a packet that is not a question we take, whatever the
+/// transport: NOTIMP for an opcode other than QUERY (with the question or zone
+/// section and EDNS when readable, else a bare header), FORMERR for a query
+/// header followed by what does not read. `None` for a readable QUERY (to be
+/// answered) and for what is not even a query header (to be dropped).
+fn refusal(packet: &[u8]) -> Option<Vec<u8>> {
+    if let Some(bare) = not_implemented(packet) {
+        let full = Message::from_vec(packet)
+            .ok()
+            .and_then(|request| encode_udp(request, Reply::code(ResponseCode::NotImp)));
+        return Some(full.unwrap_or_else(|| bare.to_vec()));
+    }
+    if Message::from_vec(packet).is_ok() || packet.len() < 12 || packet[2] & 0x80 != 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([packet[0], packet[1]]);
+    Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+        .to_vec()
+        .ok()
+}
+
 /// The response to a request with an opcode other than QUERY (UPDATE, NOTIFY,
 /// STATUS, unassigned ones), as a bare header: the same ID, opcode and RD
 /// flag, QR set and NOTIMP. `None` for a QUERY, a response, or less than a
@@ -682,6 +672,16 @@ fn not_implemented(packet: &[u8]) -> Option<[u8; 12]> {
 /// A UDP response to `request`, cut to an empty truncated answer (the client
 /// then asks over TCP) when it exceeds 512 bytes, or the EDNS size (at most 1232).
 fn encode_udp(request: Message, reply: Reply) -> Option<Vec<u8>> {
+    let limit = request
+        .edns
+        .as_ref()
+        .map_or(512, |asked| asked.max_payload().clamp(512, 1232));
+    encode(request, reply, Some(limit))
+}
+
+/// The response to `request`, with EDNS if it asked with EDNS; with a
+/// `limit` (UDP), cut to an empty truncated answer when larger.
+fn encode(request: Message, reply: Reply, limit: Option<u16>) -> Option<Vec<u8>> {
     let mut response = Message::response(request.metadata.id, request.metadata.op_code);
     response.metadata.recursion_desired = request.metadata.recursion_desired;
     response.metadata.checking_disabled = request.metadata.checking_disabled;
@@ -691,18 +691,16 @@ fn encode_udp(request: Message, reply: Reply) -> Option<Vec<u8>> {
     response.queries = request.queries;
     response.answers = reply.answers;
     response.authorities = reply.authorities;
-    let limit = match request.edns {
-        Some(asked) => {
-            let size = asked.max_payload().clamp(512, 1232);
-            let mut edns = Edns::new();
-            edns.set_max_payload(size);
-            response.set_edns(edns);
-            usize::from(size)
-        }
-        None => 512,
-    };
+    if let Some(asked) = request.edns {
+        let mut edns = Edns::new();
+        edns.set_max_payload(limit.unwrap_or_else(|| asked.max_payload().clamp(512, 1232)));
+        response.set_edns(edns);
+    }
     let bytes = response.to_vec().ok()?;
-    if bytes.len() <= limit {
+    let Some(limit) = limit else {
+        return Some(bytes);
+    };
+    if bytes.len() <= usize::from(limit) {
         return Some(bytes);
     }
     response.answers.clear();
