@@ -5,8 +5,8 @@
 //! Connections are accepted through [`mesh_net::Acceptor`]: the TLS handshake
 //! and the HTTP/2 preface must arrive within the [`HandshakeLimits`]' deadline
 //! (10 s by default), at most 1024 connections may be in handshake at once
-//! (64 from one address), and a process out of file descriptors backs off
-//! instead of spinning.
+//! (64 from one address; a newer one ends the oldest), and a process out of
+//! file descriptors backs off instead of spinning.
 //!
 //! [`crate::CaServer`] serves through this, and so can any binary that mounts
 //! several services (the CA and xDS, say) on one port. [`ServerHandle`] is the
@@ -20,11 +20,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mesh_net::{Acceptor, Handshake, HandshakeLimits};
+use mesh_net::{Acceptor, Handshake, HandshakeEnded, HandshakeLimits};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -96,7 +95,7 @@ async fn accept_loop(
                     let _ = connections.send(Ok(connection)).await;
                 }
                 Ok(Err(err)) => tracing::debug!(%remote, error = %err, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                Err(ended) => tracing::debug!(%remote, error = %ended, "TLS handshake given up"),
             }
         });
     }
@@ -116,7 +115,7 @@ pub struct Connection {
 impl Connection {
     fn new(stream: Stream, remote: SocketAddr, handshake: Handshake) -> Self {
         let preface = Preface {
-            timer: Box::pin(tokio::time::sleep_until(handshake.deadline())),
+            ended: Box::pin(handshake.ended()),
             missing: PREFACE_LEN,
             _handshake: handshake,
         };
@@ -130,11 +129,18 @@ impl Connection {
 
 /// The HTTP/2 preface a connection still owes, and until when: the
 /// connection's place among those in handshake is held until it arrives.
-#[derive(Debug)]
 struct Preface {
-    timer: Pin<Box<Sleep>>,
+    ended: Pin<Box<dyn Future<Output = HandshakeEnded> + Send>>,
     missing: usize,
     _handshake: Handshake,
+}
+
+impl std::fmt::Debug for Preface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preface")
+            .field("missing", &self.missing)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -187,11 +193,11 @@ impl AsyncRead for Connection {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Some(preface) = &mut this.preface
-            && preface.timer.as_mut().poll(cx).is_ready()
+            && let Poll::Ready(ended) = preface.ended.as_mut().poll(cx)
         {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the HTTP/2 preface did not arrive in time",
+                format!("waiting for the HTTP/2 preface: {ended}"),
             )));
         }
         let before = buf.filled().len();

@@ -12,6 +12,6 @@ pub mod listen;
 pub mod mark;
 pub mod throttle;
 
-pub use listen::{Acceptor, Handshake, HandshakeLimits};
+pub use listen::{Acceptor, Handshake, HandshakeEnded, HandshakeLimits};
 pub use mark::{PROXY_MARK, check_mark, set_mark};
 pub use throttle::Throttle;

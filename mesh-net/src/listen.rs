@@ -9,9 +9,11 @@
 //! - **Bounded handshakes.** At most [`HandshakeLimits::max_in_progress`]
 //!   connections are in handshake on one listener, and at most
 //!   [`HandshakeLimits::max_in_progress_per_ip`] from one client address (an
-//!   IPv6 client by its /64). A connection over either bound is reset at once,
-//!   so idle connections cannot pile up to the file-descriptor limit, and one
-//!   client holding its share does not keep others out.
+//!   IPv6 client by its /64). A new connection over either bound makes room by
+//!   ending the oldest one in handshake (of the same client when that client's
+//!   bound is reached): idle connections cannot pile up to the file-descriptor
+//!   limit, and cannot keep out a client that completes its handshake
+//!   promptly, whose connection is the youngest.
 //! - **Back-off.** When `accept` fails for want of resources (out of file
 //!   descriptors, `EMFILE`/`ENFILE`, or memory), the listener waits before it
 //!   tries again (10 ms, doubling up to 1 s) instead of spinning, and the
@@ -19,7 +21,7 @@
 //!   concern only the one connection (aborted before it was accepted) are
 //!   skipped at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -28,7 +30,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tokio::time::error::Elapsed;
+use tokio_util::sync::CancellationToken;
 
 use crate::Throttle;
 
@@ -98,7 +100,7 @@ pub struct Acceptor {
     backoff: Option<Duration>,
     failures: u64,
     failures_since_accepted: u64,
-    refused_log: Throttle,
+    evicted_log: Throttle,
     failed_log: Throttle,
 }
 
@@ -114,7 +116,7 @@ impl Acceptor {
             backoff: None,
             failures: 0,
             failures_since_accepted: 0,
-            refused_log: Throttle::new(LOG_EVERY),
+            evicted_log: Throttle::new(LOG_EVERY),
             failed_log: Throttle::new(LOG_EVERY),
         }
     }
@@ -142,12 +144,12 @@ impl Acceptor {
 
     /// Connections in handshake now.
     pub fn in_handshake(&self) -> usize {
-        self.slots.lock().total
+        self.slots.lock().total()
     }
 
-    /// The next connection within the limits: the stream, the client's
-    /// address, and its handshake. Connections over the limits are reset and
-    /// never returned; failures to accept are waited out. Cancel-safe: a
+    /// The next connection: the stream, the client's address, and its
+    /// handshake. Over the limits, the oldest connection in handshake is ended
+    /// to make room. Failures to accept are waited out. Cancel-safe: a
     /// connection is either returned or still queued in the listener.
     pub async fn accept(&mut self) -> (TcpStream, SocketAddr, Handshake) {
         loop {
@@ -161,22 +163,20 @@ impl Acceptor {
                             "accepting again"
                         );
                     }
-                    if let Some(handshake) = self.slots.take(peer.ip(), &self.limits) {
-                        return (stream, peer, handshake);
-                    }
-                    // Reset rather than close: the client learns at once.
-                    let _ = stream.set_zero_linger();
-                    drop(stream);
-                    if let Some(refused) = self.refused_log.tick() {
+                    let (handshake, evicted) = self.slots.take(peer.ip(), &self.limits);
+                    if let Some(evicted) = evicted
+                        && let Some(count) = self.evicted_log.tick()
+                    {
                         tracing::warn!(
                             listener = self.name,
-                            %peer,
-                            refused,
+                            client = %evicted,
+                            evicted = count,
                             max_in_progress = self.limits.max_in_progress,
                             max_in_progress_per_ip = self.limits.max_in_progress_per_ip,
-                            "too many connections in handshake: connection refused"
+                            "too many connections in handshake: the oldest were closed"
                         );
                     }
+                    return (stream, peer, handshake);
                 }
                 Err(err) if concerns_one_connection(&err) => {}
                 Err(err) => {
@@ -215,13 +215,26 @@ fn concerns_one_connection(err: &io::Error) -> bool {
     )
 }
 
+/// Why a handshake was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeEnded {
+    /// Its deadline passed.
+    #[error("the handshake timed out")]
+    TimedOut,
+    /// Newer connections needed its place (too many in handshake).
+    #[error("the handshake was ended to make room for newer connections")]
+    Evicted,
+}
+
 /// One accepted connection's place among those in handshake, and its
 /// deadline. Dropping it ends the handshake (done, or given up).
 #[derive(Debug)]
 pub struct Handshake {
     slots: Arc<Slots>,
-    client: IpAddr,
+    id: u64,
     deadline: Instant,
+    evicted: CancellationToken,
 }
 
 impl Handshake {
@@ -230,19 +243,36 @@ impl Handshake {
         self.deadline
     }
 
-    /// Runs `work` (the handshake) until the deadline.
-    pub async fn within<F: Future>(&self, work: F) -> Result<F::Output, Elapsed> {
-        tokio::time::timeout_at(self.deadline, work).await
+    /// Runs `work` (the handshake, or part of it) until the deadline, or
+    /// until the connection is evicted to make room for newer ones.
+    pub async fn within<F: Future>(&self, work: F) -> Result<F::Output, HandshakeEnded> {
+        tokio::select! {
+            done = work => Ok(done),
+            ended = self.ended() => Err(ended),
+        }
+    }
+
+    /// Resolves when the handshake must end: its deadline, or an eviction.
+    /// Owns what it needs, for callers that keep it in a connection.
+    pub fn ended(&self) -> impl Future<Output = HandshakeEnded> + Send + 'static {
+        let deadline = self.deadline;
+        let evicted = self.evicted.clone();
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => HandshakeEnded::TimedOut,
+                () = evicted.cancelled_owned() => HandshakeEnded::Evicted,
+            }
+        }
     }
 }
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        self.slots.give_back(self.client);
+        self.slots.give_back(self.id);
     }
 }
 
-/// Connections in handshake, in all and per client.
+/// Connections in handshake, oldest first, and how many per client.
 #[derive(Debug, Default)]
 struct Slots {
     taken: Mutex<Taken>,
@@ -250,8 +280,28 @@ struct Slots {
 
 #[derive(Debug, Default)]
 struct Taken {
-    total: usize,
+    next_id: u64,
+    /// (id, client, eviction signal), oldest first.
+    order: VecDeque<(u64, IpAddr, CancellationToken)>,
     per_client: HashMap<IpAddr, usize>,
+}
+
+impl Taken {
+    fn total(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Removes the entry at `index` (counts included); its signal.
+    fn remove_at(&mut self, index: usize) -> Option<(IpAddr, CancellationToken)> {
+        let (_, client, evicted) = self.order.remove(index)?;
+        if let Some(count) = self.per_client.get_mut(&client) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_client.remove(&client);
+            }
+        }
+        Some((client, evicted))
+    }
 }
 
 impl Slots {
@@ -259,34 +309,47 @@ impl Slots {
         self.taken.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A place for a connection from `ip`, if the limits allow one.
-    fn take(self: &Arc<Self>, ip: IpAddr, limits: &HandshakeLimits) -> Option<Handshake> {
+    /// A place for a connection from `ip`, made by evicting the oldest
+    /// connection in handshake (of `ip` when its share is used up, else of
+    /// anyone) if the limits are reached; the evicted one's client.
+    fn take(self: &Arc<Self>, ip: IpAddr, limits: &HandshakeLimits) -> (Handshake, Option<IpAddr>) {
         let client = client_key(ip);
         let mut taken = self.lock();
-        if taken.total >= limits.max_in_progress {
-            return None;
+        let mut evicted = None;
+        let from_client = taken.per_client.get(&client).copied().unwrap_or(0);
+        let victim = if from_client >= limits.max_in_progress_per_ip.max(1) {
+            taken
+                .order
+                .iter()
+                .position(|(_, owner, _)| *owner == client)
+        } else if taken.total() >= limits.max_in_progress.max(1) {
+            Some(0)
+        } else {
+            None
+        };
+        if let Some((owner, signal)) = victim.and_then(|index| taken.remove_at(index)) {
+            signal.cancel();
+            evicted = Some(owner);
         }
-        let from_client = taken.per_client.entry(client).or_default();
-        if *from_client >= limits.max_in_progress_per_ip {
-            return None;
-        }
-        *from_client += 1;
-        taken.total += 1;
-        Some(Handshake {
+        let id = taken.next_id;
+        taken.next_id += 1;
+        let signal = CancellationToken::new();
+        taken.order.push_back((id, client, signal.clone()));
+        *taken.per_client.entry(client).or_default() += 1;
+        let handshake = Handshake {
             slots: self.clone(),
-            client,
+            id,
             deadline: Instant::now() + limits.timeout,
-        })
+            evicted: signal,
+        };
+        (handshake, evicted)
     }
 
-    fn give_back(&self, client: IpAddr) {
+    /// Gives back handshake `id`'s place (nothing if it was evicted).
+    fn give_back(&self, id: u64) {
         let mut taken = self.lock();
-        taken.total = taken.total.saturating_sub(1);
-        if let Some(count) = taken.per_client.get_mut(&client) {
-            *count -= 1;
-            if *count == 0 {
-                taken.per_client.remove(&client);
-            }
+        if let Some(index) = taken.order.iter().position(|(entry, _, _)| *entry == id) {
+            taken.remove_at(index);
         }
     }
 }
@@ -322,59 +385,77 @@ mod tests {
         socket.connect(address).await.unwrap()
     }
 
-    /// Whether the server end reset the connection (rather than keeping it).
-    async fn was_reset(mut stream: TcpStream) -> bool {
+    /// Whether the server ended the handshake of `stream` (its end closed).
+    async fn closed_by_server(stream: &mut TcpStream) -> bool {
         let mut byte = [0; 1];
-        match stream.read(&mut byte).await {
-            Err(err) => err.kind() == io::ErrorKind::ConnectionReset,
-            Ok(n) => n == 0,
-        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(20), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// Accepts one connection and keeps it "in handshake" until its handshake
+    /// ends; then drops it, as a server would.
+    fn hold(
+        accepted: (TcpStream, SocketAddr, Handshake),
+    ) -> tokio::task::JoinHandle<HandshakeEnded> {
+        tokio::spawn(async move {
+            let (stream, _, handshake) = accepted;
+            let ended = handshake.ended().await;
+            drop((stream, handshake));
+            ended
+        })
     }
 
     #[tokio::test]
-    async fn one_client_cannot_take_more_than_its_share() {
+    async fn a_clients_oldest_handshakes_make_room_for_its_newest() {
         let limits = HandshakeLimits::default()
+            .with_timeout(Duration::from_secs(60))
             .with_max_in_progress(10)
             .with_max_in_progress_per_ip(2);
         let (mut acceptor, address) = acceptor(limits).await;
+        let mut clients = Vec::new();
         let mut held = Vec::new();
-        for _ in 0..2 {
-            let _client = connect_from([127, 0, 0, 2], address).await;
-            held.push((acceptor.accept().await, _client));
+        for _ in 0..5 {
+            clients.push(connect_from([127, 0, 0, 2], address).await);
+            held.push(hold(acceptor.accept().await));
         }
-        assert_eq!(acceptor.in_handshake(), 2);
-        // The third from the same address is reset; another address is served.
-        let over = connect_from([127, 0, 0, 2], address).await;
-        let other = connect_from([127, 0, 0, 3], address).await;
-        let (_, peer, _handshake) = acceptor.accept().await;
-        assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 3]));
-        assert!(was_reset(over).await, "over its share: reset");
-        drop(other);
-        // A finished handshake frees its place.
-        held.pop();
-        let _again = connect_from([127, 0, 0, 2], address).await;
-        let (_, peer, _) = acceptor.accept().await;
-        assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 2]));
+        // Another client's connection evicts none of them.
+        let _other = connect_from([127, 0, 0, 3], address).await;
+        held.push(hold(acceptor.accept().await));
+        assert_eq!(acceptor.in_handshake(), 3, "2 of 127.0.0.2, 1 of 127.0.0.3");
+        for (index, task) in held.drain(..3).enumerate() {
+            assert_eq!(task.await.unwrap(), HandshakeEnded::Evicted, "#{index}");
+        }
+        for mut client in clients.drain(..3) {
+            assert!(closed_by_server(&mut client).await);
+        }
+        // The newest two are still in handshake.
+        for task in &held {
+            assert!(!task.is_finished());
+        }
     }
 
     #[tokio::test]
-    async fn connections_over_the_listener_bound_are_reset() {
+    async fn over_the_listener_bound_the_oldest_handshake_ends() {
         let limits = HandshakeLimits::default()
+            .with_timeout(Duration::from_secs(60))
             .with_max_in_progress(3)
             .with_max_in_progress_per_ip(100);
         let (mut acceptor, address) = acceptor(limits).await;
         let mut held = Vec::new();
-        for last in 2..5 {
-            let client = connect_from([127, 0, 0, last], address).await;
-            held.push((acceptor.accept().await, client));
+        let mut clients = Vec::new();
+        for last in 2..6 {
+            clients.push(connect_from([127, 0, 0, last], address).await);
+            held.push(hold(acceptor.accept().await));
         }
-        let over = connect_from([127, 0, 0, 9], address).await;
-        let accepted = tokio::time::timeout(Duration::from_millis(200), acceptor.accept()).await;
-        assert!(accepted.is_err(), "nothing within the bounds to accept");
-        assert!(was_reset(over).await);
         assert_eq!(acceptor.in_handshake(), 3);
-        held.clear();
-        assert_eq!(acceptor.in_handshake(), 0, "every place given back");
+        let oldest = held.remove(0);
+        assert_eq!(oldest.await.unwrap(), HandshakeEnded::Evicted);
+        assert!(closed_by_server(&mut clients[0]).await);
+        for task in held {
+            task.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -386,7 +467,7 @@ mod tests {
         let mut byte = [0; 1];
         // The client never sends anything.
         let read = handshake.within(stream.read(&mut byte)).await;
-        assert!(read.is_err(), "timed out");
+        assert_eq!(read.err(), Some(HandshakeEnded::TimedOut));
         assert!(Instant::now() >= handshake.deadline());
     }
 

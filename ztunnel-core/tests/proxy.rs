@@ -130,11 +130,12 @@ async fn instance(
     state: &SharedState,
     certs: &Arc<CertManager>,
     uid: &str,
-    ip: &str,
-    hbone_port: u16,
+    hbone: TcpListener,
     registry: Option<&mut Registry>,
     limits: HandshakeLimits,
 ) -> ZtunnelHandle {
+    let address = hbone.local_addr().expect("hbone address");
+    let (ip, hbone_port) = (address.ip(), address.port());
     let bind =
         |port: u16| async move { TcpListener::bind((ip, port)).await.expect("bind listener") };
     let mut builder = Ztunnel::builder()
@@ -152,7 +153,7 @@ async fn instance(
         .spawn_with(Listeners {
             outbound: bind(0).await,
             inbound_plaintext: bind(0).await,
-            hbone: bind(hbone_port).await,
+            hbone,
             socks5: Some(bind(0).await),
         })
         .expect("spawned");
@@ -205,6 +206,22 @@ struct Mesh {
     _shutdown: CancellationToken,
 }
 
+/// HBONE listeners on one port for the three workloads (127.0.0.2, .3, .4),
+/// bound together: a port free on one address may be taken on another.
+async fn hbone_listeners() -> [TcpListener; 3] {
+    for _ in 0..20 {
+        let echo = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+        let port = echo.local_addr().expect("addr").port();
+        if let (Ok(shell), Ok(other)) = (
+            TcpListener::bind(("127.0.0.3", port)).await,
+            TcpListener::bind(("127.0.0.4", port)).await,
+        ) {
+            return [echo, shell, other];
+        }
+    }
+    panic!("no port free on all three workload addresses");
+}
+
 async fn mesh() -> Mesh {
     mesh_with(HandshakeLimits::default()).await
 }
@@ -228,17 +245,14 @@ async fn mesh_with(limits: HandshakeLimits) -> Mesh {
     put(&state, workload("other", "shell", "shell", "127.0.0.4"));
     echo_service(&state, app.port());
     // One HBONE port for every instance, each on its own IP.
-    let hbone_port = {
-        let probe = TcpListener::bind("127.0.0.2:0").await.expect("probe");
-        probe.local_addr().expect("addr").port()
-    };
+    let [echo_hbone, shell_hbone, other_hbone] = hbone_listeners().await;
+    let hbone_port = echo_hbone.local_addr().expect("addr").port();
     let mut registry = Registry::default();
     let echo = instance(
         &state,
         &ca.certs,
         "Kubernetes//Pod/default/echo",
-        "127.0.0.2",
-        hbone_port,
+        echo_hbone,
         Some(&mut registry),
         limits,
     )
@@ -248,8 +262,7 @@ async fn mesh_with(limits: HandshakeLimits) -> Mesh {
         &state,
         &ca.certs,
         "Kubernetes//Pod/default/shell",
-        "127.0.0.3",
-        hbone_port,
+        shell_hbone,
         Some(&mut shell_registry),
         limits,
     )
@@ -258,8 +271,7 @@ async fn mesh_with(limits: HandshakeLimits) -> Mesh {
         &state,
         &ca.certs,
         "Kubernetes//Pod/other/shell",
-        "127.0.0.4",
-        hbone_port,
+        other_hbone,
         None,
         limits,
     )
@@ -950,10 +962,20 @@ async fn connects_to_the_proxys_own_ports_are_refused_as_self_calls() {
     );
 }
 
+/// Whether the server still holds `stream` open: nothing read, no end, for
+/// a moment.
+async fn still_open(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte))
+        .await
+        .is_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_and_stalled_hbone_handshakes_are_bounded_and_timed_out() {
+async fn idle_hbone_connections_make_room_for_newer_ones() {
+    // A deadline far off: whatever ends now was evicted, not timed out.
     let limits = HandshakeLimits::default()
-        .with_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(120))
         .with_max_in_progress_per_ip(4);
     let mesh = mesh_with(limits).await;
     let shutdown = CancellationToken::new();
@@ -963,25 +985,42 @@ async fn idle_and_stalled_hbone_handshakes_are_bounded_and_timed_out() {
     // Bare TCP connections that never send a byte.
     let mut idle = Vec::new();
     for _ in 0..20 {
-        idle.push(connect_from(attacker, hbone).await);
+        idle.push(connect_from(attacker, hbone).await.expect("connect"));
     }
-    // While the attacker holds its share, a mesh client is served.
+    // A mesh client is served meanwhile.
     let served = pool.connect(&tls, &key, mesh.app, &[]).await;
     assert!(
         served.is_ok(),
         "a normal client during the attack: {served:?}"
     );
-    let mut endings = Vec::new();
-    for stream in idle {
-        endings.push(ended(stream).await);
+    // The attacker's 16 oldest were closed to make room; its 4 newest wait.
+    for stream in idle.drain(..16) {
+        assert_eq!(ended(Ok(stream)).await, Ended::Closed);
     }
-    let refused = endings.iter().filter(|e| **e == Ended::Reset).count();
+    for stream in &mut idle {
+        assert!(
+            still_open(stream).await,
+            "the newest wait for their deadline"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_hbone_handshakes_are_closed_at_their_deadline() {
+    let limits = HandshakeLimits::default().with_timeout(Duration::from_secs(1));
+    let mesh = mesh_with(limits).await;
+    let shutdown = CancellationToken::new();
+    let ShellClient { tls, .. } = shell_client(&mesh, &shutdown).await;
+    let hbone = SocketAddr::new(mesh.app.ip(), mesh.hbone_port);
+    let attacker = "127.0.0.9";
+    // Nothing sent; part of a TLS record, then nothing; and a TLS handshake
+    // with no HTTP/2 preface after it. Each is closed at its deadline.
+    let idle = connect_from(attacker, hbone).await;
     assert_eq!(
-        refused, 16,
-        "all but the attacker's 4 in handshake reset at once: {endings:?}"
+        ended(idle).await,
+        Ended::Closed,
+        "idle: closed at the deadline"
     );
-    // Part of a TLS record, then nothing; and a TLS handshake with no HTTP/2
-    // preface after it. Each is closed at its deadline.
     let mut partial = connect_from(attacker, hbone).await.expect("connect");
     partial
         .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8])
@@ -990,7 +1029,7 @@ async fn idle_and_stalled_hbone_handshakes_are_bounded_and_timed_out() {
     assert_eq!(
         ended(Ok(partial)).await,
         Ended::Closed,
-        "closed at the deadline"
+        "partial TLS record"
     );
     let tcp = connect_from(attacker, hbone).await.expect("connect");
     let server_name = rustls_pki_types::ServerName::try_from("echo.default").expect("server name");
@@ -999,9 +1038,5 @@ async fn idle_and_stalled_hbone_handshakes_are_bounded_and_timed_out() {
         .await
         .expect("TLS handshake");
     let (tcp, _) = tls_stream.into_inner();
-    assert_eq!(
-        ended(Ok(tcp)).await,
-        Ended::Closed,
-        "no preface: closed at the deadline"
-    );
+    assert_eq!(ended(Ok(tcp)).await, Ended::Closed, "no preface");
 }

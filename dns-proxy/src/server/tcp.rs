@@ -1,7 +1,8 @@
 //! DNS over TCP (RFC 1035 §4.2.2, RFC 7766): each message carries a two-byte
 //! length. Connections come through [`Acceptor`]: the first question must
 //! arrive within the handshake deadline, the connections still waiting for
-//! one are bounded (in all and per client address, over that they are reset),
+//! one are bounded (in all and per client address; a newer one ends the
+//! oldest),
 //! and a process out of file descriptors backs off. Questions on a connection
 //! are answered one after another (a message larger than
 //! [`MAX_QUERY_BYTES`](super::MAX_QUERY_BYTES)
@@ -52,23 +53,27 @@ async fn connection(
     client: SocketAddr,
     handshake: Handshake,
 ) {
-    let mut deadline = handshake.deadline();
-    let mut handshake = Some(handshake);
     let mut buffer = Vec::new();
+    // The first question is the handshake: then its place is free again.
+    let first = handshake
+        .within(read_message(&mut stream, &mut buffer))
+        .await;
+    drop(handshake);
+    if !matches!(first, Ok(Ok(true))) {
+        return;
+    }
     loop {
-        match tokio::time::timeout_at(deadline, read_message(&mut stream, &mut buffer)).await {
-            Ok(Ok(true)) => {}
-            // Closed, idle too long, too large, or failed: nothing to answer.
-            Ok(Ok(false) | Err(_)) | Err(_) => return,
-        }
-        // The first question is the handshake: its place is free again.
-        drop(handshake.take());
         if let Some(answer) = handler.answer(&buffer, client).await
             && write_message(&mut stream, &answer).await.is_err()
         {
             return;
         }
-        deadline = Instant::now() + TCP_IDLE;
+        let deadline = Instant::now() + TCP_IDLE;
+        match tokio::time::timeout_at(deadline, read_message(&mut stream, &mut buffer)).await {
+            Ok(Ok(true)) => {}
+            // Closed, idle too long, or failed: nothing to answer.
+            Ok(Ok(false) | Err(_)) | Err(_) => return,
+        }
     }
 }
 

@@ -68,8 +68,8 @@ async fn hbone_connection(
             tracing::info!(%source, error = %err, "HBONE handshake failed");
             return;
         }
-        Err(_) => {
-            tracing::info!(%source, "HBONE TLS handshake timed out");
+        Err(ended) => {
+            tracing::info!(%source, error = %ended, "HBONE TLS handshake given up");
             return;
         }
     };
@@ -95,8 +95,8 @@ async fn hbone_connection(
             tracing::info!(%source, error = %err, "HBONE HTTP/2 handshake failed");
             return;
         }
-        Err(_) => {
-            tracing::info!(%source, "HBONE HTTP/2 preface timed out");
+        Err(ended) => {
+            tracing::info!(%source, error = %ended, "HBONE HTTP/2 preface given up");
             return;
         }
     };

@@ -253,7 +253,8 @@ impl ZtunnelBuilder {
     /// how long a client may take for its TLS handshake and HTTP/2 preface
     /// (or SOCKS5 greeting), and how many may be in handshake at once, in all
     /// and from one address (default: [`HandshakeLimits::default`], 10 s,
-    /// 1024, 64). Over them a connection is reset at once.
+    /// 1024, 64). Over them, the oldest connection in handshake is closed to
+    /// make room.
     pub fn handshake_limits(mut self, limits: HandshakeLimits) -> Self {
         self.handshake_limits = limits;
         self

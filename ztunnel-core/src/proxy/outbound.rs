@@ -113,8 +113,8 @@ async fn establish_socks5(
             log.failed(started, &format!("SOCKS5: {err}"));
             return None;
         }
-        Err(_) => {
-            log.failed(started, "SOCKS5: the greeting timed out");
+        Err(ended) => {
+            log.failed(started, &format!("SOCKS5 greeting: {ended}"));
             return None;
         }
     };
