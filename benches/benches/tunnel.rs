@@ -720,6 +720,9 @@ fn main() {
     let at = |port: u16| -> SocketAddr { format!("{server_ip}:{port}").parse().expect("addr") };
 
     if options.named("attacks") {
+        // The attacker: another address in the client pod, so the attack and
+        // the normal client (the client pod's proxy) are different clients.
+        topology.workloads[0].ip(&["addr", "add", ATTACKER, "dev", "eth0"]);
         for attack in [Attack::SelfCall, Attack::IdleHandshakes] {
             attack.measure(&launcher, &client, at(ECHO), server_ip.clone());
         }
@@ -840,11 +843,15 @@ enum Attack {
     /// CONNECTs to the server proxy's own ports 15006 and 15001 through the
     /// client pod's proxy: once, a request looped the proxy into itself.
     SelfCall,
-    /// Bare TCP connections to 15008 that never send a byte (up to 20,000).
+    /// Bare TCP connections to 15008 that never send a byte (up to 20,000),
+    /// from another address of the client pod than its proxy's.
     IdleHandshakes,
 }
 
 const ATTACK_SECONDS: u64 = 10;
+
+/// The attacker's address in the client pod (with its prefix).
+const ATTACKER: &str = "10.77.0.100/24";
 
 /// A process's open file descriptors.
 fn open_fds(pid: u32) -> usize {
@@ -889,8 +896,22 @@ impl Attack {
                 Self::IdleHandshakes => (15008, true),
             };
             let to: SocketAddr = format!("{server_ip}:{port}").parse().expect("addr");
+            let connecting = async {
+                let socket = TcpSocket::new_v4()?;
+                if bypass {
+                    nix::sys::socket::setsockopt(
+                        &socket,
+                        nix::sys::socket::sockopt::Mark,
+                        &BYPASS_MARK,
+                    )
+                    .map_err(std::io::Error::from)?;
+                    let attacker = ATTACKER.split('/').next().expect("address");
+                    socket.bind(SocketAddr::new(attacker.parse().expect("ip"), 0))?;
+                }
+                socket.connect(to).await
+            };
             if let Ok(Ok(mut stream)) =
-                tokio::time::timeout(Duration::from_secs(1), connect(to, bypass)).await
+                tokio::time::timeout(Duration::from_secs(1), connecting).await
             {
                 if matches!(self, Self::SelfCall) {
                     let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await;

@@ -174,7 +174,10 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|err| format!("--listen {}: {err}", args.listen))?;
     let handle = server.spawn(listener).map_err(|err| err.to_string())?;
-    handle.ready().await;
+    handle
+        .ready(Duration::from_secs(1))
+        .await
+        .map_err(|err| err.to_string())?;
     println!(
         "root certificate: {}",
         args.dir.join(store::ROOT_CERT_FILE).display()
@@ -183,10 +186,9 @@ async fn run() -> Result<(), String> {
     tokio::signal::ctrl_c()
         .await
         .map_err(|err| err.to_string())?;
-    handle
-        .drain(Duration::from_secs(10))
-        .await
-        .map_err(|err| err.to_string())
+    let drained = handle.drain(Duration::from_secs(10)).await;
+    eprintln!("ca-server: {drained}");
+    handle.join().await.map_err(|err| err.to_string())
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -306,6 +306,18 @@ impl CaServer {
         self.tls.clone()
     }
 
+    /// The gRPC server of the CA alone, with its TLS and handshake limits.
+    fn router(
+        self,
+    ) -> (
+        tonic::transport::server::Router,
+        Arc<rustls::ServerConfig>,
+        HandshakeLimits,
+    ) {
+        let router = tonic::transport::Server::builder().add_service(self.service.into_service());
+        (router, self.tls, self.limits)
+    }
+
     /// Serves on `listener` until `shutdown` is cancelled, then lets in-flight
     /// calls finish.
     pub async fn serve(
@@ -313,18 +325,18 @@ impl CaServer {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
-        let router = tonic::transport::Server::builder().add_service(self.service.into_service());
-        crate::transport::serve_router(router, listener, Some(self.tls), self.limits, shutdown)
+        let (router, tls, limits) = self.router();
+        let open = crate::transport::OpenConnections::default();
+        crate::transport::serve_router(router, listener, Some(tls), limits, open, shutdown)
             .await
             .map_err(ServeError::from)
     }
 
-    /// Spawns [`CaServer::serve`] on the current runtime.
+    /// Serves on `listener` on a task of the current runtime: the handle
+    /// ([`mesh_net::lifecycle`] shape).
     pub fn spawn(self, listener: TcpListener) -> Result<CaHandle, ServeError> {
-        let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
-        let shutdown = CancellationToken::new();
-        let serve = self.serve(listener, shutdown.clone());
-        Ok(CaHandle::spawn(local_addr, shutdown, serve))
+        let (router, tls, limits) = self.router();
+        CaHandle::spawn(router, listener, Some(tls), limits).map_err(ServeError::Listener)
     }
 }
 

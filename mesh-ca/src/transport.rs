@@ -17,10 +17,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mesh_net::{Acceptor, Handshake, HandshakeEnded, HandshakeLimits};
+use mesh_net::{Acceptor, Drained, Handshake, HandshakeEnded, HandshakeLimits};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -39,15 +40,46 @@ const PREFACE_LEN: usize = 24;
 /// Connections accepted but not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 64;
 
+/// Open connections of a server, counted while they live (a drain reports
+/// how many it had to close). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// Connections open now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection counted in [`OpenConnections`] until dropped.
+#[derive(Debug)]
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(open: &OpenConnections) -> Self {
+        open.0.fetch_add(1, Ordering::Relaxed);
+        Self(open.0.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
 /// in-flight calls finish. With `tls`, connections are TLS (its ALPN should
 /// include `h2`); without, plaintext HTTP/2. Each client must finish its TLS
-/// handshake and send the HTTP/2 preface within `limits`.
+/// handshake and send the HTTP/2 preface within `limits`. Connections are
+/// counted in `open`.
 pub async fn serve_router(
     router: Router,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: HandshakeLimits,
+    open: OpenConnections,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (connections, incoming) = mpsc::channel::<io::Result<Connection>>(ACCEPT_BACKLOG);
@@ -55,6 +87,7 @@ pub async fn serve_router(
         Acceptor::new(listener, "gRPC", limits),
         tls.map(TlsAcceptor::from),
         connections,
+        open,
         shutdown.clone(),
     );
     let server = router
@@ -67,6 +100,7 @@ async fn accept_loop(
     mut acceptor: Acceptor,
     tls: Option<TlsAcceptor>,
     connections: mpsc::Sender<io::Result<Connection>>,
+    open: OpenConnections,
     shutdown: CancellationToken,
 ) {
     let handshakes = TaskTracker::new();
@@ -79,8 +113,9 @@ async fn accept_loop(
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%remote, error = %err, "could not set TCP_NODELAY");
         }
+        let counted = Counted::new(&open);
         let Some(tls) = tls.clone() else {
-            let connection = Connection::new(Stream::Plain(tcp), remote, handshake);
+            let connection = Connection::new(Stream::Plain(tcp), remote, handshake, counted);
             if connections.send(Ok(connection)).await.is_err() {
                 break;
             }
@@ -91,7 +126,7 @@ async fn accept_loop(
             match handshake.within(tls.accept(tcp)).await {
                 Ok(Ok(stream)) => {
                     let stream = Stream::Tls(Box::new(stream));
-                    let connection = Connection::new(stream, remote, handshake);
+                    let connection = Connection::new(stream, remote, handshake, counted);
                     let _ = connections.send(Ok(connection)).await;
                 }
                 Ok(Err(err)) => tracing::debug!(%remote, error = %err, "TLS handshake failed"),
@@ -110,10 +145,11 @@ pub struct Connection {
     remote: SocketAddr,
     /// Until the HTTP/2 preface has arrived: its deadline.
     preface: Option<Preface>,
+    _counted: Counted,
 }
 
 impl Connection {
-    fn new(stream: Stream, remote: SocketAddr, handshake: Handshake) -> Self {
+    fn new(stream: Stream, remote: SocketAddr, handshake: Handshake, counted: Counted) -> Self {
         let preface = Preface {
             ended: Box::pin(handshake.ended()),
             missing: PREFACE_LEN,
@@ -123,6 +159,7 @@ impl Connection {
             stream,
             remote,
             preface: Some(preface),
+            _counted: counted,
         }
     }
 }
@@ -249,30 +286,64 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// A server running on its own task: its address, readiness, and shutdown.
+/// Why a server is not ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerNotReady {
+    /// It has stopped (drained, shut down, or failed).
+    #[error("the server has stopped")]
+    Stopped,
+}
+
+/// A gRPC server running on its own task, with the handle shape of every
+/// podless component ([`mesh_net::lifecycle`]): its address, readiness,
+/// drain, shutdown and join.
 #[derive(Debug)]
 pub struct ServerHandle<E> {
     local_addr: SocketAddr,
-    shutdown: CancellationToken,
+    stopping: CancellationToken,
+    finished: CancellationToken,
+    open: OpenConnections,
     task: tokio::task::JoinHandle<Result<(), E>>,
 }
 
 impl<E> ServerHandle<E>
 where
-    E: From<tokio::task::JoinError> + Send + 'static,
+    E: From<tonic::transport::Error> + From<tokio::task::JoinError> + Send + 'static,
 {
-    /// Spawns `serve`, which must stop when `shutdown` is cancelled, on the
+    /// Serves `router` on `listener` (see [`serve_router`]) on a task of the
     /// current runtime.
     pub fn spawn(
-        local_addr: SocketAddr,
-        shutdown: CancellationToken,
-        serve: impl Future<Output = Result<(), E>> + Send + 'static,
-    ) -> Self {
-        Self {
+        router: Router,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        limits: HandshakeLimits,
+    ) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let stopping = CancellationToken::new();
+        let finished = CancellationToken::new();
+        let open = OpenConnections::default();
+        let serve = serve_router(
+            router,
+            listener,
+            tls,
+            limits,
+            open.clone(),
+            stopping.clone(),
+        );
+        let done = finished.clone();
+        let task = tokio::spawn(async move {
+            let served = serve.await.map_err(E::from);
+            done.cancel();
+            served
+        });
+        Ok(Self {
             local_addr,
-            shutdown,
-            task: tokio::spawn(serve),
-        }
+            stopping,
+            finished,
+            open,
+            task,
+        })
     }
 
     /// The address the server listens on.
@@ -280,25 +351,54 @@ where
         self.local_addr
     }
 
-    /// Ready as soon as spawned: the listener was bound by the caller.
-    pub async fn ready(&self) {}
-
-    /// Stops accepting; in-flight calls finish.
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
+    /// Cancelled once the server is asked to stop (drain or shutdown): to
+    /// end what it serves that does not end with its calls (open streams).
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
     }
 
-    /// Stops accepting and waits up to `deadline` for in-flight calls.
-    pub async fn drain(self, deadline: Duration) -> Result<(), E> {
-        self.shutdown.cancel();
-        match tokio::time::timeout(deadline, self.join()).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.count()
+    }
+
+    /// Ready once spawned (the listener was bound by the caller) until it
+    /// stops; `wait` is not needed and not spent.
+    pub async fn ready(&self, _wait: Duration) -> Result<(), ServerNotReady> {
+        if self.finished.is_cancelled() || self.stopping.is_cancelled() {
+            return Err(ServerNotReady::Stopped);
         }
+        Ok(())
     }
 
-    /// Waits for the server to stop.
+    /// Stops accepting; calls in progress finish for up to `deadline`, then
+    /// the server stops and closes what is left.
+    pub async fn drain(&self, deadline: Duration) -> Drained {
+        self.stopping.cancel();
+        if tokio::time::timeout(deadline, self.finished.cancelled())
+            .await
+            .is_ok()
+        {
+            return Drained::Complete;
+        }
+        let left = self.open.count();
+        self.task.abort();
+        Drained::TimedOut { left }
+    }
+
+    /// Stops now, closing every connection. Idempotent.
+    pub fn shutdown(&self) {
+        self.stopping.cancel();
+        self.task.abort();
+    }
+
+    /// Waits until the server has stopped; never stops it. A server stopped
+    /// by [`ServerHandle::drain`] or [`ServerHandle::shutdown`] ends `Ok`.
     pub async fn join(self) -> Result<(), E> {
-        self.task.await?
+        match self.task.await {
+            Ok(served) => served,
+            Err(err) if err.is_cancelled() => Ok(()),
+            Err(err) => Err(E::from(err)),
+        }
     }
 }

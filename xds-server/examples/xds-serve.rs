@@ -39,7 +39,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use xds_server::{
-    ClientAuth, ConfigSource, ManifestDir, MeshConfig, Store, StoreNodeAuthorizer, XdsServer,
+    ClientAuth, ConfigSource, ControlPlane, ManifestDir, MeshConfig, Store, StoreNodeAuthorizer,
+    XdsServer,
 };
 
 const USAGE: &str = "usage: xds-serve --manifests <dir> --listen <addr> \
@@ -239,10 +240,9 @@ async fn run() -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|err| format!("--listen {}: {err}", args.listen))?;
-    let local_addr = listener.local_addr().map_err(|err| err.to_string())?;
-    let shutdown = CancellationToken::new();
     let mut reload_from = None;
-    let serving = match with_ca {
+    let handle = match with_ca {
+        // xDS and the CA on one TLS port, as istiod serves 15012.
         Some(WithCa {
             ca,
             root,
@@ -250,39 +250,18 @@ async fn run() -> Result<(), String> {
         }) => {
             reload_from = args.ca_dir.clone().map(|dir| (dir, authority));
             println!("root certificate: {}", root.display());
-            let tls = ca.tls_config();
-            let ads = xds.into_service();
-            let closer = ads.clone();
-            let router = tonic::transport::Server::builder()
-                .add_service(ca.into_service())
-                .add_service(ads);
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                closer.close_streams();
-            });
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                mesh_ca::transport::serve_router(
-                    router,
-                    listener,
-                    Some(tls),
-                    mesh_net::HandshakeLimits::default(),
-                    stop,
-                )
-                .await
-                .map_err(|err| err.to_string())
-            })
+            ControlPlane::builder()
+                .xds(xds)
+                .ca(ca)
+                .build()
+                .map_err(|err| err.to_string())?
+                .spawn(listener)
         }
-        None => {
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                xds.serve(listener, stop)
-                    .await
-                    .map_err(|err| err.to_string())
-            })
-        }
-    };
+        None => xds.spawn(listener),
+    }
+    .map_err(|err| err.to_string())?;
+    let local_addr = handle.local_addr();
+    let shutdown = CancellationToken::new();
     let watcher = tokio::spawn(Box::new(manifests).run(store, shutdown.clone()));
     println!("listening on {local_addr}");
 
@@ -308,11 +287,9 @@ async fn run() -> Result<(), String> {
     }
     shutdown.cancel();
     let _ = watcher.await;
-    match tokio::time::timeout(Duration::from_secs(5), serving).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(join.to_string()),
-        Err(_) => Ok(()),
-    }
+    let drained = handle.drain(Duration::from_secs(5)).await;
+    eprintln!("xds-serve: {drained}");
+    handle.join().await.map_err(|err| err.to_string())
 }
 
 fn main() -> ExitCode {

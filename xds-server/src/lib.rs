@@ -8,9 +8,11 @@
 //! - [`source`]: config sources (manifest directory, Kubernetes).
 //! - [`auth`]: who may connect, and impersonation checks for `mesh-ca`.
 //! - [`server`]: serving on a caller-bound listener.
+//! - [`control_plane`]: xDS and the CA on one TLS port, with one handle.
 
 pub mod ads;
 pub mod auth;
+pub mod control_plane;
 pub mod object;
 pub mod server;
 pub mod source;
@@ -19,6 +21,7 @@ mod translate;
 
 pub use ads::AdsService;
 pub use auth::{ClientAuth, StoreNodeAuthorizer};
+pub use control_plane::{ControlPlane, ControlPlaneBuilder, ControlPlaneHandle};
 pub use object::{Kind, Manifest, Object, ObjectError, ObjectKey, parse_manifest};
 pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder};
 pub use source::{ConfigSource, ManifestDir, SourceError};

@@ -33,6 +33,9 @@ pub enum BuildError {
     /// `max_response_bytes` is zero.
     #[error("max_response_bytes must be at least 1")]
     ZeroResponseSize,
+    /// A required part is missing.
+    #[error("missing {0}: call ControlPlane::builder().{0}(..)")]
+    Missing(&'static str),
 }
 
 /// Why serving stopped.
@@ -134,7 +137,7 @@ impl XdsServerBuilder {
 pub struct XdsServer {
     service: AdsService,
     tls: Option<Arc<rustls::ServerConfig>>,
-    limits: HandshakeLimits,
+    pub(crate) limits: HandshakeLimits,
 }
 
 impl XdsServer {
@@ -149,6 +152,12 @@ impl XdsServer {
         self.service
     }
 
+    /// The gRPC server of xDS alone (keepalive pings find vanished clients),
+    /// and the service, whose streams a stopping server must end.
+    fn router(&self) -> tonic::transport::server::Router {
+        grpc_server().add_service(self.service.clone())
+    }
+
     /// Serves on `listener` until `shutdown` is cancelled; then open streams are
     /// ended (clients reconnect elsewhere) and the server stops.
     pub async fn serve(
@@ -156,29 +165,42 @@ impl XdsServer {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
-        let service = self.service;
-        let closer = service.clone();
-        let watcher = shutdown.clone();
-        tokio::spawn(async move {
-            watcher.cancelled().await;
-            closer.close_streams();
-        });
-        let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .add_service(service);
-        mesh_ca::transport::serve_router(router, listener, self.tls, self.limits, shutdown)
+        close_streams_when(&self.service, shutdown.clone());
+        let router = self.router();
+        let open = mesh_ca::transport::OpenConnections::default();
+        mesh_ca::transport::serve_router(router, listener, self.tls, self.limits, open, shutdown)
             .await
             .map_err(ServeError::from)
     }
 
-    /// Spawns [`XdsServer::serve`] on the current runtime.
+    /// Serves on `listener` on a task of the current runtime: the handle
+    /// ([`mesh_net::lifecycle`] shape). Draining or shutting it down ends open
+    /// streams (clients reconnect elsewhere).
     pub fn spawn(self, listener: TcpListener) -> Result<XdsHandle, ServeError> {
-        let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
-        let shutdown = CancellationToken::new();
-        let serve = self.serve(listener, shutdown.clone());
-        Ok(XdsHandle::spawn(local_addr, shutdown, serve))
+        let router = self.router();
+        let handle = XdsHandle::spawn(router, listener, self.tls, self.limits)
+            .map_err(ServeError::Listener)?;
+        close_streams_when(&self.service, handle.stopping());
+        Ok(handle)
     }
+}
+
+/// A gRPC server builder with the control plane's keepalive settings.
+pub(crate) fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
+/// Ends `service`'s open streams once `stopping` is cancelled: an ADS stream
+/// lasts as long as its client, so a server would otherwise never finish
+/// draining.
+pub(crate) fn close_streams_when(service: &AdsService, stopping: CancellationToken) {
+    let service = service.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        service.close_streams();
+    });
 }
 
 /// A running xDS server (shutting down ends open streams; clients reconnect).

@@ -11,8 +11,9 @@ use common::*;
 use mesh_api::Identity;
 use mesh_ca::{Authenticated, Authority, CaClient, CaServer, ClientCertificate, StaticTokens};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use xds_server::{ClientAuth, MeshConfig, Store, StoreNodeAuthorizer, XdsServer};
+use xds_server::{
+    ClientAuth, ControlPlaneHandle, MeshConfig, Store, StoreNodeAuthorizer, XdsServer,
+};
 
 fn identity(uri: &str) -> Identity {
     Identity::parse_uri(uri).expect("identity")
@@ -22,13 +23,15 @@ fn identity(uri: &str) -> Identity {
 struct ControlPlane {
     addr: std::net::SocketAddr,
     authority: Arc<Authority>,
-    shutdown: CancellationToken,
+    handle: Option<ControlPlaneHandle>,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        if let Some(handle) = &self.handle {
+            handle.shutdown();
+        }
     }
 }
 
@@ -81,22 +84,17 @@ async fn control_plane(store: &Store) -> ControlPlane {
         .expect("xDS");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let tls = ca.tls_config();
-    let router = tonic::transport::Server::builder()
-        .add_service(ca.into_service())
-        .add_service(xds.into_service());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(mesh_ca::transport::serve_router(
-        router,
-        listener,
-        Some(tls),
-        mesh_net::HandshakeLimits::default(),
-        shutdown.clone(),
-    ));
+    let handle = xds_server::ControlPlane::builder()
+        .xds(xds)
+        .ca(ca)
+        .build()
+        .expect("control plane")
+        .spawn(listener)
+        .expect("spawn");
     ControlPlane {
         addr,
         authority,
-        shutdown,
+        handle: Some(handle),
         _dir: dir,
     }
 }
@@ -204,4 +202,75 @@ async fn xds_clients_authenticate_with_a_mesh_certificate_or_a_token() {
     first_response(anonymous.channel(), Some("shell-token"))
         .await
         .expect("token accepted");
+}
+
+#[tokio::test]
+async fn the_control_plane_handle_joins_without_stopping_and_drains_open_streams() {
+    let store = cluster();
+    let plane = control_plane(&store).await;
+    let handle = plane.handle.as_ref().expect("handle");
+    handle.ready(Duration::from_secs(1)).await.expect("ready");
+    let shell = client(&plane).token("shell-token").build().expect("client");
+    // A stream that stays open: drain must end it.
+    let mut grpc = mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(shell.channel());
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(wildcard(ADDRESS, std::collections::BTreeMap::new()))
+        .await
+        .expect("queue");
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer shell-token".parse().expect("header"),
+    );
+    let mut stream = grpc
+        .delta_aggregated_resources(request)
+        .await
+        .expect("stream")
+        .into_inner();
+    stream.message().await.expect("first response");
+    let drained = handle.drain(Duration::from_secs(10)).await;
+    assert!(drained.is_complete(), "{drained}");
+    assert!(
+        handle.ready(Duration::from_secs(1)).await.is_err(),
+        "stopped"
+    );
+    // The client's stream ended.
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+    assert!(matches!(end, Ok(Err(_) | Ok(None))), "{end:?}");
+    drop(requests);
+}
+
+#[tokio::test]
+async fn join_waits_without_stopping_and_shutdown_is_idempotent() {
+    let store = cluster();
+    let mut plane = control_plane(&store).await;
+    let handle = plane.handle.take().expect("handle");
+    let stopper = handle.stopping();
+    let join = tokio::spawn(handle.join());
+    // Joined, and still serving.
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+    client(&plane)
+        .token("shell-token")
+        .build()
+        .expect("client")
+        .certificate(&shell, false, None)
+        .await
+        .expect("served while joined");
+    assert!(!join.is_finished(), "join does not stop the server");
+    assert!(!stopper.is_cancelled());
+    join.abort();
+}
+
+#[tokio::test]
+async fn shutdown_is_idempotent_and_join_then_ends() {
+    let store = cluster();
+    let mut plane = control_plane(&store).await;
+    let handle = plane.handle.take().expect("handle");
+    handle.shutdown();
+    handle.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), handle.join())
+        .await
+        .expect("joined")
+        .expect("a shut down server ends Ok");
 }
