@@ -6,7 +6,7 @@
 //! The connection is allowed by the last ALLOW policy after every DENY policy was
 //! checked, so all five applicable policies are evaluated.
 //!
-//! Run: `cargo bench -p authz --bench decision`.
+//! Run: `cargo bench -p podless-authz --bench decision`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;

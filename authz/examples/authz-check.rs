@@ -1,7 +1,7 @@
 //! `authz-check`: decide connections against AuthorizationPolicy YAML.
 //!
 //! ```sh
-//! cargo run -p authz --example authz-check -- \
+//! cargo run -p podless-authz --example authz-check -- \
 //!     --policies <file-or-dir> --requests <file.jsonl> [--root-namespace istio-system]
 //! ```
 //!

@@ -4,28 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The example binary, next to this test's `deps/` directory. Cargo is asked to
-/// build it every time (a no-op when it is current), so a run with a `--test`
-/// filter never uses a stale binary.
+/// The `authz-check` example binary, next to this test's `deps/` directory:
+/// cargo builds a package's examples with its tests (`cargo test`, `cargo
+/// nextest run`), so the test never runs cargo itself.
 fn authz_check() -> PathBuf {
-    let test_exe = std::env::current_exe().unwrap();
-    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
+    let test_exe = std::env::current_exe().expect("test path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("profile dir");
     let binary = profile_dir.join("examples").join("authz-check");
-    {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "authz",
-                "--example",
-                "authz-check",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the authz-check example failed");
-    }
-    assert!(binary.exists(), "{} not built", binary.display());
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-authz, which build it",
+        binary.display()
+    );
     binary
 }
 

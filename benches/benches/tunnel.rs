@@ -631,7 +631,7 @@ fn main() {
         return;
     }
     let options = options();
-    let xds_serve = example("xds-server", "xds-serve", "release");
+    let xds_serve = example("podless-xds", "xds-serve", "release");
     let ztunnel_run = example("ztunnel-core", "ztunnel-run", "proxy");
     let topology = Topology::new("bench", 2);
     // Load-generator settings, for plain TCP and the mesh alike: the

@@ -9,28 +9,21 @@ use mesh_ca::CaClient;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The example binary, next to this test's `deps/` directory. Cargo is asked to
-/// build it every time (a no-op when it is current), so a run with a `--test`
-/// filter never uses a stale binary.
+/// The `ca-server` example binary, next to this test's `deps/` directory:
+/// cargo builds a package's examples with its tests (`cargo test`, `cargo
+/// nextest run`), so the test never runs cargo itself.
 fn ca_server() -> PathBuf {
-    let test_exe = std::env::current_exe().unwrap();
-    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
+    let test_exe = std::env::current_exe().expect("test path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("profile dir");
     let binary = profile_dir.join("examples").join("ca-server");
-    {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "mesh-ca",
-                "--example",
-                "ca-server",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the ca-server example failed");
-    }
-    assert!(binary.exists(), "{} not built", binary.display());
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests with cargo test or cargo nextest run -p mesh-ca, which build it",
+        binary.display()
+    );
     binary
 }
 

@@ -2,7 +2,7 @@
 //! workloads and W/10 services.
 //!
 //! ```sh
-//! cargo bench -p xds-server --bench load -- --clients 1000 --workloads 100000 --updates 20
+//! cargo bench -p podless-xds --bench load -- --clients 1000 --workloads 100000 --updates 20
 //! ```
 //!
 //! The server runs in a child process (this binary with `serve`), so its memory

@@ -1,7 +1,7 @@
 //! `xds-serve`: serve a directory of Kubernetes manifests over delta ADS.
 //!
 //! ```sh
-//! cargo run -p xds-server --example xds-serve -- --manifests <dir> --listen 127.0.0.1:15010 \
+//! cargo run -p podless-xds --example xds-serve -- --manifests <dir> --listen 127.0.0.1:15010 \
 //!     [--tls-cert chain.pem --tls-key key.pem] [--token <token>=<spiffe-id>]... \
 //!     [--ca-dir <dir> [--node-agent <token>=<spiffe-id>@<node>]...] \
 //!     [--cluster-id Kubernetes] [--domain cluster.local] [--trust-domain cluster.local]

@@ -10,27 +10,22 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 
-/// The example binary, next to this test's `deps/` directory. Cargo is asked to
-/// build it every time (a no-op when it is current).
+/// The `xds-serve` example binary, next to this test's `deps/` directory:
+/// cargo builds a package's examples with its tests (`cargo test`, `cargo
+/// nextest run`), so the test never runs cargo itself.
 fn xds_serve() -> PathBuf {
     let test_exe = std::env::current_exe().expect("test path");
     let profile_dir = test_exe
         .parent()
         .and_then(Path::parent)
         .expect("profile dir");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "xds-server",
-            "--example",
-            "xds-serve",
-        ])
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "building the xds-serve example failed");
-    profile_dir.join("examples").join("xds-serve")
+    let binary = profile_dir.join("examples").join("xds-serve");
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-xds, which build it",
+        binary.display()
+    );
+    binary
 }
 
 struct Running(Child);

@@ -101,7 +101,7 @@ const UIDS: [&str; 3] = [
 /// The scene; with `on_demand_client`, the client pod's proxy learns
 /// addresses on demand instead of receiving them all.
 async fn scene(test: &str, cert_ttl: Option<u64>, on_demand_client: bool) -> Scene {
-    let xds_serve = example("xds-server", "xds-serve", "dev");
+    let xds_serve = example("podless-xds", "xds-serve", "dev");
     let ztunnel_run = example("ztunnel-core", "ztunnel-run", "dev");
     let topology = Topology::new(test, 3);
     let manifests = tempfile::tempdir().expect("tempdir");
