@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo run -p dns-proxy --example dns-serve -- --listen 127.0.0.1:15053 \
 //!     --records records.yaml --upstream 127.0.0.1:53 [--domain cluster.local] \
-//!     [--max-in-flight 256]
+//!     [--max-in-flight 256] [--drain-seconds 5]
 //! ```
 //!
 //! `--max-in-flight` bounds the questions waiting for the upstream at once
@@ -26,7 +26,11 @@
 //!   10.42.0.5: default
 //! ```
 //!
-//! It prints `listening on <addr>` once serving UDP and TCP; Ctrl-C stops it.
+//! It prints `listening on <addr>` once serving UDP and TCP. SIGTERM or
+//! Ctrl-C drains it (`DnsHandle::drain`): no new questions are read or
+//! connections accepted, those in progress get up to `--drain-seconds`
+//! (default 5) to finish; it then prints the outcome (`drained: all work
+//! finished`, or `drain timed out: <n> closed`) and exits.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -35,6 +39,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dns_proxy::{DnsProxy, InMemoryMeshDns, ServiceRecord, UpstreamConfig};
 use serde::Deserialize;
@@ -70,9 +75,10 @@ struct Args {
     upstreams: Vec<SocketAddr>,
     domain: String,
     max_in_flight: usize,
+    drain: Duration,
 }
 
-const USAGE: &str = "usage: dns-serve --listen <addr> --records <file.yaml> [--upstream <addr>] ... [--domain <domain>] [--max-in-flight <n>]";
+const USAGE: &str = "usage: dns-serve --listen <addr> --records <file.yaml> [--upstream <addr>] ... [--domain <domain>] [--max-in-flight <n>] [--drain-seconds <s>]";
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
@@ -80,6 +86,7 @@ fn parse_args() -> Result<Args, String> {
     let mut upstreams = Vec::new();
     let mut domain = "cluster.local".to_owned();
     let mut max_in_flight = UpstreamConfig::default().max_in_flight;
+    let mut drain = Duration::from_secs(5);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
@@ -99,6 +106,13 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|err| format!("--max-in-flight: {err}"))?;
             }
+            "--drain-seconds" => {
+                let seconds: f64 = value()?
+                    .parse()
+                    .map_err(|err| format!("--drain-seconds: {err}"))?;
+                drain = Duration::try_from_secs_f64(seconds)
+                    .map_err(|err| format!("--drain-seconds: {err}"))?;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -109,6 +123,7 @@ fn parse_args() -> Result<Args, String> {
         upstreams,
         domain,
         max_in_flight,
+        drain,
     })
 }
 
@@ -158,11 +173,39 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|err| format!("--listen {} (tcp): {err}", args.listen))?;
     let handle = proxy.spawn(udp, tcp).map_err(|err| err.to_string())?;
-    println!("listening on {}", handle.udp_addr());
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(|err| err.to_string())?;
+    // Listening for the signals before saying so: one sent after the line
+    // drains.
+    let stop = stop_signal().map_err(|err| err.to_string())?;
+    println!("listening on {}", handle.local_addr());
+    let signal = stop.await;
+    println!("{signal}: draining for up to {:?}", args.drain);
+    let drained = handle.drain(args.drain).await;
+    println!("{drained}");
     handle.join().await.map_err(|err| err.to_string())
+}
+
+/// Listens for SIGTERM and Ctrl-C (SIGINT) from now on; the future says
+/// which came.
+fn stop_signal() -> std::io::Result<impl Future<Output = &'static str>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = terminate.recv() => "terminated",
+                _ = interrupt.recv() => "interrupted",
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        })
+    }
 }
 
 fn main() -> ExitCode {

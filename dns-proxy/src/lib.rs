@@ -5,7 +5,8 @@
 //! - [`lookup`]: the mesh state the proxy answers from.
 //! - [`resolve`](mod@resolve): the decision for one question, free of I/O.
 //! - [`upstream`]: forwarding with a cache, bounded.
-//! - [`server`]: serving on caller-bound sockets.
+//! - [`server`]: serving on caller-bound sockets, and the [`DnsHandle`] that
+//!   drains, stops and joins the running proxy.
 
 pub mod lookup;
 pub mod resolve;
@@ -14,5 +15,5 @@ pub mod upstream;
 
 pub use lookup::{InMemoryMeshDns, MeshDns, ServiceRecord};
 pub use resolve::{Resolution, in_domain, resolve};
-pub use server::{DnsHandle, DnsProxy, DnsProxyBuilder, DnsStats};
+pub use server::{DnsHandle, DnsProxy, DnsProxyBuilder, DnsStats, NotReady, ServeError};
 pub use upstream::{DEFAULT_MAX_IN_FLIGHT, MAX_FORWARD_TIME, Upstream, UpstreamConfig};

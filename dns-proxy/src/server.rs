@@ -3,7 +3,7 @@
 //! with hickory-proto for the wire format. UDP, the hot path, runs on a
 //! receive loop that answers mesh questions inline (profiling showed
 //! hickory-server's per-question task and channel dominating); TCP
-//! ([`tcp`]) on connections accepted through [`mesh_net::Acceptor`], so a
+//! (`tcp`) on connections accepted through [`mesh_net::Acceptor`], so a
 //! client must send its first question within the handshake deadline, the
 //! connections waiting for one are bounded, and a process out of file
 //! descriptors backs off instead of spinning.
@@ -17,6 +17,12 @@
 //! dropped otherwise; questions larger than [`MAX_QUERY_BYTES`] are refused.
 //! Any opcode but QUERY (UPDATE, NOTIFY, STATUS, ...) gets NOTIMP with the
 //! request's ID and opcode.
+//!
+//! [`DnsProxy::spawn`] returns a [`DnsHandle`] with the verbs of every
+//! podless component ([`mesh_net::lifecycle`]): `ready`, `drain` (stop
+//! reading UDP questions and accepting TCP connections, let forwarded
+//! questions and open connections finish their question), `shutdown` (close
+//! everything now) and `join` (wait, never stop).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,7 +31,7 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use mesh_net::{Acceptor, HandshakeLimits};
+use mesh_net::{Acceptor, Drained, HandshakeLimits};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -236,60 +242,158 @@ impl DnsProxy {
         DnsStats::of(self.handler.upstream.as_ref())
     }
 
-    /// Serves on the caller's sockets until `shutdown` is cancelled.
+    /// Serves on the caller's sockets until `shutdown` is cancelled, then
+    /// closes everything at once (for a drain, use [`DnsProxy::spawn`] and
+    /// [`DnsHandle::drain`]). An error when a serving task failed.
     pub async fn serve(
         self,
         udp: UdpSocket,
         tcp: TcpListener,
         shutdown: CancellationToken,
-    ) -> Result<(), std::io::Error> {
-        let tidy = self.handler.upstream.clone().map(|upstream| {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { upstream.close_idle_sockets(shutdown).await })
-        });
-        let tcp = tokio::spawn(tcp::serve_tcp(
-            self.handler.clone(),
-            Acceptor::new(tcp, "DNS over TCP", tcp_limits()),
-            shutdown.clone(),
-        ));
-        let udp = tokio::spawn(serve_udp(self.handler, Arc::new(udp), shutdown.clone()));
-        shutdown.cancelled().await;
-        let (udp, tcp) = tokio::join!(udp, tcp);
-        if let Some(tidy) = tidy {
-            let _ = tidy.await;
-        }
-        udp.and(tcp)
-            .map_err(|err| std::io::Error::other(err.to_string()))
+    ) -> Result<(), ServeError> {
+        self.run(udp, tcp, Lifecycle::new(shutdown)).await
     }
 
-    /// Spawns [`DnsProxy::serve`] on the current runtime.
+    /// Serves until `life.stop`: the receive and accept loops (until
+    /// `life.draining`) in `life.intake`, what they start in `life.work`.
+    async fn run(
+        self,
+        udp: UdpSocket,
+        tcp: TcpListener,
+        life: Lifecycle,
+    ) -> Result<(), ServeError> {
+        let tidy = self.handler.upstream.clone().map(|upstream| {
+            let stop = life.stop.clone();
+            tokio::spawn(async move { upstream.close_idle_sockets(stop).await })
+        });
+        let tcp = life.intake.spawn(tcp::serve_tcp(
+            self.handler.clone(),
+            Acceptor::new(tcp, "DNS over TCP", tcp_limits()),
+            life.clone(),
+        ));
+        let udp = life
+            .intake
+            .spawn(serve_udp(self.handler, Arc::new(udp), life.clone()));
+        life.intake.close();
+        // A loop that fails stops the proxy.
+        let watch = |task: tokio::task::JoinHandle<()>| {
+            let stop = life.stop.clone();
+            async move {
+                let ended = task.await;
+                if ended.is_err() {
+                    stop.cancel();
+                }
+                ended
+            }
+        };
+        let (udp, tcp) = tokio::join!(watch(udp), watch(tcp));
+        life.stop.cancelled().await;
+        life.work.close();
+        life.work.wait().await;
+        let tidy = match tidy {
+            Some(tidy) => tidy.await,
+            None => Ok(()),
+        };
+        udp.and(tcp).and(tidy)?;
+        Ok(())
+    }
+
+    /// Spawns the proxy on the current runtime, serving the caller's sockets.
+    /// It is ready at once (see [`DnsHandle::ready`]).
     pub fn spawn(self, udp: UdpSocket, tcp: TcpListener) -> std::io::Result<DnsHandle> {
         let udp_addr = udp.local_addr()?;
         let tcp_addr = tcp.local_addr()?;
-        let shutdown = CancellationToken::new();
+        let life = Lifecycle::new(CancellationToken::new());
+        let stopped = CancellationToken::new();
         let upstream = self.handler.upstream.clone();
-        let task = tokio::spawn(self.serve(udp, tcp, shutdown.clone()));
+        let task = tokio::spawn({
+            let life = life.clone();
+            // Cancelled when the task ends, even by a panic.
+            let stopped = stopped.clone().drop_guard();
+            async move {
+                let _stopped = stopped;
+                self.run(udp, tcp, life).await
+            }
+        });
         Ok(DnsHandle {
             udp_addr,
             tcp_addr,
-            shutdown,
+            life,
+            stopped,
             upstream,
             task,
         })
     }
 }
 
-/// A running proxy.
+/// Why a proxy stopped with an error, from [`DnsHandle::join`] or
+/// [`DnsProxy::serve`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A serving task failed (panicked, or was cancelled by the runtime
+    /// shutting down).
+    #[error("DNS proxy task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why a proxy is not ready, from [`DnsHandle::ready`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReady {
+    /// The proxy has stopped or is stopping: it was drained or shut down, or
+    /// a serving task failed.
+    #[error("the DNS proxy has stopped (drained, shut down, or failed)")]
+    Stopped,
+}
+
+/// What the serving tasks and the handle share to stop.
+#[derive(Clone, Debug)]
+struct Lifecycle {
+    /// Cancelled to take no new work: the UDP loop stops receiving, the TCP
+    /// loop stops accepting, connections close between questions. A child of
+    /// `stop`.
+    draining: CancellationToken,
+    /// Cancelled to close everything now.
+    stop: CancellationToken,
+    /// The UDP receive loop and the TCP accept loop.
+    intake: TaskTracker,
+    /// Work in progress: UDP questions waiting for the upstream, and TCP
+    /// connections.
+    work: TaskTracker,
+}
+
+impl Lifecycle {
+    fn new(stop: CancellationToken) -> Self {
+        Self {
+            draining: stop.child_token(),
+            stop,
+            intake: TaskTracker::new(),
+            work: TaskTracker::new(),
+        }
+    }
+}
+
+/// A running proxy, with the verbs every podless component's handle has (see
+/// [`mesh_net::lifecycle`]). Dropping it leaves the proxy running.
 #[derive(Debug)]
 pub struct DnsHandle {
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
-    shutdown: CancellationToken,
+    life: Lifecycle,
+    /// Cancelled when the proxy's task has ended.
+    stopped: CancellationToken,
     upstream: Option<Upstream>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
 
 impl DnsHandle {
+    /// The address served: the UDP one ([`DnsHandle::udp_addr`]), DNS's
+    /// main transport; see also [`DnsHandle::tcp_addr`].
+    pub fn local_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
     /// The UDP address served.
     pub fn udp_addr(&self) -> SocketAddr {
         self.udp_addr
@@ -305,17 +409,64 @@ impl DnsHandle {
         DnsStats::of(self.upstream.as_ref())
     }
 
-    /// Stops serving.
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
+    /// `Ok` while the proxy answers: it is ready as soon as it is spawned (on
+    /// sockets the caller bound), so this returns at once, without using
+    /// `wait`. [`NotReady::Stopped`] once [`drain`](Self::drain) or
+    /// [`shutdown`](Self::shutdown) was called, or a serving task failed.
+    pub async fn ready(&self, wait: Duration) -> Result<(), NotReady> {
+        let _ = wait;
+        if self.life.draining.is_cancelled() || self.stopped.is_cancelled() {
+            return Err(NotReady::Stopped);
+        }
+        Ok(())
     }
 
-    /// Stops serving and waits for the server to finish.
-    pub async fn join(self) -> std::io::Result<()> {
-        self.shutdown.cancel();
-        self.task
-            .await
-            .map_err(|err| std::io::Error::other(err.to_string()))?
+    /// Stops taking new work and lets the work in progress finish for up to
+    /// `deadline`, then closes what is left and waits for the proxy to stop.
+    ///
+    /// UDP questions are no longer read and TCP connections no longer
+    /// accepted (the listener closes). Questions forwarded to the upstream
+    /// get their answer (or SERVFAIL within `timeout × attempts`); an open
+    /// TCP connection answers the question it is receiving or answering (and
+    /// any it has already received), then closes instead of waiting for the
+    /// next one. [`Drained::TimedOut`]'s `left` counts the forwarded UDP
+    /// questions and the TCP connections still open at the deadline.
+    ///
+    /// The proxy has stopped when this returns: [`join`](Self::join)
+    /// returns at once. On a proxy already stopped, [`Drained::Complete`].
+    pub async fn drain(&self, deadline: Duration) -> Drained {
+        let deadline = tokio::time::Instant::now() + deadline;
+        self.life.draining.cancel();
+        let finished = tokio::time::timeout_at(deadline, async {
+            // Once the loops have stopped, no work starts.
+            self.life.intake.wait().await;
+            self.life.work.close();
+            self.life.work.wait().await;
+        })
+        .await
+        .is_ok();
+        let left = if finished { 0 } else { self.life.work.len() };
+        self.life.stop.cancel();
+        self.stopped.cancelled().await;
+        if left == 0 {
+            Drained::Complete
+        } else {
+            Drained::TimedOut { left }
+        }
+    }
+
+    /// Stops now: stops reading and accepting, closes every TCP connection
+    /// and drops the questions waiting for the upstream. Idempotent; returns
+    /// at once ([`join`](Self::join) waits until the proxy has stopped).
+    pub fn shutdown(&self) {
+        self.life.stop.cancel();
+    }
+
+    /// Waits until the proxy has stopped (after [`drain`](Self::drain),
+    /// [`shutdown`](Self::shutdown), or a failure, which is returned). Never
+    /// stops it: dropping this future leaves the proxy running.
+    pub async fn join(self) -> Result<(), ServeError> {
+        self.task.await?
     }
 }
 
@@ -548,13 +699,16 @@ impl Handler {
 /// mesh state is unchanged. Other opcodes than QUERY get NOTIMP; unreadable
 /// datagrams with a query header get FORMERR; shorter ones, and responses,
 /// are dropped.
-async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
-    let forwards = TaskTracker::new();
+///
+/// Receives until `life.draining`; the questions waiting for the upstream are
+/// tasks in `life.work`, each ended by `life.stop`.
+async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, life: Lifecycle) {
     let mut buffer = vec![0u8; MAX_QUERY_BYTES];
     let mut answers = AnswerCache::default();
     loop {
         let (len, client) = tokio::select! {
-            () = shutdown.cancelled() => break,
+            biased;
+            () = life.draining.cancelled() => break,
             received = socket.recv_from(&mut buffer) => match received {
                 Ok(received) => received,
                 Err(err) => {
@@ -614,10 +768,17 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
                     // At most `max_in_flight` of these at a time.
                     Start::Forward(forward) => {
                         let socket = socket.clone();
-                        forwards.spawn(async move {
-                            let reply = Reply::relayed(forward.answer().await);
-                            if let Some(bytes) = encode_udp(request, reply) {
-                                send(&socket, &bytes, client).await;
+                        let stop = life.stop.clone();
+                        life.work.spawn(async move {
+                            let answer = async {
+                                let reply = Reply::relayed(forward.answer().await);
+                                if let Some(bytes) = encode_udp(request, reply) {
+                                    send(&socket, &bytes, client).await;
+                                }
+                            };
+                            tokio::select! {
+                                () = answer => {}
+                                () = stop.cancelled() => {}
                             }
                         });
                     }
@@ -625,8 +786,6 @@ async fn serve_udp(handler: Handler, socket: Arc<UdpSocket>, shutdown: Cancellat
             }
         }
     }
-    forwards.close();
-    forwards.wait().await;
 }
 
 /// What to answer a packet that is not a question we take, whatever the

@@ -1,10 +1,11 @@
 //! The `dns-serve` example queried with `dig` (Debian's bind9-dnsutils), as a
 //! person would: from clients in two namespaces, over UDP and TCP; unknown
-//! names of the cluster domain, with and without an upstream; other opcodes.
+//! names of the cluster domain, with and without an upstream; other opcodes;
+//! and a drain on SIGTERM.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 /// The example binary, next to this test's `deps/` directory. Cargo is asked to
 /// build it every time (a no-op when it is current).
@@ -16,7 +17,7 @@ fn dns_serve() -> PathBuf {
             "build",
             "--quiet",
             "-p",
-            "dns-proxy",
+            env!("CARGO_PKG_NAME"),
             "--example",
             "dns-serve",
         ])
@@ -83,6 +84,13 @@ fn dig(port: u16, from: &str, args: &[&str]) -> Vec<String> {
 
 /// `dns-serve` on 127.0.0.1 with `RECORDS` and `args`, and its port.
 fn serve(args: &[&str]) -> (Running, u16) {
+    let (child, port, _output) = serve_with_output(args);
+    (child, port)
+}
+
+/// `dns-serve` on 127.0.0.1 with `RECORDS` and `args`, its port, and the
+/// lines it prints after `listening on <addr>`.
+fn serve_with_output(args: &[&str]) -> (Running, u16, Lines<BufReader<ChildStdout>>) {
     let dir = tempfile::tempdir().unwrap();
     let records = dir.path().join("records.yaml");
     std::fs::write(&records, RECORDS).unwrap();
@@ -95,13 +103,10 @@ fn serve(args: &[&str]) -> (Running, u16) {
             .spawn()
             .unwrap(),
     );
-    let line = BufReader::new(child.0.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
     let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
-    (child, port)
+    (child, port, lines)
 }
 
 /// dig's whole output (header, flags, sections).
@@ -237,4 +242,29 @@ fn dig_update_and_notify_get_notimp() {
         dig(port, "127.0.0.1", &["echo.default.svc.cluster.local", "A"]),
         ["10.96.0.10"]
     );
+}
+
+/// SIGTERM drains `dns-serve`: it says so, prints how the drain ended, and
+/// exits cleanly.
+#[test]
+fn dns_serve_drains_on_sigterm() {
+    let (mut child, port, lines) = serve_with_output(&["--drain-seconds", "30"]);
+    assert_eq!(
+        dig(port, "127.0.0.1", &["echo.default.svc.cluster.local", "A"]),
+        ["10.96.0.10"]
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM");
+    let output: Vec<String> = lines.map(Result::unwrap).collect();
+    assert_eq!(
+        output,
+        [
+            "terminated: draining for up to 30s",
+            "drained: all work finished"
+        ]
+    );
+    assert!(child.0.wait().unwrap().success());
 }

@@ -22,10 +22,10 @@ use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 
 mod support;
-use support::{exchange, question};
+use support::{bind_pair, exchange, question};
 
 // ------------------------------------------------------------ the upstream
 
@@ -98,9 +98,8 @@ impl RequestHandler for FakeUpstream {
 async fn start_upstream() -> (SocketAddr, Arc<AtomicUsize>, Server<FakeUpstream>) {
     let handler = FakeUpstream::default();
     let questions = handler.questions.clone();
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (udp, tcp) = bind_pair().await;
     let address = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(address).await.unwrap();
     let mut server = Server::new(handler);
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 8);
@@ -157,8 +156,7 @@ async fn start() -> Setup {
     mesh.upsert_service(service("default", "api.example.com", &["240.0.0.1"], &[]));
     mesh.set_client_namespace("127.0.0.1".parse().unwrap(), Some("default".into()));
     mesh.set_client_namespace("127.0.0.2".parse().unwrap(), Some("other".into()));
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let tcp = TcpListener::bind(udp.local_addr().unwrap()).await.unwrap();
+    let (udp, tcp) = bind_pair().await;
     let proxy = DnsProxy::builder()
         .mesh(Arc::new(mesh.clone()))
         .upstream(UpstreamConfig {
@@ -333,6 +331,7 @@ async fn search_expansion_table() {
         );
         assert_eq!(answers(&response), expected, "{from} {name}");
     }
+    setup.proxy.shutdown();
     setup.proxy.join().await.unwrap();
 }
 
@@ -743,8 +742,7 @@ async fn the_proxy_is_the_authority_for_the_cluster_domain() {
 #[tokio::test]
 async fn without_an_upstream_unknown_cluster_names_are_nxdomain() {
     let mesh = InMemoryMeshDns::new();
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let tcp = TcpListener::bind(udp.local_addr().unwrap()).await.unwrap();
+    let (udp, tcp) = bind_pair().await;
     let proxy = DnsProxy::builder()
         .mesh(Arc::new(mesh))
         .build()
@@ -759,6 +757,7 @@ async fn without_an_upstream_unknown_cluster_names_are_nxdomain() {
     // Outside the domain there is nobody to ask.
     let response = ask_udp("127.0.0.1", proxy.udp_addr(), "example.org.", RecordType::A).await;
     assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+    proxy.shutdown();
     proxy.join().await.unwrap();
 }
 
@@ -912,6 +911,9 @@ async fn tcp_clients_closing_cleanly_are_not_logged_as_errors() {
     send(&mut stream, "slow.example.org.").await;
     stream.shutdown().await.unwrap();
     stream.read_to_end(&mut Vec::new()).await.unwrap();
+    // Every connection has closed: a drain has nothing to wait for.
+    let drained = setup.proxy.drain(Duration::from_secs(30)).await;
+    assert_eq!(drained, mesh_net::Drained::Complete);
     setup.proxy.join().await.unwrap();
     let alarms = alarms.0.lock().unwrap();
     assert!(alarms.is_empty(), "{alarms:#?}");

@@ -17,10 +17,10 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 mod support;
-use support::{exchange, question};
+use support::{bind_pair, exchange, question};
 
 /// The bound on questions waiting for the upstream.
 const CAP: usize = 16;
@@ -147,8 +147,7 @@ async fn a_flood_of_unanswered_names_is_bounded_and_released() {
         canonical: false,
     });
     mesh.set_client_namespace("127.0.0.1".parse().unwrap(), Some("default".into()));
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let tcp = TcpListener::bind(udp.local_addr().unwrap()).await.unwrap();
+    let (udp, tcp) = bind_pair().await;
     let proxy = DnsProxy::builder()
         .mesh(Arc::new(mesh))
         .upstream(UpstreamConfig {
@@ -269,5 +268,6 @@ async fn a_flood_of_unanswered_names_is_bounded_and_released() {
     );
     // One datagram per forwarded question: no retransmission from more sockets.
     assert_eq!(unanswered.load(Ordering::SeqCst), CAP);
+    proxy.shutdown();
     proxy.join().await.unwrap();
 }

@@ -11,10 +11,9 @@ use dns_proxy::{DnsProxy, InMemoryMeshDns, Resolution, ServiceRecord, resolve};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 use proptest::prelude::*;
-use tokio::net::{TcpListener, UdpSocket};
 
 mod support;
-use support::{exchange, question};
+use support::{bind_pair, exchange, question};
 
 const DOMAIN: &str = "cluster.local";
 
@@ -99,8 +98,7 @@ proptest! {
 async fn start_proxy() -> (SocketAddr, dns_proxy::DnsHandle) {
     let mesh = mesh_with("echo", "default", vec!["10.96.0.1".parse().unwrap()]);
     mesh.set_client_namespace("127.0.0.1".parse().unwrap(), Some("default".into()));
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let tcp = TcpListener::bind(udp.local_addr().unwrap()).await.unwrap();
+    let (udp, tcp) = bind_pair().await;
     let proxy = DnsProxy::builder()
         .mesh(Arc::new(mesh))
         .build()
@@ -173,5 +171,6 @@ fn the_proxy_survives_any_datagram() {
             Ok(())
         })?;
     });
+    proxy.shutdown();
     runtime.block_on(proxy.join()).unwrap();
 }

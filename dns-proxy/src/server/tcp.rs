@@ -7,7 +7,8 @@
 //! are answered one after another (a message larger than
 //! [`MAX_QUERY_BYTES`](super::MAX_QUERY_BYTES)
 //! gets FORMERR); a connection idle for [`TCP_IDLE`] between questions is
-//! closed.
+//! closed. During a drain, a connection finishes the question it is
+//! receiving or answering, then closes instead of waiting for another.
 
 use std::net::SocketAddr;
 
@@ -16,47 +17,43 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::{Handler, TCP_IDLE};
+use super::{Handler, Lifecycle, TCP_IDLE};
 
-/// Accepts and serves connections until `shutdown`, then waits for them.
-pub(super) async fn serve_tcp(
-    handler: Handler,
-    mut acceptor: Acceptor,
-    shutdown: CancellationToken,
-) {
-    let connections = TaskTracker::new();
+/// Accepts connections until `life.draining` (the listener then closes), and
+/// serves each in a task of `life.work` until it closes or `life.stop`.
+pub(super) async fn serve_tcp(handler: Handler, mut acceptor: Acceptor, life: Lifecycle) {
     loop {
         let (stream, client, handshake) = tokio::select! {
-            () = shutdown.cancelled() => break,
+            biased;
+            () = life.draining.cancelled() => break,
             accepted = acceptor.accept() => accepted,
         };
         let handler = handler.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
+        let draining = life.draining.clone();
+        let stop = life.stop.clone();
+        life.work.spawn(async move {
             tokio::select! {
-                () = connection(&handler, stream, client, handshake) => {}
-                () = shutdown.cancelled() => {}
+                () = connection(&handler, stream, client, handshake, &draining) => {}
+                () = stop.cancelled() => {}
             }
         });
     }
-    connections.close();
-    connections.wait().await;
 }
 
 /// Answers the questions of one connection until it closes, goes idle, or
-/// breaks the rules.
+/// breaks the rules; once `draining`, until no question has begun arriving.
 async fn connection(
     handler: &Handler,
     mut stream: TcpStream,
     client: SocketAddr,
     handshake: Handshake,
+    draining: &CancellationToken,
 ) {
     let mut buffer = Vec::new();
     // The first question is the handshake: then its place is free again.
     let first = handshake
-        .within(read_message(&mut stream, &mut buffer))
+        .within(read_message(&mut stream, &mut buffer, draining))
         .await;
     drop(handshake);
     if !matches!(first, Ok(Ok(true))) {
@@ -69,7 +66,8 @@ async fn connection(
             return;
         }
         let deadline = Instant::now() + TCP_IDLE;
-        match tokio::time::timeout_at(deadline, read_message(&mut stream, &mut buffer)).await {
+        let next = read_message(&mut stream, &mut buffer, draining);
+        match tokio::time::timeout_at(deadline, next).await {
             Ok(Ok(true)) => {}
             // Closed, idle too long, or failed: nothing to answer.
             Ok(Ok(false) | Err(_)) | Err(_) => return,
@@ -78,10 +76,24 @@ async fn connection(
 }
 
 /// Reads one length-prefixed message into `buffer`: `false` when the client
-/// closed the connection before one began.
-async fn read_message(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<bool> {
+/// closed the connection before one began, or `draining` was cancelled
+/// while waiting for one to begin (one that has begun arriving is read to
+/// its end).
+async fn read_message(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    draining: &CancellationToken,
+) -> std::io::Result<bool> {
     let mut length = [0u8; 2];
-    match stream.read_exact(&mut length).await {
+    let first = tokio::select! {
+        biased;
+        read = stream.read(&mut length[..1]) => read?,
+        () = draining.cancelled() => return Ok(false),
+    };
+    if first == 0 {
+        return Ok(false);
+    }
+    match stream.read_exact(&mut length[1..]).await {
         Ok(_) => {}
         Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
         Err(err) => return Err(err),

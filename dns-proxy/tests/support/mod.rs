@@ -1,12 +1,25 @@
-//! Helpers shared by the integration tests: questions as bytes, and one UDP
-//! exchange with the proxy.
+//! Helpers shared by the integration tests: sockets to serve on, questions as
+//! bytes, and one UDP exchange with the proxy.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
+
+/// A UDP socket and a TCP listener on one port of 127.0.0.1. A port free for
+/// UDP may be taken for TCP (by another test's connection): then another.
+pub(crate) async fn bind_pair() -> (UdpSocket, TcpListener) {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        match TcpListener::bind(udp.local_addr().unwrap()).await {
+            Ok(tcp) => return (udp, tcp),
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(err) => panic!("binding TCP: {err}"),
+        }
+    }
+}
 
 /// A recursive question for `name` as bytes, with EDNS (1232 bytes) if asked.
 pub(crate) fn question(name: &str, record_type: RecordType, edns: bool) -> Vec<u8> {
