@@ -88,6 +88,18 @@ fn options() -> Options {
     options
 }
 
+/// Builds an example of the workspace with the cargo `profile` (a bench may;
+/// tests never do), and returns its path.
+fn build_example(package: &str, name: &str, profile: &str) -> PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package, "--example", name])
+        .args(["--profile", profile])
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "building the {name} example failed");
+    example(package, name, profile)
+}
+
 /// A proxy's resident memory.
 fn rss(process: &Process) -> u64 {
     resident_bytes(process.pid()).expect("RSS")
@@ -631,8 +643,8 @@ fn main() {
         return;
     }
     let options = options();
-    let xds_serve = example("podless-xds", "xds-serve", "release");
-    let ztunnel_run = example("ztunnel-core", "ztunnel-run", "proxy");
+    let xds_serve = build_example("podless-xds", "xds-serve", "release");
+    let ztunnel_run = build_example("ztunnel-core", "ztunnel-run", "proxy");
     let topology = Topology::new("bench", 2);
     // Load-generator settings, for plain TCP and the mesh alike: the
     // connection test closes tens of thousands of connections, whose
@@ -919,6 +931,13 @@ impl Attack {
                 held.push(stream);
             }
             opened += 1;
+            if opened % 256 == 0 {
+                // Let go of what the server closed, as an attacker reopening
+                // would: the harness's own descriptors stay bounded.
+                held.retain(|stream| {
+                    matches!(stream.try_read(&mut [0u8; 1]), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+                });
+            }
             let most = match self {
                 Self::SelfCall => 100,
                 Self::IdleHandshakes => 20_000,

@@ -14,7 +14,7 @@ command -v dnsmasq >/dev/null || packages+=(dnsmasq-base)
 if [ ${#packages[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
 fi
-cargo build --quiet --release -p dns-proxy --example dns-serve
+cargo build --quiet --release -p podless-dns --example dns-serve
 
 ROUNDS=${ROUNDS:-3}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}

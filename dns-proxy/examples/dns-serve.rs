@@ -1,7 +1,7 @@
 //! `dns-serve`: run the DNS proxy from a records file.
 //!
 //! ```sh
-//! cargo run -p dns-proxy --example dns-serve -- --listen 127.0.0.1:15053 \
+//! cargo run -p podless-dns --example dns-serve -- --listen 127.0.0.1:15053 \
 //!     --records records.yaml --upstream 127.0.0.1:53 [--domain cluster.local] \
 //!     [--max-in-flight 256] [--drain-seconds 5]
 //! ```

@@ -7,24 +7,19 @@ use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 
-/// The example binary, next to this test's `deps/` directory. Cargo is asked to
-/// build it every time (a no-op when it is current).
+/// The `dns-serve` example binary, next to this test's `deps/` directory:
+/// cargo builds a package's examples with its tests (`cargo test`, `cargo
+/// nextest run`), so the test never runs cargo itself.
 fn dns_serve() -> PathBuf {
     let test_exe = std::env::current_exe().unwrap();
     let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            env!("CARGO_PKG_NAME"),
-            "--example",
-            "dns-serve",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the dns-serve example failed");
-    profile_dir.join("examples").join("dns-serve")
+    let binary = profile_dir.join("examples").join("dns-serve");
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-dns, which build it",
+        binary.display()
+    );
+    binary
 }
 
 struct Running(Child);

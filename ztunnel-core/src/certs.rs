@@ -5,6 +5,29 @@
 //! Concurrent requests for one identity share one fetch; different identities
 //! are fetched in parallel. A node agent serving several workloads fetches them
 //! by impersonation.
+//!
+//! Who uses an identity holds a [`CertLease`] on it (a proxy instance leases
+//! its served workload's identity while it runs): when the last lease of an
+//! identity ends, its renewal stops and its certificate is dropped, so a node
+//! agent whose pods come and go keeps only the certificates of the workloads
+//! it still serves.
+//!
+//! The manager is a handle of the shape of [`mesh_net::lifecycle`]:
+//! [`CertManager::shutdown`] and [`CertManager::drain`] stop every renewal,
+//! [`CertManager::join`] waits for them to end.
+//!
+//! ```no_run
+//! # fn example(ca: mesh_ca::CaClient) -> Result<(), ztunnel_core::certs::BuildError> {
+//! use mesh_ca::RenewalConfig;
+//! use ztunnel_core::CertManager;
+//!
+//! let certs = CertManager::builder()
+//!     .client(ca)
+//!     .impersonate(true) // a node agent, on behalf of its workloads
+//!     .renewal(RenewalConfig::default())
+//!     .build()?;
+//! # Ok(()) }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +35,7 @@ use std::time::Duration;
 
 use mesh_api::Identity;
 use mesh_ca::{CaClient, Renewal, RenewalConfig, WorkloadCertificate};
+use mesh_net::Drained;
 use tokio_util::sync::CancellationToken;
 
 /// Why a certificate is not available.
@@ -27,55 +51,137 @@ pub enum CertError {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// The manager was shut down or drained: it fetches nothing more.
+    #[error("no certificate for {0}: the certificate manager has stopped")]
+    Stopped(Identity),
 }
 
-/// Certificates by identity.
-#[derive(Debug)]
+/// Why a manager could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No CA client was given.
+    #[error("no CA client: call CertManager::builder().client(..)")]
+    NoClient,
+}
+
+/// A builder of [`CertManager`].
+#[derive(Debug, Default)]
+pub struct CertManagerBuilder {
+    client: Option<CaClient>,
+    impersonate: bool,
+    renewal: RenewalConfig,
+}
+
+impl CertManagerBuilder {
+    /// The CA to fetch from (e.g. `mesh_ca::CaClient`, to `mesh-ca` or
+    /// istiod). Required.
+    pub fn client(mut self, client: CaClient) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Ask for certificates on behalf of workloads (a node agent, whose
+    /// credentials are its own) rather than as the caller itself (default:
+    /// `false`).
+    pub fn impersonate(mut self, impersonate: bool) -> Self {
+        self.impersonate = impersonate;
+        self
+    }
+
+    /// How certificates are renewed: validity asked for, retry backoff
+    /// (default: [`RenewalConfig::default`]).
+    pub fn renewal(mut self, config: RenewalConfig) -> Self {
+        self.renewal = config;
+        self
+    }
+
+    /// Checks and assembles; fetches nothing and spawns nothing (renewals
+    /// start on first use, on the runtime of that use).
+    pub fn build(self) -> Result<CertManager, BuildError> {
+        Ok(CertManager {
+            inner: Arc::new(Inner {
+                client: self.client.ok_or(BuildError::NoClient)?,
+                impersonate: self.impersonate,
+                config: self.renewal,
+                shutdown: CancellationToken::new(),
+                renewals: Mutex::new(HashMap::new()),
+                stopped: Mutex::new(Vec::new()),
+                stopping: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+}
+
+/// Certificates by identity. Cheap to clone: clones share the certificates
+/// and the renewals.
+#[derive(Clone, Debug)]
 pub struct CertManager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     client: CaClient,
     impersonate: bool,
     config: RenewalConfig,
+    /// Stops every renewal, and any new one.
     shutdown: CancellationToken,
-    renewals: Mutex<HashMap<Identity, Renewal>>,
+    renewals: Mutex<HashMap<Identity, Entry>>,
+    /// Renewals stopped by `shutdown`, for `join` and `drain` to wait for.
+    stopped: Mutex<Vec<Renewal>>,
+    /// Held while the renewals are being stopped, so every `join` returns
+    /// only once they all ended.
+    stopping: tokio::sync::Mutex<()>,
 }
 
-impl CertManager {
-    /// A manager fetching through `client`; with `impersonate`, certificates
-    /// are asked for on behalf of workloads (a node agent). Renewals stop when
-    /// `shutdown` is cancelled.
-    pub fn new(
-        client: CaClient,
-        impersonate: bool,
-        config: RenewalConfig,
-        shutdown: &CancellationToken,
-    ) -> Self {
-        Self {
-            client,
-            impersonate,
-            config,
-            shutdown: shutdown.child_token(),
-            renewals: Mutex::new(HashMap::new()),
-        }
-    }
+/// One identity's renewal and how many leases hold it.
+#[derive(Debug)]
+struct Entry {
+    renewal: Renewal,
+    leases: usize,
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Renewal>> {
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Entry>> {
         self.renewals
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts fetching `identity`'s certificate if nobody has yet (e.g. when a
-    /// workload appears, before its first connection).
-    pub fn prefetch(&self, identity: &Identity) {
-        self.lock().entry(identity.clone()).or_insert_with(|| {
-            Renewal::spawn(
+    /// `identity`'s entry, started if there is none; `None` once stopped.
+    /// Runs `with` on it under the lock.
+    fn entry<T>(&self, identity: &Identity, with: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+        let mut renewals = self.lock();
+        // Checked under the lock: `shutdown` cancels, then empties the map
+        // under it, so no renewal starts after it.
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        let entry = renewals.entry(identity.clone()).or_insert_with(|| Entry {
+            renewal: Renewal::spawn(
                 self.client.clone(),
                 identity.clone(),
                 self.impersonate,
                 self.config,
                 &self.shutdown,
-            )
+            ),
+            leases: 0,
         });
+        Some(with(entry))
+    }
+}
+
+impl CertManager {
+    /// A builder.
+    pub fn builder() -> CertManagerBuilder {
+        CertManagerBuilder::default()
+    }
+
+    /// Starts fetching `identity`'s certificate if nobody has yet (e.g. when a
+    /// workload appears, before its first connection). Nothing once stopped.
+    pub fn prefetch(&self, identity: &Identity) {
+        self.inner.entry(identity, |_| ());
     }
 
     /// The current certificate of `identity`, waiting up to `wait` for the first.
@@ -84,15 +190,11 @@ impl CertManager {
         identity: &Identity,
         wait: Duration,
     ) -> Result<Arc<WorkloadCertificate>, CertError> {
-        self.prefetch(identity);
-        let mut current = match self.lock().get(identity) {
-            Some(renewal) => renewal.subscribe(),
-            None => {
-                return Err(CertError::Unavailable {
-                    identity: identity.clone(),
-                    waited: Duration::ZERO,
-                });
-            }
+        let Some(mut current) = self
+            .inner
+            .entry(identity, |entry| entry.renewal.subscribe())
+        else {
+            return Err(CertError::Stopped(identity.clone()));
         };
         let unavailable = || CertError::Unavailable {
             identity: identity.clone(),
@@ -105,15 +207,130 @@ impl CertManager {
         arrived.clone().ok_or_else(unavailable)
     }
 
-    /// Stops renewing `identity` (its workloads are gone); whether it was kept.
+    /// Keeps `identity`'s certificate fetched and renewed while the lease
+    /// lives. When the last lease of an identity ends, its renewal stops and
+    /// its certificate is dropped (however it was first fetched: through
+    /// [`CertManager::certificate`] and [`CertManager::prefetch`] too).
+    /// Identities never leased are kept until [`CertManager::forget`].
+    pub fn lease(&self, identity: &Identity) -> Result<CertLease, CertError> {
+        self.inner
+            .entry(identity, |entry| entry.leases += 1)
+            .ok_or_else(|| CertError::Stopped(identity.clone()))?;
+        Ok(CertLease {
+            manager: self.clone(),
+            identity: identity.clone(),
+        })
+    }
+
+    /// Stops renewing `identity` now, leased or not (its workloads are gone);
+    /// whether it was kept. A later use fetches it again.
     pub fn forget(&self, identity: &Identity) -> bool {
-        self.lock().remove(identity).is_some()
+        self.inner.lock().remove(identity).is_some()
     }
 
     /// The identities kept fresh.
     pub fn identities(&self) -> Vec<Identity> {
-        let mut identities: Vec<Identity> = self.lock().keys().cloned().collect();
+        let mut identities: Vec<Identity> = self.inner.lock().keys().cloned().collect();
         identities.sort();
         identities
+    }
+
+    /// Stops every renewal and refuses new ones ([`CertError::Stopped`]); a
+    /// renewal in the middle of a fetch ends when the fetch does. Idempotent;
+    /// returns at once.
+    pub fn shutdown(&self) {
+        // Cancelled before the map is emptied, under its lock: no renewal
+        // starts after (see `Inner::entry`).
+        self.inner.shutdown.cancel();
+        let renewals = std::mem::take(&mut *self.inner.lock());
+        self.inner
+            .stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(renewals.into_values().map(|entry| entry.renewal));
+    }
+
+    /// Stops as [`CertManager::shutdown`], then waits up to `deadline` for
+    /// the renewals to end: [`Drained::TimedOut`] counts those still in the
+    /// middle of a fetch at the deadline (left to end when their fetch does,
+    /// with nothing published).
+    pub async fn drain(&self, deadline: Duration) -> Drained {
+        self.shutdown();
+        let deadline = tokio::time::Instant::now() + deadline;
+        self.stop_renewals(Some(deadline)).await
+    }
+
+    /// Waits until the manager has been stopped (by [`CertManager::shutdown`]
+    /// or [`CertManager::drain`], through any clone) and its renewals ended.
+    /// Never stops it. Nothing is fatal to a manager (failed fetches are
+    /// retried), so this never fails.
+    pub async fn join(self) {
+        self.inner.shutdown.cancelled().await;
+        let _ = self.stop_renewals(None).await;
+    }
+
+    /// Takes every renewal out and waits for each to end, until `deadline`
+    /// if any; how that went.
+    async fn stop_renewals(&self, deadline: Option<tokio::time::Instant>) -> Drained {
+        let _stopping = self.inner.stopping.lock().await;
+        let renewals = std::mem::take(
+            &mut *self
+                .inner
+                .stopped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut left = 0;
+        for renewal in renewals {
+            match deadline {
+                // Polled once even past the deadline: one already ended counts.
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, renewal.stop())
+                        .await
+                        .is_err()
+                    {
+                        left += 1;
+                    }
+                }
+                None => renewal.stop().await,
+            }
+        }
+        if left == 0 {
+            Drained::Complete
+        } else {
+            Drained::TimedOut { left }
+        }
+    }
+}
+
+/// A claim on one identity's certificate: see [`CertManager::lease`].
+#[derive(Debug)]
+pub struct CertLease {
+    manager: CertManager,
+    identity: Identity,
+}
+
+impl CertLease {
+    /// The leased identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Its current certificate, waiting up to `wait` for the first.
+    pub async fn certificate(&self, wait: Duration) -> Result<Arc<WorkloadCertificate>, CertError> {
+        self.manager.certificate(&self.identity, wait).await
+    }
+}
+
+impl Drop for CertLease {
+    fn drop(&mut self) {
+        let mut renewals = self.manager.inner.lock();
+        if let Some(entry) = renewals.get_mut(&self.identity) {
+            entry.leases = entry.leases.saturating_sub(1);
+            if entry.leases == 0 {
+                // Dropping the renewal stops it.
+                renewals.remove(&self.identity);
+            }
+        }
     }
 }

@@ -24,8 +24,8 @@ pub mod xds;
 #[cfg(test)]
 mod test_support;
 
-pub use certs::{CertError, CertManager};
+pub use certs::{CertError, CertLease, CertManager, CertManagerBuilder};
 pub use dns::StateDns;
-pub use proxy::{Listeners, Ztunnel, ZtunnelBuilder, ZtunnelHandle};
+pub use proxy::{IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelHandle};
 pub use state::{ProxyState, Rejected, SharedState};
-pub use xds::{XdsClient, XdsClientBuilder};
+pub use xds::{SyncState, XdsClient, XdsClientBuilder, XdsClientHandle, XdsNotReady};

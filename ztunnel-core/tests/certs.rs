@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::Identity;
-use tokio_util::sync::CancellationToken;
+use mesh_net::Drained;
 use ztunnel_core::{CertError, CertManager};
 
 mod support;
@@ -22,8 +22,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn concurrent_requests_share_one_fetch_and_identities_are_fetched_in_parallel() {
-    let shutdown = CancellationToken::new();
-    let mesh = ca(&SERVED, &shutdown).await;
+    let mesh = ca(&SERVED).await;
     let certs = &mesh.certs;
     let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
     let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
@@ -45,7 +44,6 @@ async fn concurrent_requests_share_one_fetch_and_identities_are_fetched_in_paral
 
     assert!(certs.forget(&shell));
     assert_eq!(certs.identities(), vec![echo]);
-    shutdown.cancel();
 }
 
 async fn futures_join(
@@ -66,8 +64,7 @@ async fn futures_join(
 
 #[tokio::test]
 async fn a_workload_the_ca_refuses_gets_no_certificate() {
-    let shutdown = CancellationToken::new();
-    let mesh = ca(&SERVED, &shutdown).await;
+    let mesh = ca(&SERVED).await;
     let certs = &mesh.certs;
     let db = identity("spiffe://cluster.local/ns/default/sa/db");
     let err = certs
@@ -78,5 +75,84 @@ async fn a_workload_the_ca_refuses_gets_no_certificate() {
         matches!(err, CertError::Unavailable { ref identity, .. } if *identity == db),
         "{err}"
     );
-    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_identity_is_dropped_when_its_last_lease_ends() {
+    let mesh = ca(&SERVED).await;
+    let certs = &mesh.certs;
+    let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+
+    // Two users of echo (two pods of one service account), one of shell.
+    let first = certs.lease(&echo).expect("lease");
+    let second = certs.lease(&echo).expect("lease");
+    let shell_lease = certs.lease(&shell).expect("lease");
+    assert_eq!(first.identity(), &echo);
+    let cert = first.certificate(WAIT).await.expect("echo's certificate");
+    assert_eq!(cert.identity, echo);
+    assert!(Arc::ptr_eq(
+        &second.certificate(WAIT).await.expect("shared"),
+        &cert
+    ));
+    assert_eq!(certs.identities(), vec![echo.clone(), shell.clone()]);
+
+    drop(first);
+    assert_eq!(
+        certs.identities(),
+        vec![echo.clone(), shell.clone()],
+        "echo still has a user"
+    );
+    drop(second);
+    assert_eq!(
+        certs.identities(),
+        vec![shell.clone()],
+        "echo's last user is gone: its certificate is dropped"
+    );
+    drop(shell_lease);
+    assert!(certs.identities().is_empty());
+
+    // Asked for again, it is fetched again.
+    let again = certs.lease(&echo).expect("lease");
+    assert_eq!(
+        again.certificate(WAIT).await.expect("refetched").identity,
+        echo
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_manager_renews_and_fetches_nothing() {
+    let mesh = ca(&SERVED).await;
+    let certs = mesh.certs.clone();
+    let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+    certs.certificate(&echo, WAIT).await.expect("certificate");
+    certs.certificate(&shell, WAIT).await.expect("certificate");
+
+    // join waits for a stop from elsewhere, and never stops the manager.
+    let joined = tokio::spawn(certs.clone().join());
+    tokio::task::yield_now().await;
+    assert!(!joined.is_finished(), "join alone does not stop it");
+    assert_eq!(certs.identities().len(), 2);
+
+    assert_eq!(certs.drain(WAIT).await, Drained::Complete);
+    tokio::time::timeout(WAIT, joined)
+        .await
+        .expect("joined after the drain")
+        .expect("join task");
+    assert!(certs.identities().is_empty(), "every renewal stopped");
+    assert!(
+        matches!(
+            certs.certificate(&echo, WAIT).await,
+            Err(CertError::Stopped(ref stopped)) if *stopped == echo
+        ),
+        "nothing fetched once stopped"
+    );
+    assert!(
+        matches!(certs.lease(&echo), Err(CertError::Stopped(_))),
+        "no lease once stopped"
+    );
+    certs.shutdown();
+    certs.shutdown();
+    assert!(certs.identities().is_empty(), "idempotent");
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use dns_proxy::{MeshDns, Resolution, resolve};
 use hickory_proto::rr::RecordType;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use xds_server::{ClientAuth, Kind, MeshConfig, ObjectKey, Store, XdsServer, parse_manifest};
 use ztunnel_core::{StateDns, XdsClient};
 
@@ -96,13 +95,8 @@ async fn dns_answers_from_the_synced_state() {
         .build()
         .expect("client");
     let state = client.state();
-    let mut synced = client.synced();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(client.run(shutdown.clone()));
-    tokio::time::timeout(PATIENCE, synced.wait_for(|synced| *synced))
-        .await
-        .expect("in time")
-        .expect("synced");
+    let client = client.spawn();
+    client.ready(PATIENCE).await.expect("synced");
     let dns = StateDns::new(state.clone());
 
     assert_eq!(
@@ -144,5 +138,6 @@ async fn dns_answers_from_the_synced_state() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    shutdown.cancel();
+    client.shutdown();
+    client.join().await.expect("join");
 }

@@ -299,8 +299,7 @@ async fn mesh_traffic_policy_foreign_roots_and_a_lost_control_plane() {
     // echo pod's HBONE server.
     let refused = scene.topology.workloads[0]
         .run(move || async move {
-            let shutdown = CancellationToken::new();
-            let foreign = ca(&["spiffe://cluster.local/ns/default/sa/shell"], &shutdown).await;
+            let foreign = ca(&["spiffe://cluster.local/ns/default/sa/shell"]).await;
             let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
             let cert = foreign
                 .certs

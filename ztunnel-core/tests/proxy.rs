@@ -12,12 +12,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_api::Identity;
 use mesh_api::names::ip_to_wire;
 use mesh_api::workload::address::Type;
 use mesh_api::workload::{
     Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
 };
-use mesh_net::HandshakeLimits;
+use mesh_net::{Drained, HandshakeLimits};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -128,7 +129,7 @@ fn allow_only(state: &SharedState, app_port: u16, principal: &str) {
 
 async fn instance(
     state: &SharedState,
-    certs: &Arc<CertManager>,
+    certs: &CertManager,
     uid: &str,
     hbone: TcpListener,
     registry: Option<&mut Registry>,
@@ -150,7 +151,7 @@ async fn instance(
     let handle = builder
         .build()
         .expect("built")
-        .spawn_with(Listeners {
+        .spawn(Listeners {
             outbound: bind(0).await,
             inbound_plaintext: bind(0).await,
             hbone,
@@ -167,7 +168,15 @@ async fn socks5_reply(
     proxy: &ZtunnelHandle,
     target: SocketAddr,
 ) -> std::io::Result<(u8, TcpStream)> {
-    let mut stream = TcpStream::connect(proxy.socks5_addr().expect("socks5")).await?;
+    socks5_reply_at(proxy.socks5_addr().expect("socks5"), target).await
+}
+
+/// [`socks5_reply`] from the SOCKS5 listener at `socks5`.
+async fn socks5_reply_at(
+    socks5: SocketAddr,
+    target: SocketAddr,
+) -> std::io::Result<(u8, TcpStream)> {
+    let mut stream = TcpStream::connect(socks5).await?;
     stream.write_all(&[5, 1, 0]).await?;
     let mut choice = [0u8; 2];
     stream.read_exact(&mut choice).await?;
@@ -203,7 +212,6 @@ struct Mesh {
     shell: ZtunnelHandle,
     other: ZtunnelHandle,
     hbone_port: u16,
-    _shutdown: CancellationToken,
 }
 
 /// HBONE listeners on one port for the three workloads (127.0.0.2, .3, .4),
@@ -228,15 +236,11 @@ async fn mesh() -> Mesh {
 
 async fn mesh_with(limits: HandshakeLimits) -> Mesh {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let shutdown = CancellationToken::new();
-    let ca = ca(
-        &[
-            "spiffe://cluster.local/ns/default/sa/echo",
-            "spiffe://cluster.local/ns/default/sa/shell",
-            "spiffe://cluster.local/ns/other/sa/shell",
-        ],
-        &shutdown,
-    )
+    let ca = ca(&[
+        "spiffe://cluster.local/ns/default/sa/echo",
+        "spiffe://cluster.local/ns/default/sa/shell",
+        "spiffe://cluster.local/ns/other/sa/shell",
+    ])
     .await;
     let state = SharedState::default();
     let app = echo_app("127.0.0.2").await;
@@ -286,7 +290,6 @@ async fn mesh_with(limits: HandshakeLimits) -> Mesh {
         shell,
         other,
         hbone_port,
-        _shutdown: shutdown,
     }
 }
 
@@ -470,7 +473,7 @@ async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates(
     ));
 
     // A certificate from another root is refused in the handshake.
-    let foreign = ca(&["spiffe://cluster.local/ns/default/sa/shell"], &shutdown).await;
+    let foreign = ca(&["spiffe://cluster.local/ns/default/sa/shell"]).await;
     assert_ne!(foreign.authority.roots(), mesh.ca.authority.roots());
     let foreign_cert = foreign
         .certs
@@ -518,7 +521,7 @@ async fn drain_lets_open_connections_finish() {
     let mut echoed = [0u8; 5];
     open.read_exact(&mut echoed).await.expect("echoed");
     let Mesh { shell, echo, .. } = mesh;
-    let drained = tokio::spawn(shell.drain(WAIT));
+    let drained = tokio::spawn(async move { (shell.drain(WAIT).await, shell) });
     // Still carried while draining.
     open.write_all(b"again")
         .await
@@ -530,11 +533,136 @@ async fn drain_lets_open_connections_finish() {
     open.shutdown().await.expect("close");
     let mut rest = Vec::new();
     open.read_to_end(&mut rest).await.expect("closed cleanly");
-    assert!(
-        drained.await.expect("drain task"),
+    let (drained, shell) = drained.await.expect("drain task");
+    assert_eq!(
+        drained,
+        Drained::Complete,
         "every connection finished on its own"
     );
-    echo.shutdown().await;
+    shell.join().await.expect("stopped cleanly");
+    echo.shutdown();
+    echo.join().await.expect("stopped cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_what_is_left_at_its_deadline_and_counts_it() {
+    let mesh = mesh().await;
+    let mut open = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    open.write_all(b"hello").await.expect("write");
+    let mut echoed = [0u8; 5];
+    open.read_exact(&mut echoed).await.expect("echoed");
+    // The connection stays open past the deadline: closed, and counted.
+    assert_eq!(
+        mesh.shell.drain(Duration::from_millis(200)).await,
+        Drained::TimedOut { left: 1 }
+    );
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, open.read_to_end(&mut rest))
+        .await
+        .expect("the connection was closed");
+    assert!(
+        ended.is_err() || rest.is_empty(),
+        "closed: {ended:?}, {rest:?}"
+    );
+    assert!(
+        TcpStream::connect(mesh.shell.socks5_addr().expect("socks5"))
+            .await
+            .is_err(),
+        "no listener left"
+    );
+    let shell = mesh.shell;
+    shell.join().await.expect("stopped cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_at_once_and_join_waits_without_stopping() {
+    let mesh = mesh().await;
+    let echo_hbone = mesh.echo.local_addr();
+    assert_eq!(echo_hbone, mesh.echo.hbone_addr(), "served on HBONE");
+    assert_eq!(echo_hbone.port(), mesh.hbone_port);
+
+    // Joining does not stop an instance: it still carries traffic.
+    let shell_socks5 = mesh.shell.socks5_addr().expect("socks5");
+    let shell = mesh.shell;
+    let joined = tokio::spawn(shell.join());
+    let (reply, through) = socks5_reply_at(shell_socks5, mesh.app)
+        .await
+        .expect("connect");
+    assert_eq!(reply, 0, "SOCKS5 success");
+    assert!(round_trip(through, 1000).await.expect("round trip"));
+    assert!(!joined.is_finished(), "still running while joined");
+
+    // Shutdown returns at once, however often called; join then returns.
+    let mut open = socks5(&mesh.other, mesh.app).await.expect("connect");
+    mesh.other.shutdown();
+    mesh.other.shutdown();
+    let other = mesh.other;
+    tokio::time::timeout(WAIT, other.join())
+        .await
+        .expect("joined after shutdown")
+        .expect("stopped cleanly");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, open.read_to_end(&mut rest))
+        .await
+        .expect("closed by the shutdown");
+    assert_eq!(
+        mesh.echo.drain(WAIT).await,
+        Drained::Complete,
+        "nothing open on echo's side"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_dropped_once_no_running_instance_serves_its_identity() {
+    let mesh = mesh().await;
+    let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+    let other = identity("spiffe://cluster.local/ns/other/sa/shell");
+    let sorted = |mut identities: Vec<Identity>| {
+        identities.sort();
+        identities
+    };
+    // A second pod of default/shell's service account.
+    put(
+        &mesh.state,
+        workload("default", "shell-2", "shell", "127.0.0.5"),
+    );
+    let shell_2 = instance(
+        &mesh.state,
+        &mesh.ca.certs,
+        "Kubernetes//Pod/default/shell-2",
+        TcpListener::bind("127.0.0.5:0").await.expect("bind"),
+        None,
+        HandshakeLimits::default(),
+    )
+    .await;
+    assert_eq!(
+        mesh.ca.certs.identities(),
+        sorted(vec![echo.clone(), shell.clone(), other.clone()])
+    );
+
+    // One of the two shell pods leaves: the other still uses the identity.
+    let first_shell = mesh.shell;
+    first_shell.shutdown();
+    first_shell.join().await.expect("stopped");
+    assert_eq!(
+        mesh.ca.certs.identities(),
+        sorted(vec![echo.clone(), shell.clone(), other.clone()]),
+        "shell-2 still serves default/shell"
+    );
+
+    // The last one leaves: its certificate goes; the others' stay.
+    assert_eq!(shell_2.drain(WAIT).await, Drained::Complete);
+    shell_2.join().await.expect("stopped");
+    assert_eq!(
+        mesh.ca.certs.identities(),
+        sorted(vec![echo.clone(), other.clone()]),
+        "no running instance serves default/shell"
+    );
+
+    // The ones still running keep working.
+    let through = socks5(&mesh.other, mesh.app).await.expect("connect");
+    assert!(round_trip(through, 1000).await.expect("round trip"));
 }
 
 /// An HTTP/1.1 GET against `address`: (status, body).

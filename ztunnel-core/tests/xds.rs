@@ -1,17 +1,20 @@
 //! The xDS client against podless's own control plane (`xds-server`): initial
 //! sync, updates and removals, the control plane going away (the state stays)
-//! and coming back with changes (the client resyncs to them).
+//! and coming back with changes (the client resyncs to them), and a client
+//! whose credentials are refused saying so through its handle.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use mesh_api::Identity;
+use mesh_ca::{Authenticated, StaticTokens};
+use mesh_net::Drained;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use xds_server::{
     ClientAuth, Kind, MeshConfig, ObjectKey, Store, XdsHandle, XdsServer, parse_manifest,
 };
 use ztunnel_core::SharedState;
-use ztunnel_core::XdsClient;
+use ztunnel_core::{XdsClient, XdsNotReady};
 
 /// A ceiling so a broken client fails the test instead of hanging it.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -51,9 +54,13 @@ fn apply(store: &Store, yaml: &str) {
 }
 
 async fn serve(store: &Store, listener: TcpListener) -> XdsHandle {
+    serve_with(store, listener, ClientAuth::anonymous())
+}
+
+fn serve_with(store: &Store, listener: TcpListener, auth: ClientAuth) -> XdsHandle {
     XdsServer::builder()
         .store(store.clone())
-        .client_auth(ClientAuth::anonymous())
+        .client_auth(auth)
         .build()
         .expect("server")
         .spawn(listener)
@@ -78,6 +85,10 @@ fn client(addr: SocketAddr) -> XdsClient {
 
 /// A client of the server at `addr`, streaming everything or on demand.
 fn client_with(addr: SocketAddr, on_demand: bool) -> XdsClient {
+    builder(addr).on_demand(on_demand).build().expect("client")
+}
+
+fn builder(addr: SocketAddr) -> ztunnel_core::XdsClientBuilder {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect_lazy();
@@ -85,9 +96,6 @@ fn client_with(addr: SocketAddr, on_demand: bool) -> XdsClient {
         .channel(channel)
         .node_id("ztunnel~10.0.0.9~ztunnel-x.istio-system~istio-system.svc.cluster.local")
         .max_backoff(Duration::from_millis(200))
-        .on_demand(on_demand)
-        .build()
-        .expect("client")
 }
 
 async fn eventually(
@@ -111,13 +119,11 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
 
     let client = client(addr);
     let state = client.state();
-    let mut synced = client.synced();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(client.run(shutdown.clone()));
-    tokio::time::timeout(PATIENCE, synced.wait_for(|synced| *synced))
-        .await
-        .expect("synced in time")
-        .expect("synced");
+    let running = client.spawn();
+    running.ready(PATIENCE).await.expect("synced");
+    let sync = running.state();
+    assert!(sync.synced && sync.connected, "{sync:?}");
+    assert_eq!(sync.last_error, None);
     eventually("the initial state", &state, |s| s.counts() == (2, 1, 1)).await;
     {
         let state = state.read();
@@ -145,9 +151,13 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
     .await;
 
     // The control plane goes away: the state stays as it was.
-    server.drain(Duration::from_secs(5)).await.expect("drained");
+    let _ = server.drain(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(state.read().counts(), (2, 1, 1), "last known good");
+    running
+        .ready(Duration::ZERO)
+        .await
+        .expect("still ready: synced once, the last known state is served");
 
     // It comes back, on the same address, with changes made meanwhile: the
     // client reconnects and catches up, removals included.
@@ -168,8 +178,83 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
     .await;
     assert_eq!(state.read().counts(), (2, 1, 0));
 
-    shutdown.cancel();
-    running.await.expect("join");
+    assert_eq!(running.drain(PATIENCE).await, Drained::Complete);
+    assert_eq!(
+        running.ready(PATIENCE).await,
+        Err(XdsNotReady::Stopped),
+        "a drained client is not ready"
+    );
+    assert!(!running.state().connected);
+    running.join().await.expect("join");
+}
+
+/// A control plane that knows one bearer token, `agent-token`.
+fn token_auth() -> ClientAuth {
+    let agent =
+        Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
+    ClientAuth::new().with(StaticTokens::new().caller(
+        "agent-token",
+        Authenticated {
+            identity: agent,
+            node: Some("node-a".into()),
+            pod: None,
+        },
+    ))
+}
+
+#[tokio::test]
+async fn a_refused_token_is_reported_by_ready_and_the_right_one_syncs() {
+    let store = Store::new(MeshConfig::default());
+    apply(&store, CLUSTER);
+    apply(&store, &pod("echo-1", "10.0.0.1"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _server = serve_with(&store, listener, token_auth());
+
+    // A wrong token: refused on every attempt, and the handle says so.
+    let refused = builder(addr)
+        .token("wrong-token")
+        .build()
+        .expect("client")
+        .spawn();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while refused.last_error().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no stream ever failed: {:?}",
+            refused.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let why = refused
+        .ready(Duration::from_millis(100))
+        .await
+        .expect_err("never synced");
+    let XdsNotReady::Unauthenticated(message) = &why else {
+        panic!("not Unauthenticated: {why:?}");
+    };
+    assert!(message.contains("refused"), "names the refusal: {message}");
+    assert!(why.to_string().contains("refused the credentials"), "{why}");
+    let sync = refused.state();
+    assert!(!sync.synced && !sync.connected, "{sync:?}");
+    assert_eq!(
+        sync.last_error.map(|error| error.code),
+        Some(tonic::Code::Unauthenticated)
+    );
+    refused.shutdown();
+    refused.join().await.expect("join");
+
+    // The right token: synced.
+    let accepted = builder(addr).token("agent-token").build().expect("client");
+    let state = accepted.state();
+    let accepted = accepted.spawn();
+    accepted.ready(PATIENCE).await.expect("synced");
+    assert!(accepted.state().synced);
+    assert_eq!(accepted.last_error(), None);
+    eventually("the state", &state, |s| s.counts() == (1, 1, 1)).await;
+    accepted.shutdown();
+    accepted.shutdown();
+    accepted.join().await.expect("join");
 }
 
 #[tokio::test]
@@ -178,13 +263,8 @@ async fn on_demand_clients_learn_only_what_they_ask_for() {
     let client = client_with(addr, true);
     let state = client.state();
     let demander = client.demander().expect("on demand");
-    let mut synced = client.synced();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(client.run(shutdown.clone()));
-    tokio::time::timeout(PATIENCE, synced.wait_for(|synced| *synced))
-        .await
-        .expect("synced in time")
-        .expect("synced");
+    let client = client.spawn();
+    client.ready(PATIENCE).await.expect("synced");
     assert_eq!(
         state.read().counts(),
         (0, 0, 1),
@@ -217,5 +297,6 @@ async fn on_demand_clients_learn_only_what_they_ask_for() {
             .is_none()
     })
     .await;
-    shutdown.cancel();
+    client.shutdown();
+    client.join().await.expect("join");
 }

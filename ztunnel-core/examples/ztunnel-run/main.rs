@@ -11,9 +11,13 @@
 //!
 //! The control plane (`xds-serve --ca-dir ...`) serves xDS and the CA on one
 //! TLS port; the token authenticates this instance (a node agent's token, as
-//! certificates are asked for on the workload's behalf). Listeners: 15001,
-//! 15006 and 15008 on all addresses. Prints `ready` once the workload is known
-//! and has its certificate; drains on SIGTERM or Ctrl-C.
+//! certificates are asked for on the workload's behalf). It binds its
+//! listeners itself (the library binds nothing), with `TCP_NODELAY` inherited
+//! by their connections (`listen_with_nodelay`): 15001, 15006 and 15008 on all
+//! addresses, and SOCKS5 where `--socks5` says. Prints `ready` once the
+//! workload is known and has its certificate (else exits saying why, with the
+//! xDS client's reason if it never synced, e.g. a refused token); drains on
+//! SIGTERM or Ctrl-C.
 //!
 //! One worker thread by default: an instance serves one workload, and on a
 //! small machine a second worker mostly adds wake-ups between the two (on the
@@ -46,17 +50,18 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_ca::{CaClient, RenewalConfig};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio_util::sync::CancellationToken;
-use ztunnel_core::{CertManager, XdsClient, Ztunnel};
+use ztunnel_core::hbone::HBONE_PORT;
+use ztunnel_core::proxy::socket::listen_with_nodelay;
+use ztunnel_core::proxy::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ztunnel_core::{CertManager, Listeners, XdsClient, Ztunnel};
 
 mod batched_stderr;
 
@@ -87,7 +92,7 @@ fn parse_args() -> Result<Args, String> {
     let mut node_id = None;
     let mut cert_ttl = None;
     let mut socks5 = None;
-    let mut hbone_port = ztunnel_core::hbone::HBONE_PORT;
+    let mut hbone_port = HBONE_PORT;
     let mut worker_threads = 1;
     let mut on_demand = false;
     let mut args = std::env::args().skip(1);
@@ -159,7 +164,6 @@ async fn run(args: Args) -> Result<(), String> {
         .socket_mark(ztunnel_core::proxy::socket::PROXY_MARK)
         .build()
         .map_err(|err| err.to_string())?;
-    let shutdown = CancellationToken::new();
     let xds = XdsClient::builder()
         .channel(ca.channel())
         .node_id(args.node_id.clone())
@@ -173,30 +177,45 @@ async fn run(args: Args) -> Result<(), String> {
         ttl: args.cert_ttl,
         ..RenewalConfig::default()
     };
-    let certs = Arc::new(CertManager::new(ca, true, renewal, &shutdown));
-    tokio::spawn(xds.run(shutdown.clone()));
+    let certs = CertManager::builder()
+        .client(ca)
+        .impersonate(true)
+        .renewal(renewal)
+        .build()
+        .map_err(|err| err.to_string())?;
+    let xds = xds.spawn();
 
     let mut builder = Ztunnel::builder()
         .state(state)
-        .certificates(certs)
+        .certificates(certs.clone())
         .workload_uid(args.workload_uid.clone())
         .hbone_port(args.hbone_port);
     if let Some(demander) = demander {
         builder = builder.demander(demander);
     }
-    if let Some(socks5) = args.socks5 {
-        builder = builder.socks5(socks5);
-    }
+    let bind = |address: SocketAddr| {
+        listen_with_nodelay(address).map_err(|err| format!("binding {address}: {err}"))
+    };
+    let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listeners = Listeners {
+        outbound: bind(any(OUTBOUND_PORT))?,
+        inbound_plaintext: bind(any(INBOUND_PLAINTEXT_PORT))?,
+        hbone: bind(any(HBONE_PORT))?,
+        socks5: args.socks5.map(bind).transpose()?,
+    };
     let handle = builder
         .build()
         .map_err(|err| err.to_string())?
-        .spawn()
-        .await
-        .map_err(|err| format!("binding the listeners: {err}"))?;
-    handle
-        .ready(Duration::from_secs(60))
-        .await
-        .map_err(|err| format!("not ready: {err}"))?;
+        .spawn(listeners)
+        .map_err(|err| format!("starting the proxy: {err}"))?;
+    if let Err(err) = handle.ready(Duration::from_secs(60)).await {
+        // The xDS client says why it never synced, if it did not (e.g. the
+        // control plane refused the token).
+        return Err(match xds.ready(Duration::ZERO).await {
+            Ok(()) => format!("not ready: {err}"),
+            Err(xds) => format!("not ready: {err} ({xds})"),
+        });
+    }
     println!("ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -205,16 +224,13 @@ async fn run(args: Args) -> Result<(), String> {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    let finished = handle.drain(Duration::from_secs(5)).await;
-    shutdown.cancel();
-    tracing::info!(
-        "drained ({})",
-        if finished {
-            "all connections finished"
-        } else {
-            "deadline reached"
-        }
-    );
+    let drained = handle.drain(Duration::from_secs(5)).await;
+    xds.shutdown();
+    certs.shutdown();
+    tracing::info!("{drained}");
+    handle.join().await.map_err(|err| err.to_string())?;
+    xds.join().await.map_err(|err| err.to_string())?;
+    certs.join().await;
     Ok(())
 }
 

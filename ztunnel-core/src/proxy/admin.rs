@@ -91,7 +91,6 @@ impl Admin {
         let problem = match self.ctx.served_identity() {
             Ok(identity) => self
                 .ctx
-                .certs
                 .certificate(&identity, Duration::ZERO)
                 .await
                 .err()

@@ -8,21 +8,34 @@
 //! pod, each with listeners opened inside that pod's namespace, sharing the
 //! state, the certificate manager and the runtime.
 //!
-//! ```no_run
-//! # async fn example(state: ztunnel_core::SharedState, certs: std::sync::Arc<ztunnel_core::CertManager>) -> Result<(), Box<dyn std::error::Error>> {
-//! use std::time::Duration;
-//! use ztunnel_core::Ztunnel;
+//! The instance binds nothing: the caller binds its listeners (inside the
+//! right network namespace, on the addresses it wants), preferably with
+//! [`socket::listen_with_nodelay`], and hands them over in [`Listeners`].
+//! The [`ZtunnelHandle`] it returns has the verbs of
+//! [`mesh_net::lifecycle`]: addresses, `ready`, `drain`, `shutdown`, `join`.
 //!
+//! ```no_run
+//! # async fn example(state: ztunnel_core::SharedState, certs: ztunnel_core::CertManager) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use ztunnel_core::proxy::socket::listen_with_nodelay;
+//! use ztunnel_core::{Listeners, Ztunnel};
+//!
+//! let listeners = Listeners {
+//!     outbound: listen_with_nodelay("0.0.0.0:15001".parse()?)?,
+//!     inbound_plaintext: listen_with_nodelay("0.0.0.0:15006".parse()?)?,
+//!     hbone: listen_with_nodelay("0.0.0.0:15008".parse()?)?,
+//!     socks5: None,
+//! };
 //! let handle = Ztunnel::builder()
 //!     .state(state)
 //!     .certificates(certs)
 //!     .workload_uid("Kubernetes//Pod/default/shell")
 //!     .build()?
-//!     .spawn()
-//!     .await?;
+//!     .spawn(listeners)?;
 //! handle.ready(Duration::from_secs(30)).await?;
-//! // ... later
-//! handle.drain(Duration::from_secs(5)).await;
+//! // ... later: let open connections finish for up to 5 s.
+//! let drained = handle.drain(Duration::from_secs(5)).await;
+//! handle.join().await?;
 //! # Ok(()) }
 //! ```
 
@@ -39,20 +52,22 @@ pub mod socks5;
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mesh_api::Identity;
 use mesh_api::workload::Workload;
-use mesh_net::{Acceptor, Handshake, HandshakeLimits};
+use mesh_ca::WorkloadCertificate;
+use mesh_net::{Acceptor, Drained, Handshake, HandshakeLimits};
 use rustls::crypto::CryptoProvider;
 use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::certs::{CertError, CertManager};
+use crate::certs::{CertError, CertLease, CertManager};
 use crate::hbone::HBONE_PORT;
 use crate::hbone::pool::HbonePool;
 use crate::metrics::Metrics;
@@ -65,9 +80,9 @@ pub use baggage::baggage;
 use prometheus_client::registry::Registry;
 use route::workload_identity;
 
-/// Default outbound capture port.
+/// The conventional outbound capture port.
 pub const OUTBOUND_PORT: u16 = 15001;
-/// Default plaintext inbound port.
+/// The conventional plaintext inbound port.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 
 /// Why an instance could not be built.
@@ -95,6 +110,25 @@ pub enum IdentityError {
     /// The certificate cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The instance was shut down or drained.
+    #[error("the proxy instance has stopped")]
+    Stopped,
+}
+
+/// Why a running instance stopped other than by `drain` or `shutdown`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// One of its tasks (a listener's, or the policy watch) failed; the
+    /// instance was stopped.
+    #[error("the proxy instance's {task} task failed: {reason}")]
+    Task {
+        /// Which: `"outbound"`, `"inbound plaintext"`, `"HBONE"`, `"SOCKS5"`,
+        /// `"policy watch"`.
+        task: &'static str,
+        /// What happened (a panic's message).
+        reason: String,
+    },
 }
 
 /// Listeners bound by the caller (e.g. inside a network namespace). Bound
@@ -109,7 +143,7 @@ pub struct Listeners {
     pub inbound_plaintext: TcpListener,
     /// HBONE (15008).
     pub hbone: TcpListener,
-    /// SOCKS5, if wanted (off by default).
+    /// SOCKS5, if wanted (conventionally on `127.0.0.1:15080`).
     pub socks5: Option<TcpListener>,
 }
 
@@ -117,7 +151,7 @@ pub struct Listeners {
 #[derive(Debug)]
 pub struct ZtunnelBuilder {
     state: Option<SharedState>,
-    certificates: Option<Arc<CertManager>>,
+    certificates: Option<CertManager>,
     workload_uid: Option<String>,
     identity: Option<Identity>,
     network: String,
@@ -125,8 +159,6 @@ pub struct ZtunnelBuilder {
     provider: Option<Arc<CryptoProvider>>,
     certificate_wait: Duration,
     hbone_port: u16,
-    addresses: [SocketAddr; 3],
-    socks5: Option<SocketAddr>,
     metrics: Option<Metrics>,
     demander: Option<Demander>,
     handshake_limits: HandshakeLimits,
@@ -134,7 +166,6 @@ pub struct ZtunnelBuilder {
 
 impl Default for ZtunnelBuilder {
     fn default() -> Self {
-        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         Self {
             state: None,
             certificates: None,
@@ -145,12 +176,6 @@ impl Default for ZtunnelBuilder {
             provider: None,
             certificate_wait: Duration::from_secs(10),
             hbone_port: HBONE_PORT,
-            addresses: [
-                any(OUTBOUND_PORT),
-                any(INBOUND_PLAINTEXT_PORT),
-                any(HBONE_PORT),
-            ],
-            socks5: None,
             metrics: None,
             demander: None,
             handshake_limits: HandshakeLimits::default(),
@@ -166,8 +191,11 @@ impl ZtunnelBuilder {
         self
     }
 
-    /// Where certificates come from. Required.
-    pub fn certificates(mut self, certificates: Arc<CertManager>) -> Self {
+    /// Where certificates come from (one manager shared by every instance of
+    /// a node agent). Required. The instance leases its served workload's
+    /// identity while it runs: once no running instance serves an identity,
+    /// the manager drops its certificate ([`CertManager::lease`]).
+    pub fn certificates(mut self, certificates: CertManager) -> Self {
         self.certificates = Some(certificates);
         self
     }
@@ -210,28 +238,10 @@ impl ZtunnelBuilder {
         self
     }
 
-    /// The port peers accept HBONE on (default 15008).
+    /// The port peers accept HBONE on (default 15008). Where this instance
+    /// accepts HBONE is its [`Listeners::hbone`].
     pub fn hbone_port(mut self, port: u16) -> Self {
         self.hbone_port = port;
-        self
-    }
-
-    /// Where [`Ztunnel::spawn`] binds: outbound, plaintext inbound, HBONE
-    /// (default `0.0.0.0` on 15001, 15006, 15008).
-    pub fn addresses(
-        mut self,
-        outbound: SocketAddr,
-        inbound: SocketAddr,
-        hbone: SocketAddr,
-    ) -> Self {
-        self.addresses = [outbound, inbound, hbone];
-        self
-    }
-
-    /// Also accept SOCKS5 at `address` (off by default; conventionally
-    /// `127.0.0.1:15080`).
-    pub fn socks5(mut self, address: SocketAddr) -> Self {
-        self.socks5 = Some(address);
         self
     }
 
@@ -288,13 +298,12 @@ impl ZtunnelBuilder {
             tasks: TaskTracker::new(),
             force_close: shutdown.child_token(),
             shutdown,
+            lease: Mutex::new(None),
             own_ports: Vec::new(),
         };
         Ok(Ztunnel {
             context,
             handshake_limits: self.handshake_limits,
-            addresses: self.addresses,
-            socks5: self.socks5,
         })
     }
 }
@@ -303,7 +312,7 @@ impl ZtunnelBuilder {
 #[derive(Debug)]
 struct Context {
     state: SharedState,
-    certs: Arc<CertManager>,
+    certs: CertManager,
     served_uid: String,
     identity: Option<Identity>,
     network: String,
@@ -322,6 +331,9 @@ struct Context {
     force_close: CancellationToken,
     /// Ends everything.
     shutdown: CancellationToken,
+    /// The served identity's certificate, held while the instance runs
+    /// (taken on first use; released when it stops).
+    lease: Mutex<Option<Arc<CertLease>>>,
     /// The ports of the instance's own listeners (and of HBONE): never a
     /// destination, or one request would loop the proxy into itself.
     own_ports: Vec<u16>,
@@ -375,13 +387,53 @@ impl Context {
         self.tls_for(&self.served_identity()?).await
     }
 
-    /// TLS with `identity`'s current certificate.
+    /// TLS with the served `identity`'s current certificate.
     async fn tls_for(&self, identity: &Identity) -> Result<WorkloadTls, IdentityError> {
-        let certificate = self
-            .certs
-            .certificate(identity, self.certificate_wait)
-            .await?;
+        let certificate = self.certificate(identity, self.certificate_wait).await?;
         Ok(self.tls.for_certificate(&certificate)?)
+    }
+
+    /// The served `identity`'s current certificate, waiting up to `wait` for
+    /// the first, through the instance's lease on it.
+    async fn certificate(
+        &self,
+        identity: &Identity,
+        wait: Duration,
+    ) -> Result<Arc<WorkloadCertificate>, IdentityError> {
+        // The lease is held while waiting, so a stop meanwhile cannot leave
+        // a certificate nobody holds.
+        let lease = self.lease_for(identity)?;
+        Ok(lease.certificate(wait).await?)
+    }
+
+    /// The instance's lease on `identity`: taken on first use, replaced if
+    /// the served workload's identity changed; none once stopped.
+    fn lease_for(&self, identity: &Identity) -> Result<Arc<CertLease>, IdentityError> {
+        let mut held = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock: `stop` cancels before it takes the lease.
+        if self.shutdown.is_cancelled() {
+            return Err(IdentityError::Stopped);
+        }
+        if let Some(lease) = held.as_ref().filter(|lease| lease.identity() == identity) {
+            return Ok(lease.clone());
+        }
+        let lease = Arc::new(self.certs.lease(identity)?);
+        *held = Some(lease.clone());
+        Ok(lease)
+    }
+
+    /// Stops everything at once: listeners, connections, the policy watch;
+    /// gives back the certificate lease (connections still closing hold it
+    /// until they end).
+    fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let lease = self
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(lease);
     }
 }
 
@@ -493,8 +545,6 @@ async fn run_connection<E: Established>(setup: Pin<Box<impl Future<Output = Opti
 pub struct Ztunnel {
     context: Context,
     handshake_limits: HandshakeLimits,
-    addresses: [SocketAddr; 3],
-    socks5: Option<SocketAddr>,
 }
 
 impl Ztunnel {
@@ -503,25 +553,10 @@ impl Ztunnel {
         ZtunnelBuilder::default()
     }
 
-    /// Binds the configured addresses, then runs as [`Ztunnel::spawn_with`].
-    pub async fn spawn(self) -> io::Result<ZtunnelHandle> {
-        let [outbound, inbound, hbone] = self.addresses;
-        let listeners = Listeners {
-            outbound: socket::listen_with_nodelay(outbound)?,
-            inbound_plaintext: socket::listen_with_nodelay(inbound)?,
-            hbone: socket::listen_with_nodelay(hbone)?,
-            socks5: match self.socks5 {
-                Some(address) => Some(socket::listen_with_nodelay(address)?),
-                None => None,
-            },
-        };
-        self.spawn_with(listeners)
-    }
-
-    /// Runs on caller-bound listeners, on the current runtime. Fails at once
+    /// Runs on the caller's listeners, on the current runtime. Fails at once
     /// if the socket mark cannot be set (no `CAP_NET_ADMIN`), rather than on
     /// every connection later.
-    pub fn spawn_with(self, listeners: Listeners) -> io::Result<ZtunnelHandle> {
+    pub fn spawn(self, listeners: Listeners) -> io::Result<ZtunnelHandle> {
         let mut context = self.context;
         if let Some(mark) = context.mark {
             mesh_net::check_mark(mark)?;
@@ -544,57 +579,124 @@ impl Ztunnel {
         let ctx = Arc::new(context);
         let limits = self.handshake_limits;
         let accepting = ctx.shutdown.child_token();
-        let background = TaskTracker::new();
-        background.spawn(outbound::serve_outbound(
-            ctx.clone(),
-            Acceptor::new(listeners.outbound, "outbound", limits),
-            accepting.clone(),
-        ));
-        background.spawn(inbound::serve_plaintext(
-            ctx.clone(),
-            Acceptor::new(listeners.inbound_plaintext, "inbound plaintext", limits),
-            accepting.clone(),
-        ));
-        background.spawn(inbound::serve_hbone(
-            ctx.clone(),
-            Acceptor::new(listeners.hbone, "HBONE", limits),
-            accepting.clone(),
-        ));
-        if let Some(listener) = listeners.socks5 {
-            background.spawn(outbound::serve_socks5(
+        let mut tasks = Tasks::default();
+        tasks.spawn(
+            "outbound",
+            outbound::serve_outbound(
                 ctx.clone(),
-                Acceptor::new(listener, "SOCKS5", limits),
+                Acceptor::new(listeners.outbound, "outbound", limits),
                 accepting.clone(),
-            ));
+            ),
+        );
+        tasks.spawn(
+            "inbound plaintext",
+            inbound::serve_plaintext(
+                ctx.clone(),
+                Acceptor::new(listeners.inbound_plaintext, "inbound plaintext", limits),
+                accepting.clone(),
+            ),
+        );
+        tasks.spawn(
+            "HBONE",
+            inbound::serve_hbone(
+                ctx.clone(),
+                Acceptor::new(listeners.hbone, "HBONE", limits),
+                accepting.clone(),
+            ),
+        );
+        if let Some(listener) = listeners.socks5 {
+            tasks.spawn(
+                "SOCKS5",
+                outbound::serve_socks5(
+                    ctx.clone(),
+                    Acceptor::new(listener, "SOCKS5", limits),
+                    accepting.clone(),
+                ),
+            );
         }
-        background.spawn(ctx.live.clone().watch(
-            ctx.state.clone(),
-            ctx.served_uid.clone(),
-            ctx.network.clone(),
-            ctx.shutdown.clone(),
-        ));
-        background.close();
+        tasks.spawn(
+            "policy watch",
+            ctx.live.clone().watch(
+                ctx.state.clone(),
+                ctx.served_uid.clone(),
+                ctx.network.clone(),
+                ctx.shutdown.clone(),
+            ),
+        );
+        let stopped = TaskTracker::new();
+        let supervisor = stopped.spawn(tasks.supervise(ctx.clone()));
+        stopped.close();
         Ok(ZtunnelHandle {
             ctx,
             addresses,
             socks5,
             accepting,
-            background,
+            stopped,
+            supervisor,
         })
     }
 }
 
-/// A running instance.
+/// The long-running tasks of an instance, by name.
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    names: Vec<(tokio::task::Id, &'static str)>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(task).id();
+        self.names.push((id, name));
+    }
+
+    /// Waits for every task to end; the first that fails stops the instance
+    /// and is the outcome. Then waits for the connections to end (a stopped
+    /// instance has closed them).
+    async fn supervise(mut self, ctx: Arc<Context>) -> Result<(), ServeError> {
+        let mut failure = None;
+        while let Some(ended) = self.set.join_next().await {
+            let Err(err) = ended else { continue };
+            let task = self
+                .names
+                .iter()
+                .find(|(id, _)| *id == err.id())
+                .map_or("background", |(_, name)| *name);
+            tracing::error!(task, error = %err, "a proxy task failed; stopping the instance");
+            ctx.stop();
+            failure.get_or_insert(ServeError::Task {
+                task,
+                reason: err.to_string(),
+            });
+        }
+        ctx.tasks.close();
+        ctx.tasks.wait().await;
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A running instance: its addresses, readiness and lifecycle, as every
+/// component's handle ([`mesh_net::lifecycle`]). Dropping it leaves the
+/// instance running.
 #[derive(Debug)]
 pub struct ZtunnelHandle {
     ctx: Arc<Context>,
     addresses: [SocketAddr; 3],
     socks5: Option<SocketAddr>,
+    /// Stops the listeners (a drain).
     accepting: CancellationToken,
-    background: TaskTracker,
+    /// Empty once the instance has stopped.
+    stopped: TaskTracker,
+    supervisor: JoinHandle<Result<(), ServeError>>,
 }
 
 impl ZtunnelHandle {
+    /// What peers reach the instance on: its HBONE listener's address (as
+    /// [`ZtunnelHandle::hbone_addr`]).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.hbone_addr()
+    }
+
     /// The outbound listener's address.
     pub fn outbound_addr(&self) -> SocketAddr {
         self.addresses[0]
@@ -610,7 +712,7 @@ impl ZtunnelHandle {
         self.addresses[2]
     }
 
-    /// The SOCKS5 listener's address, if enabled.
+    /// The SOCKS5 listener's address, if it has one.
     pub fn socks5_addr(&self) -> Option<SocketAddr> {
         self.socks5
     }
@@ -632,8 +734,9 @@ impl ZtunnelHandle {
         self.ctx.pool.connection_count()
     }
 
-    /// Waits until the served workload is known and has its certificate: the
-    /// instance can then carry traffic both ways.
+    /// Waits up to `wait` until the served workload is known and has its
+    /// certificate: the instance can then carry traffic both ways. Otherwise
+    /// why not (unknown workload, no identity, no certificate, stopped).
     pub async fn ready(&self, wait: Duration) -> Result<(), IdentityError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.ctx.state.changes();
@@ -656,28 +759,49 @@ impl ZtunnelHandle {
             }
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        self.ctx.certs.certificate(&identity, left).await?;
+        self.ctx.certificate(&identity, left).await?;
         Ok(())
     }
 
-    /// Stops accepting, lets open connections finish for up to `deadline`,
-    /// then closes what is left and stops. Returns whether every connection
-    /// finished on its own.
-    pub async fn drain(self, deadline: Duration) -> bool {
+    /// Stops accepting, lets open connections (and HBONE streams) finish for
+    /// up to `deadline`, then closes what is left and stops, as
+    /// [`ZtunnelHandle::shutdown`]. Returns once the instance has stopped:
+    /// [`Drained::TimedOut`] counts what was closed at the deadline:
+    /// connections, and each HBONE connection's open streams too.
+    pub async fn drain(&self, deadline: Duration) -> Drained {
         self.accepting.cancel();
         self.ctx.tasks.close();
-        let finished = tokio::time::timeout(deadline, self.ctx.tasks.wait())
-            .await
-            .is_ok();
-        self.shutdown().await;
-        finished
+        let drained = match tokio::time::timeout(deadline, self.ctx.tasks.wait()).await {
+            Ok(()) => Drained::Complete,
+            Err(_) => match self.ctx.tasks.len() {
+                // The last ended as the deadline passed.
+                0 => Drained::Complete,
+                left => Drained::TimedOut { left },
+            },
+        };
+        self.shutdown();
+        self.stopped.wait().await;
+        drained
     }
 
-    /// Closes every connection and stops.
-    pub async fn shutdown(self) {
-        self.ctx.shutdown.cancel();
-        self.ctx.tasks.close();
-        self.ctx.tasks.wait().await;
-        self.background.wait().await;
+    /// Stops now: closes the listeners and every connection, and gives back
+    /// the served identity's certificate lease (the certificate manager
+    /// drops the certificate once no running instance serves that
+    /// identity). Idempotent; returns at once (see [`ZtunnelHandle::join`]).
+    pub fn shutdown(&self) {
+        self.ctx.stop();
+    }
+
+    /// Waits until the instance has stopped (after [`ZtunnelHandle::drain`]
+    /// or [`ZtunnelHandle::shutdown`], or when one of its tasks failed, which
+    /// is the error). Never stops it.
+    pub async fn join(self) -> Result<(), ServeError> {
+        match self.supervisor.await {
+            Ok(outcome) => outcome,
+            Err(err) => Err(ServeError::Task {
+                task: "supervisor",
+                reason: err.to_string(),
+            }),
+        }
     }
 }

@@ -10,6 +10,32 @@
 //! [`Demander`] (`<network>/<ip>`, `<namespace>/<hostname>` or a uid), which
 //! resolves once a response names it (sent, aliased or removed). Demanded
 //! names stay subscribed, across reconnects too. Policies are always streamed.
+//!
+//! [`XdsClient::spawn`] runs it and returns an [`XdsClientHandle`] of the
+//! shape of [`mesh_net::lifecycle`]: `ready(wait)` says why it has not synced
+//! (credentials refused, control plane unreachable, ...), `state()` how the
+//! sync goes, `drain`/`shutdown` end the stream, `join` waits for the end.
+//!
+//! ```no_run
+//! # async fn example(channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use ztunnel_core::XdsClient;
+//!
+//! let client = XdsClient::builder()
+//!     .channel(channel)
+//!     .node_id("ztunnel~10.0.0.2~shell.default~default.svc.cluster.local")
+//!     .token("node-agent-token")
+//!     .build()?;
+//! let state = client.state();
+//! let xds = client.spawn();
+//! if let Err(why) = xds.ready(Duration::from_secs(10)).await {
+//!     eprintln!("not synced: {why}"); // e.g. the credentials were refused
+//! }
+//! // ... later
+//! xds.shutdown();
+//! xds.join().await?;
+//! # Ok(()) }
+//! ```
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -18,9 +44,12 @@ use mesh_api::ResourceType;
 use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_api::envoy_core::Node;
+use mesh_net::Drained;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
@@ -128,7 +157,7 @@ impl XdsClientBuilder {
             state: self.state.unwrap_or_default(),
             known: KnownVersions::default(),
             max_backoff: self.max_backoff.unwrap_or(Duration::from_secs(15)),
-            synced: watch::Sender::new(false),
+            sync: watch::Sender::new(SyncState::default()),
             on_demand: self.on_demand.then(|| {
                 let (sender, receiver) = mpsc::channel(256);
                 OnDemand {
@@ -152,8 +181,175 @@ pub struct XdsClient {
     state: SharedState,
     known: KnownVersions,
     max_backoff: Duration,
-    synced: watch::Sender<bool>,
+    sync: watch::Sender<SyncState>,
     on_demand: Option<OnDemand>,
+}
+
+/// How the sync with the control plane goes: a snapshot
+/// ([`XdsClientHandle::state`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncState {
+    /// The first stream delivered both resource types (the state is then
+    /// complete enough to serve); stays `true` through later failures, while
+    /// the last known state is kept.
+    pub synced: bool,
+    /// A stream is open now (the control plane accepted it).
+    pub connected: bool,
+    /// Why the latest stream failed, until a later one delivers a response.
+    pub last_error: Option<StreamError>,
+    /// Streams attempted so far (the first connection, then reconnections).
+    pub attempts: u64,
+    /// Responses received and applied (ACKed or NACKed) so far.
+    pub responses: u64,
+}
+
+/// How a stream failed: the gRPC status the client got (from the control
+/// plane, or from the transport when it could not be reached).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct StreamError {
+    /// The status code.
+    pub code: tonic::Code,
+    /// Its message.
+    pub message: String,
+}
+
+impl StreamError {
+    fn of(status: &tonic::Status) -> Self {
+        Self {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// Why a client is not ready (not synced yet): the latest failure, if any.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum XdsNotReady {
+    /// The control plane refused the client's credentials (gRPC
+    /// `UNAUTHENTICATED`): a wrong or expired token, a client certificate
+    /// it does not trust. Retrying will not help until they change.
+    #[error("the control plane refused the credentials: {0}")]
+    Unauthenticated(String),
+    /// The control plane knows the client but refuses it (gRPC
+    /// `PERMISSION_DENIED`).
+    #[error("the control plane denied the stream: {0}")]
+    PermissionDenied(String),
+    /// The control plane could not be reached, or is not serving (gRPC
+    /// `UNAVAILABLE` or `DEADLINE_EXCEEDED`, e.g. connection refused, TLS
+    /// failure).
+    #[error("the control plane is unreachable: {0}")]
+    Unreachable(String),
+    /// A stream failed otherwise.
+    #[error("the xDS stream failed: {0}")]
+    Failed(StreamError),
+    /// No failure, but not synced yet (no stream delivered both types).
+    #[error("not synced with the control plane yet")]
+    NotSynced,
+    /// The client was shut down or drained, or its task ended.
+    #[error("the xDS client has stopped")]
+    Stopped,
+}
+
+impl From<&StreamError> for XdsNotReady {
+    fn from(error: &StreamError) -> Self {
+        let message = error.message.clone();
+        match error.code {
+            tonic::Code::Unauthenticated => Self::Unauthenticated(message),
+            tonic::Code::PermissionDenied => Self::PermissionDenied(message),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => Self::Unreachable(message),
+            _ => Self::Failed(error.clone()),
+        }
+    }
+}
+
+/// Why a client's task ended other than by `drain` or `shutdown`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Its task failed (panicked) or was cancelled with its runtime.
+    #[error("the xDS client's task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A running [`XdsClient`] ([`XdsClient::spawn`]), with the verbs of
+/// [`mesh_net::lifecycle`]. Dropping it leaves the client running.
+#[derive(Debug)]
+pub struct XdsClientHandle {
+    state: SharedState,
+    sync: watch::Receiver<SyncState>,
+    stop: CancellationToken,
+    /// Empty once the client has stopped.
+    stopped: TaskTracker,
+    task: JoinHandle<()>,
+}
+
+impl XdsClientHandle {
+    /// The mesh state this client keeps up to date.
+    pub fn shared_state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// How the sync goes now.
+    pub fn state(&self) -> SyncState {
+        self.sync.borrow().clone()
+    }
+
+    /// Why the latest stream failed, until a later one delivers a response.
+    pub fn last_error(&self) -> Option<StreamError> {
+        self.sync.borrow().last_error.clone()
+    }
+
+    /// Waits up to `wait` for the first sync (both resource types delivered);
+    /// otherwise why not: the latest stream's failure (credentials refused,
+    /// unreachable, ...), else [`XdsNotReady::NotSynced`].
+    pub async fn ready(&self, wait: Duration) -> Result<(), XdsNotReady> {
+        let mut sync = self.sync.clone();
+        // Stopped first: a stopped client is not ready, synced or not.
+        let synced = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return Err(XdsNotReady::Stopped),
+            synced = tokio::time::timeout(wait, sync.wait_for(|sync| sync.synced)) => synced,
+        };
+        match synced {
+            Ok(Ok(_)) => Ok(()),
+            // The client's task ended.
+            Ok(Err(_)) => Err(XdsNotReady::Stopped),
+            Err(_) => Err(self
+                .sync
+                .borrow()
+                .last_error
+                .as_ref()
+                .map_or(XdsNotReady::NotSynced, XdsNotReady::from)),
+        }
+    }
+
+    /// Ends the stream (the state stays as last received) and waits up to
+    /// `deadline` for the client to stop. A response being applied is
+    /// applied whole, so this is [`Drained::Complete`] unless the task is
+    /// stuck.
+    pub async fn drain(&self, deadline: Duration) -> Drained {
+        self.shutdown();
+        match tokio::time::timeout(deadline, self.stopped.wait()).await {
+            Ok(()) => Drained::Complete,
+            Err(_) => Drained::TimedOut { left: 1 },
+        }
+    }
+
+    /// Ends the stream and stops reconnecting; the state stays as last
+    /// received. Idempotent; returns at once (see [`XdsClientHandle::join`]).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the client has stopped (after [`XdsClientHandle::drain`]
+    /// or [`XdsClientHandle::shutdown`]; failed streams are retried, never
+    /// fatal). Never stops it.
+    pub async fn join(self) -> Result<(), RunError> {
+        Ok(self.task.await?)
+    }
 }
 
 /// The on-demand side of a client.
@@ -208,26 +404,43 @@ impl XdsClient {
         })
     }
 
-    /// Becomes `true` once the first stream delivered both types (the proxy is
-    /// then ready), and stays so.
-    pub fn synced(&self) -> watch::Receiver<bool> {
-        self.synced.subscribe()
+    /// Runs on the current runtime (streams, and reconnects with backoff
+    /// when a stream fails or ends) until the handle stops it.
+    pub fn spawn(self) -> XdsClientHandle {
+        let state = self.state.clone();
+        let sync = self.sync.subscribe();
+        let stop = CancellationToken::new();
+        let stopped = TaskTracker::new();
+        let task = stopped.spawn(self.run(stop.clone()));
+        stopped.close();
+        XdsClientHandle {
+            state,
+            sync,
+            stop,
+            stopped,
+            task,
+        }
     }
 
     /// Runs until `shutdown`: streams, and reconnects with backoff when a stream
     /// fails or ends.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = INITIAL_BACKOFF;
         loop {
+            self.sync.send_modify(|sync| sync.attempts += 1);
             let outcome = tokio::select! {
-                () = shutdown.cancelled() => return,
-                outcome = self.stream() => outcome,
+                () = shutdown.cancelled() => None,
+                outcome = self.stream() => Some(outcome),
             };
+            self.sync.send_modify(|sync| sync.connected = false);
+            let Some(outcome) = outcome else { return };
             match outcome {
                 Ok(true) => backoff = INITIAL_BACKOFF,
                 Ok(false) => {}
                 Err(status) => {
                     tracing::warn!(code = ?status.code(), error = status.message(), "xDS stream failed; keeping the last known state");
+                    self.sync
+                        .send_modify(|sync| sync.last_error = Some(StreamError::of(&status)));
                 }
             }
             tokio::select! {
@@ -272,6 +485,7 @@ impl XdsClient {
             .delta_aggregated_resources(request)
             .await?
             .into_inner();
+        self.sync.send_modify(|sync| sync.connected = true);
         // Names asked for on an earlier stream, asked for again.
         if let Some(on_demand) = &self.on_demand
             && !on_demand.names.is_empty()
@@ -331,9 +545,12 @@ impl XdsClient {
                     .position(|k| *k == kind)
                     .unwrap_or_default()] = true;
             }
-            if seen.iter().all(|seen| *seen) {
-                self.synced.send_replace(true);
-            }
+            let synced = seen.iter().all(|seen| *seen);
+            self.sync.send_modify(|sync| {
+                sync.responses += 1;
+                sync.last_error = None;
+                sync.synced |= synced;
+            });
         }
         Ok(delivered)
     }

@@ -4,4 +4,7 @@ mod apply;
 mod client;
 
 pub use apply::{KnownVersions, apply_response};
-pub use client::{BuildError, Demander, XdsClient, XdsClientBuilder};
+pub use client::{
+    BuildError, Demander, RunError, StreamError, SyncState, XdsClient, XdsClientBuilder,
+    XdsClientHandle, XdsNotReady,
+};

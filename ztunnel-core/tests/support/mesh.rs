@@ -12,7 +12,6 @@ use mesh_ca::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use ztunnel_core::CertManager;
 
 /// A SPIFFE identity from its URI.
@@ -20,9 +19,10 @@ pub fn identity(uri: &str) -> Identity {
     Identity::parse_uri(uri).expect("identity")
 }
 
-/// A CA serving on loopback, and a certificate manager using it.
+/// A CA serving on loopback, and a certificate manager using it (shut down
+/// on drop).
 pub struct Ca {
-    pub certs: Arc<CertManager>,
+    pub certs: CertManager,
     pub authority: Arc<Authority>,
     _handle: mesh_ca::CaHandle,
     _dir: tempfile::TempDir,
@@ -30,7 +30,7 @@ pub struct Ca {
 
 /// A CA on loopback and a certificate manager fetching from it for any of
 /// `identities` (as a node agent).
-pub async fn ca(identities: &[&str], shutdown: &CancellationToken) -> Ca {
+pub async fn ca(identities: &[&str]) -> Ca {
     let dir = tempfile::tempdir().expect("tempdir");
     let material = mesh_ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(86400))
         .expect("CA files");
@@ -66,15 +66,21 @@ pub async fn ca(identities: &[&str], shutdown: &CancellationToken) -> Ca {
         .build()
         .expect("client");
     Ca {
-        certs: Arc::new(CertManager::new(
-            client,
-            true,
-            RenewalConfig::default(),
-            shutdown,
-        )),
+        certs: CertManager::builder()
+            .client(client)
+            .impersonate(true)
+            .renewal(RenewalConfig::default())
+            .build()
+            .expect("certificate manager"),
         authority,
         _handle: handle,
         _dir: dir,
+    }
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        self.certs.shutdown();
     }
 }
 

@@ -222,10 +222,11 @@ pub fn install_redirect_except(netns: &Netns, exempt: &[u16]) {
     );
 }
 
-/// Builds an example binary of the workspace with the cargo `profile`
-/// (`"dev"`, `"release"`, or a custom one such as `"proxy"`) and returns its
-/// path, in that profile's folder of the running test's or bench's target
-/// directory.
+/// An example binary of the workspace in the cargo `profile`'s folder
+/// (`"dev"`, `"release"`, or a custom one such as `"proxy"`) of the running
+/// test's or bench's target directory. Tests take the one cargo built with
+/// the workspace's tests (`cargo nextest run --workspace`, as `scripts/test`
+/// runs it) and never run cargo themselves; benches build theirs first.
 pub fn example(package: &str, name: &str, profile: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("test path");
     let target_dir = test_exe
@@ -233,14 +234,15 @@ pub fn example(package: &str, name: &str, profile: &str) -> PathBuf {
         .and_then(Path::parent)
         .and_then(Path::parent)
         .expect("target dir");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package, "--example", name])
-        .args(["--profile", profile])
-        .status()
-        .expect("cargo");
-    assert!(status.success(), "building the {name} example failed");
     let folder = if profile == "dev" { "debug" } else { profile };
-    target_dir.join(folder).join("examples").join(name)
+    let binary = target_dir.join(folder).join("examples").join(name);
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests of the workspace (cargo nextest run --workspace), \
+         or build it first (cargo build -p {package} --example {name} --profile {profile})",
+        binary.display()
+    );
+    binary
 }
 
 /// What a proxy instance at the control plane `control_plane` is told: the
