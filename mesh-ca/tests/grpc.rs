@@ -130,7 +130,12 @@ async fn a_token_gets_a_certificate_for_its_own_identity() {
             .contains("got spiffe://cluster.local/ns/default/sa/shell"),
         "{err}"
     );
-    assert!(mesh.handle.drain(Duration::from_secs(5)).await.is_complete());
+    assert!(
+        mesh.handle
+            .drain(Duration::from_secs(5))
+            .await
+            .is_complete()
+    );
 }
 
 #[tokio::test]
