@@ -692,6 +692,39 @@ async fn get(address: SocketAddr, path: &str) -> (u16, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_readiness_ports_serve_only_their_endpoints() {
+    let mesh = mesh().await;
+    let stop = CancellationToken::new();
+    let serve = |paths: &'static [&'static str]| {
+        let admin = mesh
+            .echo
+            .admin(Some(mesh.registry.clone()))
+            .restricted_to(paths);
+        let stop = stop.clone();
+        async move {
+            let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+            let address = listener.local_addr().expect("addr");
+            tokio::spawn(admin.serve(listener, stop));
+            address
+        }
+    };
+    let metrics = serve(&["/metrics", "/stats/prometheus"]).await;
+    let readiness = serve(&["/healthz/ready"]).await;
+    assert_eq!(get(metrics, "/metrics").await.0, 200);
+    assert_eq!(get(metrics, "/stats/prometheus").await.0, 200);
+    assert_eq!(
+        get(metrics, "/config_dump").await.0,
+        404,
+        "no config on the metrics port"
+    );
+    assert_eq!(get(metrics, "/healthz/ready").await.0, 404);
+    assert_eq!(get(readiness, "/healthz/ready").await.0, 200);
+    assert_eq!(get(readiness, "/config_dump").await.0, 404);
+    assert_eq!(get(readiness, "/metrics").await.0, 404);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_server_reports_readiness_config_and_istio_metrics() {
     let mesh = mesh().await;
     let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind admin");

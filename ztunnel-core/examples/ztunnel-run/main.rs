@@ -6,15 +6,20 @@
 //!     --control-plane 10.0.0.1:15012 --root root-cert.pem --token <token> \
 //!     --workload-uid Kubernetes//Pod/default/shell [--node-id <id>] \
 //!     [--cert-ttl <seconds>] [--socks5 127.0.0.1:15080] [--hbone-port 15008] \
-//!     [--worker-threads 1] [--on-demand]
+//!     [--worker-threads 1] [--on-demand] [--admin 127.0.0.1:15000] \
+//!     [--metrics 0.0.0.0:15020] [--readiness 0.0.0.0:15021]
 //! ```
+//!
+//! `--help` describes every flag.
 //!
 //! The control plane (`xds-serve --ca-dir ...`) serves xDS and the CA on one
 //! TLS port; the token authenticates this instance (a node agent's token, as
 //! certificates are asked for on the workload's behalf). It binds its
 //! listeners itself (the library binds nothing), with `TCP_NODELAY` inherited
 //! by their connections (`listen_with_nodelay`): 15001, 15006 and 15008 on all
-//! addresses, and SOCKS5 where `--socks5` says. Prints `ready` once the
+//! addresses, and SOCKS5 where `--socks5` says; the admin endpoints on
+//! 127.0.0.1:15000, metrics on 15020 and readiness on 15021 (as ztunnel's),
+//! each `off` if wanted. Prints `ready` once the
 //! workload is known and has its certificate (else exits saying why, with the
 //! xDS client's reason if it never synced, e.g. a refused token); drains on
 //! SIGTERM or Ctrl-C.
@@ -53,6 +58,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_ca::{CaClient, RenewalConfig};
@@ -63,91 +69,105 @@ use ztunnel_core::proxy::socket::listen_with_nodelay;
 use ztunnel_core::proxy::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use ztunnel_core::{CertManager, Listeners, XdsClient, Ztunnel};
 
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
 mod batched_stderr;
 
 use batched_stderr::BatchedStderr;
 
-const USAGE: &str = "usage: ztunnel-run --control-plane <addr> --root <pem> --token <token> \
---workload-uid <uid> [--node-id <id>] [--cert-ttl <seconds>] [--socks5 <addr>] [--hbone-port <port>] \
-[--worker-threads <n>] [--on-demand]";
-
+/// One podless proxy instance in dedicated mode: the data plane of one
+/// workload, configured by a control plane over xDS, with certificates from
+/// its CA.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ztunnel-run",
+    version,
+    about = "One podless proxy instance (dedicated mode) for one workload, inside its network namespace",
+    long_about = "One podless proxy instance (dedicated mode) for one workload, run inside the \
+workload's network namespace next to redirect rules (WIRE.md section 6). It takes its config \
+(xDS) and its workload's certificate from one control plane (xds-serve --ca-dir ... serves both \
+on one TLS port) and listens on 15001 (outbound), 15006 (inbound plaintext) and 15008 (HBONE) \
+on all addresses, plus the admin, metrics and readiness endpoints. Prints `ready` once the \
+workload is known and has its certificate; drains on SIGTERM or Ctrl-C."
+)]
 struct Args {
+    /// The control plane's address (xDS and the CA on one TLS port), e.g. 10.0.0.1:15012.
+    #[arg(long, value_name = "ADDR")]
     control_plane: SocketAddr,
+    /// PEM file of the mesh's root certificate(s), to verify the control plane.
+    #[arg(long, value_name = "PEM")]
     root: PathBuf,
+    /// Bearer token for the control plane: a node agent's, as certificates are
+    /// asked for on the workload's behalf.
+    #[arg(long)]
     token: String,
+    /// The served workload's uid, e.g. Kubernetes//Pod/default/shell.
+    #[arg(long, value_name = "UID")]
     workload_uid: String,
-    node_id: String,
-    cert_ttl: Option<Duration>,
+    /// The xDS node id [default: ztunnel~0.0.0.0~<workload uid>~cluster.local].
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// The certificate lifetime to ask the CA for, in seconds [default: the CA's].
+    #[arg(long, value_name = "SECONDS")]
+    cert_ttl: Option<u64>,
+    /// Also accept SOCKS5 on this address (off by default; conventionally 127.0.0.1:15080).
+    #[arg(long, value_name = "ADDR")]
     socks5: Option<SocketAddr>,
+    /// The port peers accept HBONE on.
+    #[arg(long, value_name = "PORT", default_value_t = HBONE_PORT)]
     hbone_port: u16,
+    /// Admin endpoints (/healthz/ready, /config_dump, /metrics); `off` for none.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:15000")]
+    admin: Listen,
+    /// Prometheus metrics (/metrics, /stats/prometheus); `off` for none.
+    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:15020")]
+    metrics: Listen,
+    /// Readiness (/healthz/ready: 200 once ready, else 503); `off` for none.
+    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:15021")]
+    readiness: Listen,
+    /// Runtime worker threads: 1 runs everything on the main thread (best for
+    /// one workload on a small machine); more for a busy workload.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     worker_threads: usize,
+    /// Look destinations up one at a time (on-demand xDS) instead of
+    /// receiving every address.
+    #[arg(long)]
     on_demand: bool,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut control_plane = None;
-    let mut root = None;
-    let mut token = None;
-    let mut workload_uid = None;
-    let mut node_id = None;
-    let mut cert_ttl = None;
-    let mut socks5 = None;
-    let mut hbone_port = HBONE_PORT;
-    let mut worker_threads = 1;
-    let mut on_demand = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
-        match flag.as_str() {
-            "--control-plane" => {
-                control_plane = Some(
-                    value()?
-                        .parse()
-                        .map_err(|err| format!("--control-plane: {err}"))?,
-                );
-            }
-            "--root" => root = Some(PathBuf::from(value()?)),
-            "--token" => token = Some(value()?),
-            "--workload-uid" => workload_uid = Some(value()?),
-            "--node-id" => node_id = Some(value()?),
-            "--cert-ttl" => {
-                let seconds: u64 = value()?
-                    .parse()
-                    .map_err(|err| format!("--cert-ttl: {err}"))?;
-                cert_ttl = Some(Duration::from_secs(seconds));
-            }
-            "--socks5" => {
-                socks5 = Some(value()?.parse().map_err(|err| format!("--socks5: {err}"))?);
-            }
-            "--hbone-port" => {
-                hbone_port = value()?
-                    .parse()
-                    .map_err(|err| format!("--hbone-port: {err}"))?;
-            }
-            "--worker-threads" => {
-                worker_threads = value()?
-                    .parse()
-                    .map_err(|err| format!("--worker-threads: {err}"))?;
-            }
-            "--on-demand" => on_demand = true,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+/// A listener's address, or none.
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "off" {
+            return Ok(Self(None));
         }
+        text.parse()
+            .map(|address| Self(Some(address)))
+            .map_err(|err| format!("{text:?} is neither an address (ip:port) nor `off`: {err}"))
     }
-    let workload_uid: String =
-        workload_uid.ok_or(format!("--workload-uid is required\n{USAGE}"))?;
-    Ok(Args {
-        control_plane: control_plane.ok_or(format!("--control-plane is required\n{USAGE}"))?,
-        root: root.ok_or(format!("--root is required\n{USAGE}"))?,
-        token: token.ok_or(format!("--token is required\n{USAGE}"))?,
-        node_id: node_id.unwrap_or_else(|| format!("ztunnel~0.0.0.0~{workload_uid}~cluster.local")),
-        workload_uid,
-        cert_ttl,
-        socks5,
-        hbone_port,
-        worker_threads,
-        on_demand,
-    })
+}
+
+/// The admin-style listeners: where, and which endpoints each serves.
+fn admin_listeners(
+    args: &Args,
+) -> [(&'static str, Option<SocketAddr>, &'static [&'static str]); 3] {
+    [
+        ("--admin", args.admin.0, &[]),
+        (
+            "--metrics",
+            args.metrics.0,
+            &["/metrics", "/stats/prometheus"],
+        ),
+        ("--readiness", args.readiness.0, &["/healthz/ready"]),
+    ]
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -166,7 +186,11 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|err| err.to_string())?;
     let xds = XdsClient::builder()
         .channel(ca.channel())
-        .node_id(args.node_id.clone())
+        .node_id(
+            args.node_id
+                .clone()
+                .unwrap_or_else(|| format!("ztunnel~0.0.0.0~{}~cluster.local", args.workload_uid)),
+        )
         .token(args.token.clone())
         .on_demand(args.on_demand)
         .build()
@@ -174,7 +198,7 @@ async fn run(args: Args) -> Result<(), String> {
     let state = xds.state();
     let demander = xds.demander();
     let renewal = RenewalConfig {
-        ttl: args.cert_ttl,
+        ttl: args.cert_ttl.map(Duration::from_secs),
         ..RenewalConfig::default()
     };
     let certs = CertManager::builder()
@@ -185,11 +209,13 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|err| err.to_string())?;
     let xds = xds.spawn();
 
+    let mut registry = Registry::default();
     let mut builder = Ztunnel::builder()
         .state(state)
         .certificates(certs.clone())
         .workload_uid(args.workload_uid.clone())
-        .hbone_port(args.hbone_port);
+        .hbone_port(args.hbone_port)
+        .metrics(&mut registry);
     if let Some(demander) = demander {
         builder = builder.demander(demander);
     }
@@ -208,6 +234,17 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|err| err.to_string())?
         .spawn(listeners)
         .map_err(|err| format!("starting the proxy: {err}"))?;
+    let registry = Arc::new(registry);
+    let admin_stop = CancellationToken::new();
+    let mut admins = Vec::new();
+    for (flag, address, paths) in admin_listeners(&args) {
+        let Some(address) = address else { continue };
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|err| format!("{flag} {address}: {err}"))?;
+        let admin = handle.admin(Some(registry.clone())).restricted_to(paths);
+        admins.push(tokio::spawn(admin.serve(listener, admin_stop.clone())));
+    }
     if let Err(err) = handle.ready(Duration::from_secs(60)).await {
         // The xDS client says why it never synced, if it did not (e.g. the
         // control plane refused the token).
@@ -225,6 +262,10 @@ async fn run(args: Args) -> Result<(), String> {
         _ = terminate.recv() => {}
     }
     let drained = handle.drain(Duration::from_secs(5)).await;
+    admin_stop.cancel();
+    for admin in admins {
+        let _ = admin.await;
+    }
     xds.shutdown();
     certs.shutdown();
     tracing::info!("{drained}");
@@ -251,13 +292,7 @@ fn raise_open_files_limit() {
 
 fn main() -> ExitCode {
     raise_open_files_limit();
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     let log = BatchedStderr::default();
     tracing_subscriber::fmt()
         .with_writer(log.clone())

@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use mesh_api::names::ip_from_wire;
 use mesh_api::workload::{TunnelProtocol, Workload, WorkloadStatus};
+use mesh_net::{Acceptor, HandshakeLimits};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -29,6 +30,8 @@ use super::route::workload_identity;
 pub struct Admin {
     ctx: Arc<Context>,
     registry: Option<Arc<Registry>>,
+    /// The paths served; all when empty.
+    paths: &'static [&'static str],
 }
 
 impl std::fmt::Debug for Admin {
@@ -41,21 +44,30 @@ impl std::fmt::Debug for Admin {
 
 impl Admin {
     pub(super) fn new(ctx: Arc<Context>, registry: Option<Arc<Registry>>) -> Self {
-        Self { ctx, registry }
+        Self {
+            ctx,
+            registry,
+            paths: &[],
+        }
     }
 
-    /// Serves on `listener` until `shutdown`.
+    /// These endpoints with only `paths` served (others answer 404): e.g.
+    /// `&["/metrics", "/stats/prometheus"]` for a metrics port open to the
+    /// cluster, `&["/healthz/ready"]` for a readiness port. Empty: all.
+    pub fn restricted_to(mut self, paths: &'static [&'static str]) -> Self {
+        self.paths = paths;
+        self
+    }
+
+    /// Serves on `listener` until `shutdown`. Connections come through
+    /// [`mesh_net::Acceptor`]: a client must send its request within 10 s,
+    /// and a process out of file descriptors backs off.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let mut acceptor = Acceptor::new(listener, "admin", HandshakeLimits::default());
         loop {
-            let stream = tokio::select! {
+            let (stream, _, handshake) = tokio::select! {
                 () = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "admin accept failed");
-                        continue;
-                    }
-                },
+                accepted = acceptor.accept() => accepted,
             };
             let admin = self.clone();
             let stop = shutdown.clone();
@@ -66,8 +78,11 @@ impl Admin {
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
+                // A connection lasts at most the handshake deadline (10 s):
+                // ample for a probe or a scrape, and a slow client cannot
+                // hold its place longer.
                 tokio::select! {
-                    _ = connection => {}
+                    _ = handshake.within(connection) => {}
                     () = stop.cancelled() => {}
                 }
             });
@@ -75,7 +90,11 @@ impl Admin {
     }
 
     async fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        match request.uri().path() {
+        let path = request.uri().path();
+        if !self.paths.is_empty() && !self.paths.contains(&path) {
+            return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+        }
+        match path {
             "/healthz/ready" => self.ready().await,
             "/config_dump" => reply(
                 StatusCode::OK,
