@@ -40,32 +40,66 @@ const PREFACE_LEN: usize = 24;
 /// Connections accepted but not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 64;
 
-/// Open connections of a server, counted while they live (a drain reports
-/// how many it had to close). Cheap to clone.
+/// A server's open connections: counted while they live (a drain reports
+/// how many it had to close), and closed all at once by
+/// [`OpenConnections::close_all`] (a shutdown, or a drain past its deadline:
+/// tonic lets each connection finish its calls, which a client can keep
+/// open). Cheap to clone.
 #[derive(Clone, Debug, Default)]
-pub struct OpenConnections(Arc<AtomicUsize>);
+pub struct OpenConnections {
+    count: Arc<AtomicUsize>,
+    kill: CancellationToken,
+}
 
 impl OpenConnections {
     /// Connections open now.
     pub fn count(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Fails every connection's reads and writes from now on, new ones too:
+    /// each ends at once, whatever its calls are doing.
+    pub fn close_all(&self) {
+        self.kill.cancel();
     }
 }
 
-/// One connection counted in [`OpenConnections`] until dropped.
-#[derive(Debug)]
-struct Counted(Arc<AtomicUsize>);
+/// One connection, counted in [`OpenConnections`] until dropped, and ended
+/// by its `close_all`.
+struct Counted {
+    count: Arc<AtomicUsize>,
+    killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted").finish_non_exhaustive()
+    }
+}
 
 impl Counted {
     fn new(open: &OpenConnections) -> Self {
-        open.0.fetch_add(1, Ordering::Relaxed);
-        Self(open.0.clone())
+        open.count.fetch_add(1, Ordering::Relaxed);
+        Self {
+            count: open.count.clone(),
+            killed: Box::pin(open.kill.clone().cancelled_owned()),
+        }
+    }
+
+    /// An error once the connection is to be closed (and a wake-up then).
+    fn check(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.killed.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the server closed the connection",
+            )
+        })
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -122,8 +156,14 @@ async fn accept_loop(
             continue;
         };
         let connections = connections.clone();
+        let stop = shutdown.clone();
         handshakes.spawn(async move {
-            match handshake.within(tls.accept(tcp)).await {
+            let accepted = tokio::select! {
+                accepted = handshake.within(tls.accept(tcp)) => accepted,
+                // The server no longer takes connections.
+                () = stop.cancelled() => return,
+            };
+            match accepted {
                 Ok(Ok(stream)) => {
                     let stream = Stream::Tls(Box::new(stream));
                     let connection = Connection::new(stream, remote, handshake, counted);
@@ -134,6 +174,8 @@ async fn accept_loop(
             }
         });
     }
+    // No new connections queue up while the handshakes end.
+    drop(acceptor);
     handshakes.close();
     handshakes.wait().await;
 }
@@ -145,7 +187,7 @@ pub struct Connection {
     remote: SocketAddr,
     /// Until the HTTP/2 preface has arrived: its deadline.
     preface: Option<Preface>,
-    _counted: Counted,
+    counted: Counted,
 }
 
 impl Connection {
@@ -159,7 +201,7 @@ impl Connection {
             stream,
             remote,
             preface: Some(preface),
-            _counted: counted,
+            counted,
         }
     }
 }
@@ -205,9 +247,15 @@ impl tonic::transport::server::Connected for Connection {
     }
 }
 
+/// Runs `$body` on the stream, TLS or plain, unless the server has closed
+/// the connection (then that error, at once).
 macro_rules! both {
-    ($self:ident, $stream:ident => $body:expr) => {
-        match &mut $self.get_mut().stream {
+    ($self:ident, $cx:ident, $stream:ident => $body:expr) => {{
+        let this = $self.get_mut();
+        if let Some(closed) = this.counted.check($cx) {
+            return Poll::Ready(Err(closed));
+        }
+        match &mut this.stream {
             Stream::Plain($stream) => {
                 let $stream = Pin::new($stream);
                 $body
@@ -217,7 +265,7 @@ macro_rules! both {
                 $body
             }
         }
-    };
+    }};
 }
 
 impl AsyncRead for Connection {
@@ -229,6 +277,9 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(closed) = this.counted.check(cx) {
+            return Poll::Ready(Err(closed));
+        }
         if let Some(preface) = &mut this.preface
             && let Poll::Ready(ended) = preface.ended.as_mut().poll(cx)
         {
@@ -259,15 +310,15 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        both!(self, stream => stream.poll_write(cx, buf))
+        both!(self, cx, stream => stream.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, stream => stream.poll_flush(cx))
+        both!(self, cx, stream => stream.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, stream => stream.poll_shutdown(cx))
+        both!(self, cx, stream => stream.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -275,7 +326,7 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        both!(self, stream => stream.poll_write_vectored(cx, bufs))
+        both!(self, cx, stream => stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -331,11 +382,11 @@ where
             open.clone(),
             stopping.clone(),
         );
-        let done = finished.clone();
+        // Finished however the task ends: returned, failed or panicked.
+        let done = finished.clone().drop_guard();
         let task = tokio::spawn(async move {
-            let served = serve.await.map_err(E::from);
-            done.cancel();
-            served
+            let _done = done;
+            serve.await.map_err(E::from)
         });
         Ok(Self {
             local_addr,
@@ -382,6 +433,7 @@ where
             return Drained::Complete;
         }
         let left = self.open.count();
+        self.open.close_all();
         self.task.abort();
         Drained::TimedOut { left }
     }
@@ -389,6 +441,7 @@ where
     /// Stops now, closing every connection. Idempotent.
     pub fn shutdown(&self) {
         self.stopping.cancel();
+        self.open.close_all();
         self.task.abort();
     }
 

@@ -274,3 +274,55 @@ async fn shutdown_is_idempotent_and_join_then_ends() {
         .expect("joined")
         .expect("a shut down server ends Ok");
 }
+
+#[tokio::test]
+async fn shutdown_closes_a_connection_whose_call_never_ends() {
+    let store = cluster();
+    let mut plane = control_plane(&store).await;
+    let handle = plane.handle.take().expect("handle");
+    // A CA call whose request body never ends: tonic alone would wait for it.
+    let mut roots = rustls::RootCertStore::empty();
+    for root in plane.authority.roots().iter() {
+        roots.add(root.clone()).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(plane.addr)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("istiod.istio-system.svc").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let (mut client, connection) = h2::client::handshake(tls).await.expect("HTTP/2");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::post(
+        "https://istiod.istio-system.svc/istio.v1.auth.IstioCertificateService/CreateCertificate",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", "Bearer shell-token")
+    .body(())
+    .expect("request");
+    let (response, mut body) = client.send_request(request, false).expect("sent");
+    // A message header announcing 100 bytes, then 3 of them.
+    body.send_data(
+        bytes::Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2, 3]),
+        false,
+    )
+    .expect("data");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!connection.is_finished(), "the call is in progress");
+    handle.shutdown();
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(ended.is_ok(), "the connection was closed by the shutdown");
+    drop(response);
+    handle.join().await.expect("stopped");
+}
