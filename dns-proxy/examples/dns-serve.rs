@@ -6,6 +6,18 @@
 //!     [--max-in-flight 256] [--drain-seconds 5]
 //! ```
 //!
+//! On the shipped sample, from the repository root (then, for instance,
+//! `dig @127.0.0.1 -p 15053 echo.default.svc.cluster.local`):
+//!
+//! ```sh
+//! cargo run -p podless-dns --example dns-serve -- --listen 127.0.0.1:15053 \
+//!     --records dns-proxy/examples/dns-serve-sample/records.yaml
+//! ```
+//!
+//! `--help` describes every flag and the records format; the flags are parsed
+//! with clap, so a missing or malformed one is named on stderr with exit
+//! status 2.
+//!
 //! `--max-in-flight` bounds the questions waiting for the upstream at once
 //! (see `UpstreamConfig::max_in_flight`); beyond it they get SERVFAIL.
 //!
@@ -41,7 +53,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dns_proxy::{DnsProxy, InMemoryMeshDns, ServiceRecord, UpstreamConfig};
+use clap::Parser;
+use dns_proxy::{DEFAULT_MAX_IN_FLIGHT, DnsProxy, InMemoryMeshDns, ServiceRecord, UpstreamConfig};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -69,62 +82,132 @@ struct Service {
     canonical: bool,
 }
 
+/// Serve cluster DNS for the services of a records file, as CoreDNS would.
+///
+/// The podless DNS proxy, authoritative for --domain: it answers the
+/// services of --records (A and AAAA) with Kubernetes search expansion by
+/// the asking client's namespace, a headless service with its endpoints,
+/// and unknown names of the domain with NXDOMAIN; other names go to
+/// --upstream (cached), or get SERVFAIL without one. It serves UDP and TCP
+/// on --listen and prints "listening on <address>" once serving.
+///
+/// SIGTERM or Ctrl-C drains it: no new questions are read or connections
+/// accepted, those in progress get up to --drain-seconds to finish; it then
+/// prints how the drain ended ("drained: all work finished", or "drain
+/// timed out: <n> closed") and exits.
+///
+/// The records file (YAML) lists services and which namespace each client
+/// address is in:
+///
+///   services:
+///   - name: echo                # echo.default.svc.<domain>
+///     namespace: default
+///     vips: [10.96.0.10, fd00::10]
+///   - name: db                  # headless: answered with its endpoints
+///     namespace: default
+///     endpoints: [10.42.0.7, 10.42.0.8]
+///   - hostname: api.example.com # any other host name
+///     namespace: default
+///     vips: [240.0.0.1]
+///     canonical: true           # preferred over other namespaces' (default false)
+///   clients:                    # client IP: its namespace (for short names)
+///     10.42.0.5: default
+///
+/// A service has a name (then its hostname is <name>.<namespace>.svc.<domain>)
+/// or a hostname, a namespace, and vips or endpoints.
+#[derive(Parser)]
+#[command(
+    name = "dns-serve",
+    verbatim_doc_comment,
+    after_help = concat!(
+        "Try it on the shipped sample, from the repository root:\n",
+        "\n",
+        "  cargo run -p podless-dns --example dns-serve -- --listen 127.0.0.1:15053 \\\n",
+        "      --records dns-proxy/examples/dns-serve-sample/records.yaml\n",
+        "\n",
+        "then ask it, e.g.: dig @127.0.0.1 -p 15053 echo.default.svc.cluster.local",
+    )
+)]
 struct Args {
+    /// The address to serve DNS on, UDP and TCP, as IP:PORT.
+    ///
+    /// E.g. 127.0.0.1:15053; port 0 picks a free port (printed once
+    /// serving).
+    #[arg(long, value_name = "IP:PORT", verbatim_doc_comment)]
     listen: SocketAddr,
+
+    /// The records file (YAML): the services to answer, and clients' namespaces.
+    ///
+    /// See the format above. Read once at start.
+    #[arg(long, value_name = "FILE.yaml", verbatim_doc_comment)]
     records: PathBuf,
+
+    /// A resolver for names outside the cluster domain, as IP:PORT.
+    ///
+    /// E.g. 127.0.0.1:53 (the port is required). Repeatable: tried in the
+    /// order given, 2 s per attempt, 2 attempts; answers are cached. None
+    /// by default: names outside --domain and the records then get
+    /// SERVFAIL.
+    #[arg(
+        long = "upstream",
+        value_name = "IP:PORT",
+        verbatim_doc_comment
+    )]
     upstreams: Vec<SocketAddr>,
+
+    /// The cluster's DNS domain, which the proxy is authoritative for.
+    ///
+    /// A service named <name> in <namespace> is
+    /// <name>.<namespace>.svc.<domain>.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        default_value = "cluster.local",
+        verbatim_doc_comment
+    )]
     domain: String,
+
+    /// The most questions waiting for the upstream at once (at least 1).
+    ///
+    /// Beyond it, questions the cache cannot answer get SERVFAIL at once;
+    /// each waiting question holds one UDP socket, so keep it well under
+    /// the file descriptor limit.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_IN_FLIGHT,
+        value_parser = at_least_one,
+        verbatim_doc_comment
+    )]
     max_in_flight: usize,
+
+    /// How long a drain (on SIGTERM or Ctrl-C) waits, in seconds.
+    ///
+    /// Questions and connections in progress get this long to finish
+    /// (fractions allowed, e.g. 0.5); what is left is then closed.
+    #[arg(
+        long = "drain-seconds",
+        value_name = "SECONDS",
+        default_value = "5",
+        value_parser = seconds,
+        verbatim_doc_comment
+    )]
     drain: Duration,
 }
 
-const USAGE: &str = "usage: dns-serve --listen <addr> --records <file.yaml> [--upstream <addr>] ... [--domain <domain>] [--max-in-flight <n>] [--drain-seconds <s>]";
-
-fn parse_args() -> Result<Args, String> {
-    let mut listen = None;
-    let mut records = None;
-    let mut upstreams = Vec::new();
-    let mut domain = "cluster.local".to_owned();
-    let mut max_in_flight = UpstreamConfig::default().max_in_flight;
-    let mut drain = Duration::from_secs(5);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
-        match flag.as_str() {
-            "--listen" => {
-                listen = Some(value()?.parse().map_err(|err| format!("--listen: {err}"))?);
-            }
-            "--records" => records = Some(PathBuf::from(value()?)),
-            "--upstream" => upstreams.push(
-                value()?
-                    .parse()
-                    .map_err(|err| format!("--upstream: {err}"))?,
-            ),
-            "--domain" => domain = value()?,
-            "--max-in-flight" => {
-                max_in_flight = value()?
-                    .parse()
-                    .map_err(|err| format!("--max-in-flight: {err}"))?;
-            }
-            "--drain-seconds" => {
-                let seconds: f64 = value()?
-                    .parse()
-                    .map_err(|err| format!("--drain-seconds: {err}"))?;
-                drain = Duration::try_from_secs_f64(seconds)
-                    .map_err(|err| format!("--drain-seconds: {err}"))?;
-            }
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
+/// `--max-in-flight`: a count of at least one.
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(err) => Err(err.to_string()),
     }
-    Ok(Args {
-        listen: listen.ok_or(format!("--listen is required\n{USAGE}"))?,
-        records: records.ok_or(format!("--records is required\n{USAGE}"))?,
-        upstreams,
-        domain,
-        max_in_flight,
-        drain,
-    })
+}
+
+/// `--drain-seconds`: seconds, fractions allowed.
+fn seconds(value: &str) -> Result<Duration, String> {
+    let seconds: f64 = value.parse().map_err(|err| format!("{err}"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())
 }
 
 fn load(args: &Args) -> Result<InMemoryMeshDns, String> {
@@ -153,8 +236,7 @@ fn load(args: &Args) -> Result<InMemoryMeshDns, String> {
     Ok(mesh)
 }
 
-async fn run() -> Result<(), String> {
-    let args = parse_args()?;
+async fn run(args: Args) -> Result<(), String> {
     let mesh = load(&args)?;
     let proxy = DnsProxy::builder()
         .mesh(Arc::new(mesh))
@@ -209,6 +291,7 @@ fn stop_signal() -> std::io::Result<impl Future<Output = &'static str>> {
 }
 
 fn main() -> ExitCode {
+    let args = Args::parse();
     // One thread, like dnsmasq: a DNS server's work per question is tiny, and
     // waking worker threads for each costs more than the work (measured).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -221,7 +304,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run()) {
+    match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("dns-serve: {message}");

@@ -202,7 +202,7 @@ pub struct DnsStats {
     /// because `max_in_flight` questions were already waiting.
     pub forwards_refused: u64,
     /// UDP sockets towards the upstream open now: one per waiting question
-    /// at most, plus a few idle ones kept for reuse.
+    /// at most.
     pub upstream_sockets: usize,
 }
 
@@ -262,10 +262,6 @@ impl DnsProxy {
         tcp: TcpListener,
         life: Lifecycle,
     ) -> Result<(), ServeError> {
-        let tidy = self.handler.upstream.clone().map(|upstream| {
-            let stop = life.stop.clone();
-            tokio::spawn(async move { upstream.close_idle_sockets(stop).await })
-        });
         let tcp = life.intake.spawn(tcp::serve_tcp(
             self.handler.clone(),
             Acceptor::new(tcp, "DNS over TCP", tcp_limits()),
@@ -290,11 +286,7 @@ impl DnsProxy {
         life.stop.cancelled().await;
         life.work.close();
         life.work.wait().await;
-        let tidy = match tidy {
-            Some(tidy) => tidy.await,
-            None => Ok(()),
-        };
-        udp.and(tcp).and(tidy)?;
+        udp.and(tcp)?;
         Ok(())
     }
 

@@ -11,11 +11,9 @@
 //!   in [`DnsStats::forwards_refused`](crate::DnsStats::forwards_refused)).
 //! - A forwarded question gets its answer or SERVFAIL within
 //!   `timeout × attempts` (at most [`MAX_FORWARD_TIME`]).
-//! - Each waiting question holds at most one UDP socket; sockets are reused by
-//!   later questions and the idle ones closed after a while (see `sockets`).
-//!   A socket is only opened when none is idle, so the sockets open (in use
-//!   or idle) never outnumber `max_in_flight` (with upstreams of one address
-//!   family).
+//! - Each waiting question holds one UDP socket of its own, on a fresh random
+//!   port, closed when it ends (see `sockets`): the sockets open never
+//!   outnumber `max_in_flight`, and no source port is reused (RFC 5452).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +27,6 @@ use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, R
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::{ResponseCache, TtlConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use sockets::{SocketPool, UpstreamConnections, UpstreamRuntime};
 
@@ -314,23 +311,9 @@ impl Upstream {
         self.shared.refused.load(Ordering::Relaxed)
     }
 
-    /// UDP sockets towards the upstream open now (in use or kept for reuse).
+    /// UDP sockets towards the upstream open now (one per exchange in flight).
     pub(crate) fn sockets(&self) -> usize {
         self.shared.sockets.open()
-    }
-
-    /// Closes the sockets kept for reuse once they have been idle for a
-    /// while, checking regularly until `shutdown`: after a burst they go even
-    /// when no more questions come.
-    pub(crate) async fn close_idle_sockets(&self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(sockets::IDLE_FOR);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = ticks.tick() => self.shared.sockets.close_idle(),
-            }
-        }
     }
 }
 

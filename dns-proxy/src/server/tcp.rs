@@ -7,32 +7,52 @@
 //! are answered one after another (a message larger than
 //! [`MAX_QUERY_BYTES`](super::MAX_QUERY_BYTES)
 //! gets FORMERR); a connection idle for [`TCP_IDLE`] between questions is
-//! closed. During a drain, a connection finishes the question it is
-//! receiving or answering, then closes instead of waiting for another.
+//! closed. At most [`MAX_CONNECTIONS`] connections are open at once; past
+//! that a new one is closed at once (and that logged at a bounded rate), so
+//! clients that ask a question every few seconds cannot pile connections up
+//! to the file-descriptor limit. During a drain, a connection finishes the
+//! question it is receiving or answering, then closes instead of waiting for
+//! another.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use mesh_net::{Acceptor, Handshake};
+use mesh_net::{Acceptor, Handshake, Throttle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Handler, Lifecycle, TCP_IDLE};
 
+/// The most TCP connections open at once.
+pub(super) const MAX_CONNECTIONS: usize = 1024;
+
 /// Accepts connections until `life.draining` (the listener then closes), and
 /// serves each in a task of `life.work` until it closes or `life.stop`.
 pub(super) async fn serve_tcp(handler: Handler, mut acceptor: Acceptor, life: Lifecycle) {
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refused_log = Throttle::new(Duration::from_secs(5));
     loop {
         let (stream, client, handshake) = tokio::select! {
             biased;
             () = life.draining.cancelled() => break,
             accepted = acceptor.accept() => accepted,
         };
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            drop((stream, handshake));
+            if let Some(refused) = refused_log.tick() {
+                tracing::warn!(%client, refused, "DNS over TCP: {MAX_CONNECTIONS} connections open, a new one closed");
+            }
+            continue;
+        };
         let handler = handler.clone();
         let draining = life.draining.clone();
         let stop = life.stop.clone();
         life.work.spawn(async move {
+            let _place = place;
             tokio::select! {
                 () = connection(&handler, stream, client, handshake, &draining) => {}
                 () = stop.cancelled() => {}

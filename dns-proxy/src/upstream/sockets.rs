@@ -1,15 +1,12 @@
 //! The sockets hickory's resolver talks to the upstream through.
 //!
 //! hickory asks its [`RuntimeProvider`] for a UDP socket per upstream
-//! exchange (bound to a random port) and drops it when the exchange ends.
-//! [`UpstreamRuntime`] hands out sockets from a [`SocketPool`] instead: a
-//! dropped socket goes back to the pool and the next exchange reuses it, so a
-//! steady stream of forwarded questions does not bind a socket each. At most
-//! [`KEEP_IDLE`] sockets wait in the pool, none much longer than [`IDLE_FOR`]
-//! (the server closes expired ones every [`IDLE_FOR`] as well), so after a
-//! burst the pool empties. hickory still checks every answer
-//! (source address, ID and question) before taking it, and a reused socket's
-//! leftover datagrams are discarded before it is handed out again.
+//! exchange. [`UpstreamRuntime`] binds each on a fresh random port, as
+//! hickory's own does, and counts it in a [`SocketPool`] while it is open.
+//! Sockets are never reused: a new random source port per question is half
+//! of what an off-path attacker must guess to spoof an answer (RFC 5452), and
+//! the answers a proxy caches serve every pod. hickory checks every answer
+//! (source address, ID and question) before taking it.
 //!
 //! [`UpstreamConnections`] builds hickory's connections on that runtime, with
 //! one UDP send per exchange (no retransmission from a second socket while the
@@ -22,8 +19,8 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,115 +34,33 @@ use hickory_resolver::net::udp::UdpClientStream;
 use hickory_resolver::net::xfer::DnsExchange;
 use hickory_resolver::{ConnectionProvider, PoolContext};
 use tokio::net::UdpSocket;
-use tokio::time::Instant;
 
-/// The most idle sockets kept for reuse.
-pub(crate) const KEEP_IDLE: usize = 32;
-
-/// How long an idle socket is kept.
-pub(crate) const IDLE_FOR: Duration = Duration::from_secs(10);
-
-/// UDP sockets towards the upstream: those in use and those kept for reuse.
+/// UDP sockets towards the upstream, counted while open.
 #[derive(Debug, Default)]
 pub(crate) struct SocketPool {
-    idle: Mutex<Vec<Idle>>,
-    /// Sockets open, in use or idle.
+    /// Sockets open now.
     open: AtomicUsize,
 }
 
-#[derive(Debug)]
-struct Idle {
-    socket: UdpSocket,
-    /// The address it is bound to (only its IP matters for reuse).
-    local: IpAddr,
-    since: Instant,
-}
-
 impl SocketPool {
-    /// Sockets open now, in use or idle.
+    /// Sockets open now.
     pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// An idle socket bound to `local`'s IP (its port, random, does not
-    /// matter), or a new one bound to `local`.
+    /// A new socket bound to `local` (its port chosen at random by the
+    /// kernel when `local`'s is 0), counted until dropped.
     async fn take(self: Arc<Self>, local: SocketAddr) -> io::Result<PooledSocket> {
-        let reused = {
-            let mut idle = self.lock();
-            self.expire(&mut idle, Instant::now());
-            idle.iter()
-                .rposition(|entry| entry.local == local.ip())
-                .map(|at| idle.swap_remove(at).socket)
-        };
-        let socket = match reused {
-            Some(socket) => {
-                // Late answers to an earlier exchange are of no use to the next.
-                let mut scratch = [0u8; 1];
-                while socket.try_recv_from(&mut scratch).is_ok() {}
-                socket
-            }
-            None => {
-                let socket = UdpSocket::bind(local).await?;
-                self.open.fetch_add(1, Ordering::Relaxed);
-                socket
-            }
-        };
+        let socket = UdpSocket::bind(local).await?;
+        self.open.fetch_add(1, Ordering::Relaxed);
         Ok(PooledSocket {
             socket: Some(socket),
             pool: self,
         })
     }
-
-    /// Keeps `socket` for reuse, or closes it when enough are kept.
-    fn give_back(&self, socket: UdpSocket) {
-        let Ok(local) = socket.local_addr() else {
-            self.closed(1);
-            return;
-        };
-        let now = Instant::now();
-        let mut idle = self.lock();
-        self.expire(&mut idle, now);
-        if idle.len() < KEEP_IDLE {
-            idle.push(Idle {
-                socket,
-                local: local.ip(),
-                since: now,
-            });
-        } else {
-            drop(idle);
-            drop(socket);
-            self.closed(1);
-        }
-    }
-
-    /// Closes the sockets idle for [`IDLE_FOR`] or longer; run every
-    /// [`IDLE_FOR`] too, so they go even when no question comes.
-    pub(crate) fn close_idle(&self) {
-        self.expire(&mut self.lock(), Instant::now());
-    }
-
-    /// Closes the sockets idle for [`IDLE_FOR`] or longer.
-    fn expire(&self, idle: &mut Vec<Idle>, now: Instant) {
-        let before = idle.len();
-        idle.retain(|entry| now.saturating_duration_since(entry.since) < IDLE_FOR);
-        self.closed(before - idle.len());
-    }
-
-    fn closed(&self, count: usize) {
-        if count > 0 {
-            self.open.fetch_sub(count, Ordering::Relaxed);
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
-        match self.idle.lock() {
-            Ok(idle) => idle,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
 }
 
-/// A socket from the pool, given back when dropped.
+/// A socket counted in its [`SocketPool`]; closed when dropped.
 #[derive(Debug)]
 pub(crate) struct PooledSocket {
     /// Always `Some` until dropped.
@@ -157,14 +72,14 @@ impl PooledSocket {
     fn socket(&self) -> io::Result<&UdpSocket> {
         self.socket
             .as_ref()
-            .ok_or_else(|| io::Error::other("pooled socket already given back"))
+            .ok_or_else(|| io::Error::other("socket already closed"))
     }
 }
 
 impl Drop for PooledSocket {
     fn drop(&mut self) {
-        if let Some(socket) = self.socket.take() {
-            self.pool.give_back(socket);
+        if self.socket.take().is_some() {
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -313,66 +228,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dropped_socket_is_reused() {
+    async fn every_exchange_gets_a_fresh_socket_counted_while_open() {
         let pool = Arc::new(SocketPool::default());
         let first = pool.clone().take(localhost()).await.unwrap();
         let port = first.socket().unwrap().local_addr().unwrap().port();
         assert_eq!(pool.open(), 1);
         drop(first);
-        assert_eq!(pool.open(), 1, "kept for reuse");
-        let again = pool.clone().take(localhost()).await.unwrap();
-        assert_eq!(again.socket().unwrap().local_addr().unwrap().port(), port);
-        assert_eq!(pool.open(), 1);
-        let second = pool.clone().take(localhost()).await.unwrap();
-        assert_eq!(pool.open(), 2, "one in use: another is bound");
-        drop((again, second));
+        assert_eq!(pool.open(), 0, "closed, not kept");
+        // A socket bound while the first still held its port gets another:
+        // none is ever handed out twice.
+        let held = pool.clone().take(localhost()).await.unwrap();
+        let next = pool.clone().take(localhost()).await.unwrap();
+        assert_ne!(
+            held.socket().unwrap().local_addr().unwrap().port(),
+            next.socket().unwrap().local_addr().unwrap().port()
+        );
         assert_eq!(pool.open(), 2);
-    }
-
-    #[tokio::test]
-    async fn at_most_keep_idle_sockets_wait() {
-        let pool = Arc::new(SocketPool::default());
-        let mut taken = Vec::new();
-        for _ in 0..KEEP_IDLE + 10 {
-            taken.push(pool.clone().take(localhost()).await.unwrap());
-        }
-        assert_eq!(pool.open(), KEEP_IDLE + 10);
-        drop(taken);
-        assert_eq!(pool.open(), KEEP_IDLE);
-    }
-
-    #[tokio::test]
-    async fn idle_sockets_expire() {
-        let pool = Arc::new(SocketPool::default());
-        drop(pool.clone().take(localhost()).await.unwrap());
-        assert_eq!(pool.open(), 1);
-        let later = Instant::now() + IDLE_FOR;
-        pool.expire(&mut pool.lock(), later);
-        assert_eq!(pool.open(), 0, "closed after IDLE_FOR");
-        assert!(pool.lock().is_empty());
-    }
-
-    #[tokio::test]
-    async fn leftover_datagrams_are_discarded() {
-        let pool = Arc::new(SocketPool::default());
-        let sender = UdpSocket::bind(localhost()).await.unwrap();
-        let socket = pool.clone().take(localhost()).await.unwrap();
-        let address = socket.socket().unwrap().local_addr().unwrap();
-        let to = SocketAddr::new("127.0.0.1".parse().unwrap(), address.port());
-        // A late answer arrives after its exchange gave the socket back.
-        sender.send_to(b"late", to).await.unwrap();
-        socket.socket().unwrap().readable().await.unwrap();
-        drop(socket);
-        let socket = pool.clone().take(localhost()).await.unwrap();
-        assert_eq!(socket.socket().unwrap().local_addr().unwrap(), address);
-        sender.send_to(b"next", to).await.unwrap();
-        let mut buffer = [0u8; 16];
-        let (len, _) = socket
-            .socket()
-            .unwrap()
-            .recv_from(&mut buffer)
-            .await
-            .unwrap();
-        assert_eq!(&buffer[..len], b"next");
+        drop((held, next));
+        assert_eq!(pool.open(), 0);
+        let _ = port;
     }
 }
