@@ -222,10 +222,15 @@ impl CertManager {
         })
     }
 
-    /// Stops renewing `identity` now, leased or not (its workloads are gone);
-    /// whether it was kept. A later use fetches it again.
+    /// Stops renewing `identity` now and drops its certificate, unless a
+    /// lease holds it (an instance still serves it: its lease ends that);
+    /// whether it was dropped. A later use fetches it again.
     pub fn forget(&self, identity: &Identity) -> bool {
-        self.inner.lock().remove(identity).is_some()
+        let mut entries = self.inner.lock();
+        if entries.get(identity).is_some_and(|entry| entry.leases > 0) {
+            return false;
+        }
+        entries.remove(identity).is_some()
     }
 
     /// The identities kept fresh.

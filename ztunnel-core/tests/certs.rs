@@ -118,6 +118,18 @@ async fn an_identity_is_dropped_when_its_last_lease_ends() {
         again.certificate(WAIT).await.expect("refetched").identity,
         echo
     );
+
+    // A leased identity is not forgotten: its lease decides.
+    assert!(!certs.forget(&echo), "still leased");
+    assert_eq!(certs.identities(), vec![echo.clone()]);
+    let another = certs.lease(&echo).expect("lease");
+    drop(again);
+    assert_eq!(certs.identities(), vec![echo.clone()], "one lease left");
+    drop(another);
+    assert!(certs.identities().is_empty());
+    // Unleased, it can be forgotten.
+    certs.prefetch(&shell);
+    assert!(certs.forget(&shell));
 }
 
 #[tokio::test]

@@ -213,6 +213,47 @@ struct Inner {
 /// wait their turn, then reuse what it opened or fail with its reason.
 type Gate = tokio::sync::Mutex<Option<String>>;
 
+/// How long opening a connection (TCP, TLS, HTTP/2) may take: one stalled
+/// peer must not hold every request to it for longer.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request's place at a key's gate: on drop (done, failed or cancelled),
+/// the last one through removes the gate, so the next request starts afresh.
+struct GateTurn<'a> {
+    opening: &'a Mutex<HashMap<PoolKey, Arc<Gate>>>,
+    key: &'a PoolKey,
+    gate: Arc<Gate>,
+}
+
+impl GateTurn<'_> {
+    /// Takes the gate out of the map now (its open failed): requests already
+    /// waiting keep it and learn why; new ones get a fresh gate.
+    fn retire(&self) {
+        let mut opening = self.opening.lock().unwrap_or_else(PoisonError::into_inner);
+        if opening
+            .get(self.key)
+            .is_some_and(|current| Arc::ptr_eq(current, &self.gate))
+        {
+            opening.remove(self.key);
+        }
+    }
+}
+
+impl Drop for GateTurn<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.opening.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under the map's lock no one takes a new clone: only the map's and
+        // this one left means no one else waits.
+        if Arc::strong_count(&self.gate) == 2
+            && opening
+                .get(self.key)
+                .is_some_and(|current| Arc::ptr_eq(current, &self.gate))
+        {
+            opening.remove(self.key);
+        }
+    }
+}
+
 /// When pooled connections are pinged and when idle ones close.
 #[derive(Clone, Copy, Debug)]
 struct KeepAlive {
@@ -363,33 +404,38 @@ impl HbonePool {
             .entry(key.clone())
             .or_default()
             .clone();
-        let outcome = {
-            let mut turn = gate.lock().await;
-            match (self.reuse(key), turn.as_ref()) {
-                (Some(found), _) => Ok(found),
-                (None, Some(reason)) => Err(HboneError::Opening {
-                    address: key.address,
-                    reason: reason.clone(),
-                }),
-                (None, None) => {
-                    let opened = self.open(tls, key).await;
-                    if let Err(err) = &opened {
-                        *turn = Some(err.to_string());
-                    }
-                    opened
-                }
-            }
+        // Leaves the gate however this request ends (a cancelled waiter too).
+        let turn = GateTurn {
+            opening: &self.inner.opening,
+            key,
+            gate,
         };
-        let mut opening = self
-            .inner
-            .opening
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // The last one through: the next request starts afresh.
-        if Arc::strong_count(&gate) == 2 {
-            opening.remove(key);
+        let mut reason = turn.gate.lock().await;
+        if let Some(found) = self.reuse(key) {
+            return Ok(found);
         }
-        outcome
+        if let Some(reason) = reason.as_ref() {
+            return Err(HboneError::Opening {
+                address: key.address,
+                reason: reason.clone(),
+            });
+        }
+        let opened = match tokio::time::timeout(OPEN_TIMEOUT, self.open(tls, key)).await {
+            Ok(opened) => opened,
+            Err(_) => Err(HboneError::Connect {
+                address: key.address,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no HBONE connection within {OPEN_TIMEOUT:?}"),
+                ),
+            }),
+        };
+        if let Err(err) = &opened {
+            // Those waiting now fail with it; later requests try afresh.
+            *reason = Some(err.to_string());
+            turn.retire();
+        }
+        opened
     }
 
     /// Opens a new connection for `key` and pools it, one slot taken.

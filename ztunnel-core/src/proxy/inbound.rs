@@ -52,24 +52,37 @@ async fn hbone_connection(
     handshake: Handshake,
     draining: CancellationToken,
 ) {
-    let tls = match ctx.workload_tls().await {
-        Ok(tls) => tls,
-        Err(err) => {
+    // The certificate wait counts against the handshake's deadline too: an
+    // evicted or timed-out connection never waits longer.
+    let accepted = handshake
+        .within(async {
+            let tls = ctx.workload_tls().await.map_err(Refused::NoCertificate)?;
+            let stream = TlsAcceptor::from(tls.server.clone())
+                .accept(tcp)
+                .await
+                .map_err(Refused::Tls)?;
+            Ok::<_, Refused>((tls, stream))
+        })
+        .await;
+    let (tls, stream) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(Refused::NoCertificate(err))) => {
             tracing::warn!(%source, error = %err, "HBONE connection refused: no certificate to serve with");
             return;
         }
-    };
-    let accepted = handshake
-        .within(TlsAcceptor::from(tls.server.clone()).accept(tcp))
-        .await;
-    let stream = match accepted {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
-            tracing::info!(%source, error = %err, "HBONE handshake failed");
+        Ok(Err(Refused::Tls(err))) => {
+            let logged = ctx
+                .tls_failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .tick();
+            if let Some(failures) = logged {
+                tracing::info!(%source, error = %err, failures, "HBONE TLS handshake failed");
+            }
             return;
         }
         Err(ended) => {
-            tracing::info!(%source, error = %ended, "HBONE TLS handshake given up");
+            tracing::debug!(%source, error = %ended, "HBONE TLS handshake given up");
             return;
         }
     };
@@ -96,7 +109,7 @@ async fn hbone_connection(
             return;
         }
         Err(ended) => {
-            tracing::info!(%source, error = %ended, "HBONE HTTP/2 preface given up");
+            tracing::debug!(%source, error = %ended, "HBONE HTTP/2 preface given up");
             return;
         }
     };
@@ -133,6 +146,14 @@ async fn hbone_connection(
             }
         }
     }
+}
+
+/// Why an HBONE connection did not get past TLS.
+enum Refused {
+    /// The served workload has no certificate (yet).
+    NoCertificate(super::IdentityError),
+    /// The TLS handshake failed.
+    Tls(std::io::Error),
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {

@@ -300,6 +300,7 @@ impl ZtunnelBuilder {
             shutdown,
             lease: Mutex::new(None),
             own_ports: Vec::new(),
+            tls_failures: Mutex::new(mesh_net::Throttle::new(Duration::from_secs(5))),
         };
         Ok(Ztunnel {
             context,
@@ -334,6 +335,9 @@ struct Context {
     /// The served identity's certificate, held while the instance runs
     /// (taken on first use; released when it stops).
     lease: Mutex<Option<Arc<CertLease>>>,
+    /// Failed HBONE TLS handshakes, logged at a bounded rate (anyone can
+    /// make them fail).
+    tls_failures: Mutex<mesh_net::Throttle>,
     /// The ports of the instance's own listeners (and of HBONE): never a
     /// destination, or one request would loop the proxy into itself.
     own_ports: Vec<u16>,
