@@ -1,8 +1,10 @@
 //! The protobuf codec of the generated gRPC stubs: prost's, except that a
-//! message that does not decode is `InvalidArgument` (the caller sent bad
-//! bytes), not `Internal`. The CA and xDS servers then answer an undecodable
-//! request alike, and a client never mistakes a peer's bad bytes for its own
-//! fault.
+//! message that does not decode is `InvalidArgument`, not `Internal`. On a
+//! server that is the right answer (the caller sent bad bytes), and the CA
+//! and xDS servers answer an undecodable request alike. The clients' stubs
+//! share the codec (tonic's generator takes one per build), so a client that
+//! cannot decode a server's response sees `InvalidArgument` too: there it
+//! means the response was bad, not the request.
 
 use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};

@@ -203,16 +203,36 @@ impl Acceptor {
 }
 
 /// An `accept` error that concerns only the connection it would have
-/// returned: the next one may be fine.
+/// returned: the next one may be fine. Linux also reports the network errors
+/// of a connection that failed before it was accepted (accept(2): `EPROTO`,
+/// `ENOPROTOOPT`, `EHOSTDOWN`, `ENONET`, `EHOSTUNREACH`, `EOPNOTSUPP`,
+/// `ENETUNREACH`, `ENETDOWN`, and `EPERM` from a firewall rule). Anything else
+/// (out of descriptors or memory, or unknown) is waited out.
 fn concerns_one_connection(err: &io::Error) -> bool {
-    matches!(
+    use nix::libc;
+    let by_kind = matches!(
         err.kind(),
         io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
-    )
+    );
+    by_kind
+        || err.raw_os_error().is_some_and(|code| {
+            matches!(
+                code,
+                libc::EPROTO
+                    | libc::ENOPROTOOPT
+                    | libc::EHOSTDOWN
+                    | libc::ENONET
+                    | libc::EHOSTUNREACH
+                    | libc::EOPNOTSUPP
+                    | libc::ENETUNREACH
+                    | libc::ENETDOWN
+                    | libc::EPERM
+            )
+        })
 }
 
 /// Why a handshake was given up.
@@ -486,6 +506,9 @@ mod tests {
     fn per_connection_errors_are_not_waited_out() {
         assert!(concerns_one_connection(&io::Error::from(
             io::ErrorKind::ConnectionAborted
+        )));
+        assert!(concerns_one_connection(&io::Error::from_raw_os_error(
+            nix::libc::EPROTO
         )));
         // EMFILE: out of file descriptors.
         assert!(!concerns_one_connection(&io::Error::from_raw_os_error(24)));

@@ -36,7 +36,15 @@ fn explain(err: io::Error, mark: u32) -> io::Error {
 /// that cannot mark its sockets fails at start rather than on every
 /// connection.
 pub fn check_mark(mark: u32) -> io::Result<()> {
-    let probe = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+    // Unbound: it needs no address, so a namespace whose loopback is down
+    // does not fail the check for another reason.
+    let probe = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
     set_mark(&probe, mark)
 }
 

@@ -3,7 +3,9 @@
 //! most once an hour), or at once when the error changes; recovery is logged
 //! once, with how long it lasted.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// The first gap between two reports of the same failure.
 const FIRST_GAP: Duration = Duration::from_secs(1);
