@@ -215,3 +215,98 @@ fn unreadable_request_lines_are_denied_and_reported() {
         "{stderr}"
     );
 }
+
+/// The sample shipped next to the example, which `--help` and the README
+/// tell users to run it on.
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/authz-check-sample")
+}
+
+#[test]
+fn decides_the_shipped_sample() {
+    let sample = sample();
+    let output = run(
+        &[&sample.join("policies"), &sample.join("requests.jsonl")],
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let summary: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .map(|l| (l["decision"].as_str().unwrap(), l["policy"].as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("allow", Some("shop/checkout-from-frontend")),
+            ("deny", None),
+            ("deny", None),
+            ("deny", Some("istio-system/deny-plaintext")),
+            ("allow", None),
+        ]
+    );
+    let reasons: Vec<&str> = lines
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons[1].starts_with("ALLOW policies apply to the destination and none matched"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[4].starts_with("no ALLOW policy applies to the destination"),
+        "{reasons:?}"
+    );
+    // The dry-run policy reports on every connection into `shop`, and would
+    // deny those from the `batch` namespace only.
+    let would_deny: Vec<bool> = reasons
+        .iter()
+        .map(|r| r.contains("dry-run policy shop/no-batch-jobs would deny"))
+        .collect();
+    assert_eq!(would_deny, [false, false, true, false, true], "{reasons:?}");
+}
+
+#[test]
+fn help_describes_every_flag_and_the_sample() {
+    let output = Command::new(authz_check()).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in ["--policies", "--requests", "--root-namespace", "--help"] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    assert!(help.contains("[default: istio-system]"), "{help}");
+    assert!(
+        help.contains("--policies authz/examples/authz-check-sample/policies"),
+        "{help}"
+    );
+    assert!(
+        help.contains("--requests authz/examples/authz-check-sample/requests.jsonl"),
+        "{help}"
+    );
+}
+
+#[test]
+fn bad_arguments_name_the_flag() {
+    for (args, expected) in [
+        (&["--policies", "p.yaml"][..], "--requests"),
+        (&["--policies", "p.yaml", "--requests"][..], "--requests"),
+        (
+            &["--policies", "p", "--requests", "r", "--root-namespce", "x"][..],
+            "--root-namespce",
+        ),
+    ] {
+        let output = Command::new(authz_check()).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

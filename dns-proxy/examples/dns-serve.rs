@@ -99,19 +99,19 @@ struct Service {
 /// The records file (YAML) lists services and which namespace each client
 /// address is in:
 ///
-///   services:
-///   - name: echo                # echo.default.svc.<domain>
-///     namespace: default
-///     vips: [10.96.0.10, fd00::10]
-///   - name: db                  # headless: answered with its endpoints
-///     namespace: default
-///     endpoints: [10.42.0.7, 10.42.0.8]
-///   - hostname: api.example.com # any other host name
-///     namespace: default
-///     vips: [240.0.0.1]
-///     canonical: true           # preferred over other namespaces' (default false)
-///   clients:                    # client IP: its namespace (for short names)
-///     10.42.0.5: default
+///     services:
+///     - name: echo                # echo.default.svc.<domain>
+///       namespace: default
+///       vips: [10.96.0.10, fd00::10]
+///     - name: db                  # headless: answered with its endpoints
+///       namespace: default
+///       endpoints: [10.42.0.7, 10.42.0.8]
+///     - hostname: api.example.com # any other host name
+///       namespace: default
+///       vips: [240.0.0.1]
+///       canonical: true           # preferred over other namespaces' (default false)
+///     clients:                    # client IP: its namespace (for short names)
+///       10.42.0.5: default
 ///
 /// A service has a name (then its hostname is <name>.<namespace>.svc.<domain>)
 /// or a hostname, a namespace, and vips or endpoints.
@@ -148,11 +148,7 @@ struct Args {
     /// order given, 2 s per attempt, 2 attempts; answers are cached. None
     /// by default: names outside --domain and the records then get
     /// SERVFAIL.
-    #[arg(
-        long = "upstream",
-        value_name = "IP:PORT",
-        verbatim_doc_comment
-    )]
+    #[arg(long = "upstream", value_name = "IP:PORT", verbatim_doc_comment)]
     upstreams: Vec<SocketAddr>,
 
     /// The cluster's DNS domain, which the proxy is authoritative for.
@@ -190,6 +186,7 @@ struct Args {
         value_name = "SECONDS",
         default_value = "5",
         value_parser = seconds,
+        allow_negative_numbers = true,
         verbatim_doc_comment
     )]
     drain: Duration,

@@ -7,6 +7,9 @@
 //!     [--node-agent <token>=<spiffe-id>@<node> ...] [--workload <node>=<spiffe-id> ...]
 //! ```
 //!
+//! `--help` describes every flag; the flags are parsed with clap, so a
+//! missing or malformed one is named on stderr with exit status 2.
+//!
 //! `--node-agent` gives a node agent (e.g. a ztunnel) a token bound to its node;
 //! it may then ask for the certificates of the workloads `--workload` places on
 //! that node (`ImpersonatedIdentity`).
@@ -23,6 +26,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::{ArgGroup, Parser};
 use mesh_api::Identity;
 use mesh_ca::server::CaServerBuilder;
 use mesh_ca::{
@@ -30,97 +34,168 @@ use mesh_ca::{
     StaticNodeAuthorizer, StaticTokens, load_or_create, store,
 };
 
+/// Run the podless mesh certificate authority (Istio's CreateCertificate).
+///
+/// Creates a self-signed root for --trust-domain in --dir on first run (or
+/// loads the CA files already there), then serves Istio's gRPC
+/// CreateCertificate API over TLS on --listen: a caller that authenticates
+/// (a bearer token given with --token or --node-agent, or a mesh client
+/// certificate it got earlier) gets its SPIFFE certificate, valid as long
+/// as it asks, at most 90 days (24 hours when it does not say). A real
+/// ztunnel or istio-agent can use it as its CA.
+///
+/// Once serving it prints, on stdout:
+///
+///     root certificate: <dir>/root-cert.pem
+///     listening on <address>
+///
+/// (clients trust that root; the TLS serving certificate is signed by the
+/// CA). Ctrl-C drains it (up to 10 s for calls in progress) and stops it.
+///
+/// A node agent (a ztunnel serving several workloads) authenticates with a
+/// --node-agent token bound to its node, and may then ask for the
+/// certificate of any workload --workload places on that node (Istio's
+/// ImpersonatedIdentity), and only those.
+#[derive(Parser)]
+#[command(
+    name = "ca-server",
+    verbatim_doc_comment,
+    group = ArgGroup::new("callers").args(["tokens", "node_agents"]).required(true).multiple(true),
+    after_help = concat!(
+        "Example: a token for one workload, and a node agent on node-a that may\n",
+        "fetch the certificate of echo, which runs there:\n",
+        "\n",
+        "  cargo run -p mesh-ca --example ca-server -- --dir /tmp/ca \\\n",
+        "      --listen 127.0.0.1:15012 \\\n",
+        "      --token s3cret=spiffe://cluster.local/ns/default/sa/shell \\\n",
+        "      --node-agent agent-token=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a \\\n",
+        "      --workload node-a=spiffe://cluster.local/ns/default/sa/echo",
+    )
+)]
 struct Args {
+    /// The CA's directory: created with a new root on first run, loaded after.
+    ///
+    /// Holds root-cert.pem (the roots clients trust), ca-cert.pem and
+    /// ca-key.pem (the signing certificate and its key) and
+    /// cert-chain.pem; a new root is valid 10 years. A directory made by
+    /// an earlier run (or by mesh_ca::store, e.g. mid root rotation) is
+    /// used as it is.
+    #[arg(long, value_name = "DIR", verbatim_doc_comment)]
     dir: PathBuf,
+
+    /// The address to serve on, as IP:PORT (e.g. 127.0.0.1:15012).
+    ///
+    /// Port 0 picks a free port (printed once serving). Unless it is an
+    /// unspecified address (0.0.0.0 or [::]), its IP is also put in the
+    /// serving certificate.
+    #[arg(long, value_name = "IP:PORT", verbatim_doc_comment)]
     listen: SocketAddr,
+
+    /// A bearer token and the identity its holder gets certificates for.
+    ///
+    /// Format: <token>=<spiffe-id>, e.g.
+    /// s3cret=spiffe://cluster.local/ns/default/sa/shell. A client sending
+    /// "authorization: Bearer s3cret" may get that identity's certificate.
+    /// Repeatable; at least one --token or --node-agent is required.
+    #[arg(
+        long = "token",
+        value_name = "TOKEN=SPIFFE-ID",
+        value_parser = token,
+        verbatim_doc_comment
+    )]
     tokens: Vec<(String, Identity)>,
+
+    /// A node agent's bearer token, its own identity and its node.
+    ///
+    /// Format: <token>=<spiffe-id>@<node>, e.g.
+    /// agent-token=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a.
+    /// Its holder may get the certificates of the workloads --workload
+    /// places on <node> (impersonation). Repeatable.
+    #[arg(
+        long = "node-agent",
+        value_name = "TOKEN=SPIFFE-ID@NODE",
+        value_parser = node_agent,
+        verbatim_doc_comment
+    )]
     node_agents: Vec<(String, Identity, String)>,
+
+    /// A workload identity that runs on a node, for node agents.
+    ///
+    /// Format: <node>=<spiffe-id>, e.g.
+    /// node-a=spiffe://cluster.local/ns/default/sa/echo: a --node-agent of
+    /// node-a may get echo's certificate. Repeatable; none by default, and
+    /// only used with --node-agent.
+    #[arg(
+        long = "workload",
+        value_name = "NODE=SPIFFE-ID",
+        value_parser = workload,
+        verbatim_doc_comment
+    )]
     workloads: Vec<(String, Identity)>,
+
+    /// The trust domain of the certificates (spiffe://<trust-domain>/...).
+    ///
+    /// Also the name in a new root; certificates are only issued for
+    /// identities of this trust domain.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        default_value = "cluster.local",
+        verbatim_doc_comment
+    )]
     trust_domain: String,
+
+    /// An extra DNS name for the TLS serving certificate.
+    ///
+    /// Clients check the name they dial against it. It always has
+    /// istiod.istio-system.svc, istiod.istio-system.svc.cluster.local and
+    /// localhost. Repeatable.
+    #[arg(long = "dns-name", value_name = "NAME", verbatim_doc_comment)]
     dns_names: Vec<String>,
+
+    /// An extra IP address for the TLS serving certificate.
+    ///
+    /// It always has 127.0.0.1 and the --listen IP (unless unspecified).
+    /// Repeatable.
+    #[arg(long = "ip", value_name = "IP", verbatim_doc_comment)]
     ips: Vec<IpAddr>,
 }
 
-const USAGE: &str = "usage: ca-server --dir <dir> --listen <addr> --token <token>=<spiffe-id> ... \
-                     [--trust-domain <td>] [--dns-name <name>] ... [--ip <ip>] ... \
-                     [--node-agent <token>=<spiffe-id>@<node>] ... [--workload <node>=<spiffe-id>] ...";
-
-/// Splits `left<sep>right`, naming the flag and the expected shape on failure.
-fn split<'a>(
-    flag: &str,
-    value: &'a str,
-    separator: char,
-    shape: &str,
-) -> Result<(&'a str, &'a str), String> {
+/// Splits `left<sep>right`, naming the expected shape on failure.
+fn split(value: &str, separator: char, shape: &str) -> Result<(String, String), String> {
     value
         .split_once(separator)
-        .ok_or(format!("{flag} {value:?}: expected {shape}"))
+        .map(|(left, right)| (left.to_owned(), right.to_owned()))
+        .ok_or(format!("expected {shape}"))
 }
 
-fn identity(flag: &str, value: &str) -> Result<Identity, String> {
-    value.parse().map_err(|err| format!("{flag}: {err}"))
+fn identity(value: &str) -> Result<Identity, String> {
+    value
+        .parse()
+        .map_err(|err: mesh_api::IdentityError| err.to_string())
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut dir = None;
-    let mut listen = None;
-    let mut tokens = Vec::new();
-    let mut node_agents = Vec::new();
-    let mut workloads = Vec::new();
-    let mut trust_domain = "cluster.local".to_owned();
-    let mut dns_names = Vec::new();
-    let mut ips = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
-        match flag.as_str() {
-            "--dir" => dir = Some(PathBuf::from(value()?)),
-            "--listen" => {
-                listen = Some(value()?.parse().map_err(|err| format!("--listen: {err}"))?);
-            }
-            "--token" => {
-                let value = value()?;
-                let (token, id) = split(&flag, &value, '=', "<token>=<spiffe-id>")?;
-                tokens.push((token.to_owned(), identity(&flag, id)?));
-            }
-            "--node-agent" => {
-                let value = value()?;
-                let shape = "<token>=<spiffe-id>@<node>";
-                let (token, rest) = split(&flag, &value, '=', shape)?;
-                let (id, node) = split(&flag, rest, '@', shape)?;
-                node_agents.push((token.to_owned(), identity(&flag, id)?, node.to_owned()));
-            }
-            "--workload" => {
-                let value = value()?;
-                let (node, id) = split(&flag, &value, '=', "<node>=<spiffe-id>")?;
-                workloads.push((node.to_owned(), identity(&flag, id)?));
-            }
-            "--trust-domain" => trust_domain = value()?,
-            "--dns-name" => dns_names.push(value()?),
-            "--ip" => ips.push(value()?.parse().map_err(|err| format!("--ip: {err}"))?),
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
-    }
-    if tokens.is_empty() && node_agents.is_empty() {
-        return Err(format!(
-            "at least one --token or --node-agent is required\n{USAGE}"
-        ));
-    }
-    Ok(Args {
-        dir: dir.ok_or(format!("--dir is required\n{USAGE}"))?,
-        listen: listen.ok_or(format!("--listen is required\n{USAGE}"))?,
-        tokens,
-        node_agents,
-        workloads,
-        trust_domain,
-        dns_names,
-        ips,
-    })
+/// `--token <token>=<spiffe-id>`.
+fn token(value: &str) -> Result<(String, Identity), String> {
+    let (token, id) = split(value, '=', "<token>=<spiffe-id>")?;
+    Ok((token, identity(&id)?))
 }
 
-async fn run() -> Result<(), String> {
-    let args = parse_args()?;
+/// `--node-agent <token>=<spiffe-id>@<node>`.
+fn node_agent(value: &str) -> Result<(String, Identity, String), String> {
+    let shape = "<token>=<spiffe-id>@<node>";
+    let (token, rest) = split(value, '=', shape)?;
+    let (id, node) = split(&rest, '@', shape)?;
+    Ok((token, identity(&id)?, node))
+}
+
+/// `--workload <node>=<spiffe-id>`.
+fn workload(value: &str) -> Result<(String, Identity), String> {
+    let (node, id) = split(value, '=', "<node>=<spiffe-id>")?;
+    Ok((node, identity(&id)?))
+}
+
+async fn run(args: Args) -> Result<(), String> {
     let material = load_or_create(
         &args.dir,
         &args.trust_domain,
@@ -193,7 +268,7 @@ async fn run() -> Result<(), String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    match run().await {
+    match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("ca-server: {message}");

@@ -123,3 +123,90 @@ fn bad_arguments_are_explained() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("expected <token>=<spiffe-id>"), "{stderr}");
 }
+
+#[test]
+fn help_describes_every_flag() {
+    let output = Command::new(ca_server()).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in [
+        "--dir <DIR>",
+        "--listen <IP:PORT>",
+        "--token <TOKEN=SPIFFE-ID>",
+        "--node-agent <TOKEN=SPIFFE-ID@NODE>",
+        "--workload <NODE=SPIFFE-ID>",
+        "--trust-domain <DOMAIN>",
+        "--dns-name <NAME>",
+        "--ip <IP>",
+        "--help",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    assert!(help.contains("[default: cluster.local]"), "{help}");
+    assert!(help.contains("Repeatable"), "{help}");
+}
+
+#[test]
+fn missing_and_malformed_flags_are_named() {
+    let id = "spiffe://cluster.local/ns/default/sa/shell";
+    let token = format!("t={id}");
+    for (args, expected) in [
+        // Neither a token nor a node agent: nobody could get a certificate.
+        (
+            vec!["--dir", "/nonexistent", "--listen", "127.0.0.1:0"],
+            "--token",
+        ),
+        (vec!["--listen", "127.0.0.1:0", "--token", &token], "--dir"),
+        (
+            vec![
+                "--dir",
+                "/nonexistent",
+                "--listen",
+                "localhost",
+                "--token",
+                &token,
+            ],
+            "--listen",
+        ),
+        (
+            vec![
+                "--dir",
+                "/nonexistent",
+                "--listen",
+                "127.0.0.1:0",
+                "--node-agent",
+                &token,
+            ],
+            "expected <token>=<spiffe-id>@<node>",
+        ),
+        (
+            vec![
+                "--dir",
+                "/nonexistent",
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                "t=shell",
+            ],
+            "invalid SPIFFE identity",
+        ),
+        (
+            vec![
+                "--dir",
+                "/nonexistent",
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                &token,
+                "--ip",
+                "x",
+            ],
+            "--ip",
+        ),
+    ] {
+        let output = Command::new(ca_server()).args(&args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

@@ -7,6 +7,16 @@
 //!     [--cluster-id Kubernetes] [--domain cluster.local] [--trust-domain cluster.local]
 //! ```
 //!
+//! On the shipped sample, from the repository root:
+//!
+//! ```sh
+//! cargo run -p podless-xds --example xds-serve -- \
+//!     --manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15010
+//! ```
+//!
+//! `--help` describes every flag; the flags are parsed with clap, so a
+//! missing, malformed or conflicting one is named on stderr with exit status 2.
+//!
 //! The directory holds Namespaces, Pods, Services and AuthorizationPolicies
 //! (`*.yaml`, `*.yml`, `*.json`, also in subdirectories); it is watched and
 //! changes are pushed to connected clients. Without `--tls-cert` the server is
@@ -34,6 +44,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use mesh_api::Identity;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -43,9 +54,178 @@ use xds_server::{
     XdsServer,
 };
 
-const USAGE: &str = "usage: xds-serve --manifests <dir> --listen <addr> \
-[--tls-cert <chain.pem> --tls-key <key.pem>] [--token <token>=<spiffe-id>]... \
-[--ca-dir <dir> [--node-agent <token>=<spiffe-id>@<node>]...] [--cluster-id <id>] [--domain <domain>] [--trust-domain <domain>]";
+/// Serve a directory of Kubernetes manifests to ztunnels over delta ADS.
+///
+/// The podless ambient control plane in one process: it reads the
+/// Namespaces, Pods, Services and AuthorizationPolicies of --manifests,
+/// translates them as istiod does for ambient, and serves Istio's workload
+/// API (istio.workload.Address and istio.security.Authorization over delta
+/// ADS) on --listen. The directory is watched: edits are pushed to the
+/// connected clients; a file that does not parse keeps what it defined
+/// before, and its problem is logged on stderr.
+///
+/// With --ca-dir it also serves the mesh CA (Istio's CreateCertificate) on
+/// the same TLS port, as istiod serves 15012: a real ztunnel can take both
+/// its configuration and its certificates from it.
+///
+/// On stderr it reports what it loaded (<n> workloads, <n> services, <n>
+/// authorizations) and any problem of a file; on stdout, once serving:
+///
+///     root certificate: <ca-dir>/root-cert.pem    (with --ca-dir)
+///     listening on <address>
+///
+/// Ctrl-C or SIGTERM drains it (up to 5 s) and stops it; SIGHUP reloads the
+/// CA's files from --ca-dir (each step of a root rotation).
+#[derive(Parser)]
+#[command(
+    name = "xds-serve",
+    verbatim_doc_comment,
+    after_help = concat!(
+        "Try it on the shipped sample (a namespace, two pods, a service and a\n",
+        "policy), from the repository root:\n",
+        "\n",
+        "  cargo run -p podless-xds --example xds-serve -- \\\n",
+        "      --manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15010",
+    )
+)]
+struct Cli {
+    /// The manifest directory to serve (and watch).
+    ///
+    /// Its *.yaml, *.yml and *.json files, also in subdirectories, each
+    /// with one or more documents (--- between YAML documents, or a List).
+    /// Namespaces, Pods, Services and AuthorizationPolicies
+    /// (security.istio.io) are used; other kinds are skipped. A pod is in
+    /// the ambient mesh (HBONE) when it or its namespace is labelled
+    /// istio.io/dataplane-mode=ambient.
+    #[arg(long, value_name = "DIR", verbatim_doc_comment)]
+    manifests: PathBuf,
+
+    /// The address to serve on, as IP:PORT (e.g. 127.0.0.1:15010).
+    ///
+    /// Port 0 picks a free port (printed once serving). With --ca-dir,
+    /// unless it is an unspecified address (0.0.0.0 or [::]), its IP is
+    /// also put in the serving certificate.
+    #[arg(long, value_name = "IP:PORT", verbatim_doc_comment)]
+    listen: SocketAddr,
+
+    /// Serve TLS with this certificate chain (PEM, leaf first).
+    ///
+    /// Needs --tls-key. Without it (and without --ca-dir) the server is
+    /// plaintext HTTP/2, for local testing.
+    #[arg(
+        long,
+        value_name = "CHAIN.pem",
+        requires = "tls_key",
+        verbatim_doc_comment
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        value_name = "KEY.pem",
+        requires = "tls_cert",
+        verbatim_doc_comment
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// A bearer token clients may present, and the identity it stands for.
+    ///
+    /// Format: <token>=<spiffe-id>, e.g.
+    /// s3cret=spiffe://cluster.local/ns/istio-system/sa/ztunnel. With
+    /// tokens, a client must send "authorization: Bearer <token>" (or,
+    /// with --ca-dir, a mesh client certificate). Repeatable; none by
+    /// default: without --token and --ca-dir clients need no credentials.
+    #[arg(
+        long = "token",
+        value_name = "TOKEN=SPIFFE-ID",
+        value_parser = token,
+        verbatim_doc_comment
+    )]
+    tokens: Vec<(String, Identity)>,
+
+    /// Also serve the mesh CA, from this directory, on the same TLS port.
+    ///
+    /// The CA's files (root-cert.pem, ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem) are created there on first use, with a root valid
+    /// 10 years, and loaded after. The server then serves TLS with a
+    /// certificate the CA signs (so not with --tls-cert), and clients may
+    /// authenticate with the mesh certificates it issued.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["tls_cert", "tls_key"],
+        verbatim_doc_comment
+    )]
+    ca_dir: Option<PathBuf>,
+
+    /// A node agent's bearer token, its identity and its node (needs --ca-dir).
+    ///
+    /// Format: <token>=<spiffe-id>@<node>, e.g.
+    /// agent=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a. Its
+    /// holder gets xDS, and may fetch the certificates of the workloads
+    /// the manifests place on <node> (a ztunnel serving that node).
+    /// Repeatable.
+    #[arg(
+        long = "node-agent",
+        value_name = "TOKEN=SPIFFE-ID@NODE",
+        value_parser = node_agent,
+        requires = "ca_dir",
+        verbatim_doc_comment
+    )]
+    node_agents: Vec<(String, Identity, String)>,
+
+    /// The cluster's id: part of every workload's uid (<id>//Pod/<ns>/<name>).
+    #[arg(
+        long,
+        value_name = "ID",
+        default_value_t = MeshConfig::default().cluster_id,
+        verbatim_doc_comment
+    )]
+    cluster_id: String,
+
+    /// The cluster's DNS domain: services are <name>.<ns>.svc.<domain>.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        default_value_t = MeshConfig::default().domain,
+        verbatim_doc_comment
+    )]
+    domain: String,
+
+    /// The trust domain of workload identities (spiffe://<trust-domain>/...).
+    ///
+    /// Also the CA's, with --ca-dir.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        default_value_t = MeshConfig::default().trust_domain,
+        verbatim_doc_comment
+    )]
+    trust_domain: String,
+}
+
+/// `--token <token>=<spiffe-id>`.
+fn token(value: &str) -> Result<(String, Identity), String> {
+    let (token, identity) = value
+        .split_once('=')
+        .ok_or("expected <token>=<spiffe-id>")?;
+    let identity = Identity::parse_uri(identity).map_err(|err| err.to_string())?;
+    Ok((token.to_owned(), identity))
+}
+
+/// `--node-agent <token>=<spiffe-id>@<node>`.
+fn node_agent(value: &str) -> Result<(String, Identity, String), String> {
+    let (token, identity, node) = value
+        .split_once('=')
+        .and_then(|(token, rest)| {
+            let (identity, node) = rest.rsplit_once('@')?;
+            Some((token, identity, node))
+        })
+        .ok_or("expected <token>=<spiffe-id>@<node>")?;
+    let identity = Identity::parse_uri(identity).map_err(|err| err.to_string())?;
+    Ok((token.to_owned(), identity, node.to_owned()))
+}
 
 struct Args {
     manifests: PathBuf,
@@ -57,79 +237,23 @@ struct Args {
     mesh: MeshConfig,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut manifests = None;
-    let mut listen = None;
-    let mut cert = None;
-    let mut key = None;
-    let mut tokens = Vec::new();
-    let mut ca_dir = None;
-    let mut node_agents = Vec::new();
-    let mut mesh = MeshConfig::default();
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
-        match flag.as_str() {
-            "--manifests" => manifests = Some(PathBuf::from(value()?)),
-            "--listen" => {
-                listen = Some(value()?.parse().map_err(|err| format!("--listen: {err}"))?);
-            }
-            "--tls-cert" => cert = Some(PathBuf::from(value()?)),
-            "--tls-key" => key = Some(PathBuf::from(value()?)),
-            "--token" => {
-                let value = value()?;
-                let (token, identity) = value
-                    .split_once('=')
-                    .ok_or(format!("--token {value:?}: expected <token>=<spiffe-id>"))?;
-                let identity = Identity::parse_uri(identity)
-                    .map_err(|err| format!("--token {value:?}: {err}"))?;
-                tokens.push((token.to_owned(), identity));
-            }
-            "--ca-dir" => ca_dir = Some(PathBuf::from(value()?)),
-            "--node-agent" => {
-                let value = value()?;
-                let parsed = value.split_once('=').and_then(|(token, rest)| {
-                    let (identity, node) = rest.rsplit_once('@')?;
-                    Some((token, identity, node))
-                });
-                let Some((token, identity, node)) = parsed else {
-                    return Err(format!(
-                        "--node-agent {value:?}: expected <token>=<spiffe-id>@<node>"
-                    ));
-                };
-                let identity = Identity::parse_uri(identity)
-                    .map_err(|err| format!("--node-agent {value:?}: {err}"))?;
-                node_agents.push((token.to_owned(), identity, node.to_owned()));
-            }
-            "--cluster-id" => mesh.cluster_id = value()?,
-            "--domain" => mesh.domain = value()?,
-            "--trust-domain" => mesh.trust_domain = value()?,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+impl From<Cli> for Args {
+    fn from(cli: Cli) -> Self {
+        let mut mesh = MeshConfig::default();
+        mesh.cluster_id = cli.cluster_id;
+        mesh.domain = cli.domain;
+        mesh.trust_domain = cli.trust_domain;
+        Self {
+            manifests: cli.manifests,
+            listen: cli.listen,
+            // Clap has checked that both are given or neither.
+            tls: cli.tls_cert.zip(cli.tls_key),
+            tokens: cli.tokens,
+            ca_dir: cli.ca_dir,
+            node_agents: cli.node_agents,
+            mesh,
         }
     }
-    let tls = match (cert, key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        _ => return Err(format!("--tls-cert and --tls-key go together\n{USAGE}")),
-    };
-    if tls.is_some() && ca_dir.is_some() {
-        return Err(format!(
-            "--ca-dir serves TLS with a certificate the CA signs: drop --tls-cert\n{USAGE}"
-        ));
-    }
-    if !node_agents.is_empty() && ca_dir.is_none() {
-        return Err(format!("--node-agent needs --ca-dir\n{USAGE}"));
-    }
-    Ok(Args {
-        manifests: manifests.ok_or(format!("--manifests is required\n{USAGE}"))?,
-        listen: listen.ok_or(format!("--listen is required\n{USAGE}"))?,
-        tls,
-        tokens,
-        ca_dir,
-        node_agents,
-        mesh,
-    })
 }
 
 fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>, String> {
@@ -194,8 +318,7 @@ fn ca(
     }))
 }
 
-async fn run() -> Result<(), String> {
-    let args = parse_args()?;
+async fn run(args: Args) -> Result<(), String> {
     let store = Store::new(args.mesh.clone());
     let mut manifests = ManifestDir::new(&args.manifests);
     manifests.sync(&store).map_err(|err| err.to_string())?;
@@ -293,6 +416,8 @@ async fn run() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Arguments first: a bad one is reported (exit status 2) before anything starts.
+    let args = Args::from(Cli::parse());
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
         .with_writer(std::io::stderr)
@@ -308,7 +433,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run()) {
+    match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("xds-serve: {message}");

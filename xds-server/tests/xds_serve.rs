@@ -181,3 +181,164 @@ async fn with_a_ca_dir_serves_the_ca_beside_xds_and_lets_node_agents_impersonate
         .expect("xDS over TLS");
     assert_eq!(response.resources[0].name, "Kubernetes//Pod/default/echo");
 }
+
+/// The manifest directory shipped next to the example, which `--help` and
+/// the README tell users to run it on.
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/xds-serve-sample")
+}
+
+#[tokio::test]
+async fn serves_the_shipped_sample() {
+    let mut child = Command::new(xds_serve())
+        .arg("--manifests")
+        .arg(sample())
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xds-serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut server = Running(child);
+    let addr = BufReader::new(stdout)
+        .lines()
+        .map(|line| line.expect("read"))
+        .find_map(|line| line.strip_prefix("listening on ").map(str::to_owned))
+        .expect("a listening line")
+        .parse()
+        .expect("address");
+
+    let mut client = AdsClient::open(
+        addr,
+        vec![
+            wildcard(ADDRESS, BTreeMap::new()),
+            wildcard(AUTHORIZATION, BTreeMap::new()),
+        ],
+    )
+    .await;
+    let mut view = View::default();
+    // Two workloads and a service; one policy.
+    client
+        .collect_until(&mut view, |v| {
+            v.addresses.len() == 3 && v.authorizations.len() == 1
+        })
+        .await;
+    let checkout = view
+        .workload("Kubernetes//Pod/shop/checkout-0")
+        .expect("checkout");
+    assert_eq!(
+        checkout.tunnel_protocol, 1,
+        "HBONE: the namespace is ambient"
+    );
+    assert_eq!(checkout.service_account, "checkout");
+    assert_eq!(checkout.node, "node-a");
+    assert_eq!(checkout.addresses, vec![vec![10, 42, 0, 9]]);
+    let ports = &checkout.services["shop/checkout.shop.svc.cluster.local"].ports;
+    assert_eq!((ports[0].service_port, ports[0].target_port), (80, 8080));
+    assert_eq!(
+        checkout.authorization_policies,
+        vec!["shop/checkout-from-frontend"]
+    );
+    let frontend = view
+        .workload("Kubernetes//Pod/shop/frontend-0")
+        .expect("frontend");
+    assert!(frontend.services.is_empty());
+    assert!(frontend.authorization_policies.is_empty());
+    assert!(
+        view.addresses
+            .contains_key("shop/checkout.shop.svc.cluster.local")
+    );
+    assert!(
+        view.authorizations
+            .contains_key("shop/checkout-from-frontend")
+    );
+
+    // What it loaded, on stderr (written before `listening on`).
+    server.0.kill().expect("kill");
+    server.0.wait().expect("wait");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut log).expect("stderr");
+    assert!(
+        log.contains("xds-serve: 2 workloads, 1 services, 1 authorizations"),
+        "{log}"
+    );
+    assert!(!log.contains("problem in"), "{log}");
+}
+
+#[test]
+fn help_describes_every_flag_and_the_sample() {
+    let output = Command::new(xds_serve())
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).expect("UTF-8");
+    for flag in [
+        "--manifests <DIR>",
+        "--listen <IP:PORT>",
+        "--tls-cert <CHAIN.pem>",
+        "--tls-key <KEY.pem>",
+        "--token <TOKEN=SPIFFE-ID>",
+        "--ca-dir <DIR>",
+        "--node-agent <TOKEN=SPIFFE-ID@NODE>",
+        "--cluster-id <ID>",
+        "--domain <DOMAIN>",
+        "--trust-domain <DOMAIN>",
+        "--help",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    for default in ["[default: Kubernetes]", "[default: cluster.local]"] {
+        assert!(help.contains(default), "{default} in {help}");
+    }
+    assert!(
+        help.contains("--manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15010"),
+        "{help}"
+    );
+}
+
+#[test]
+fn bad_arguments_name_the_flags() {
+    let id = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+    let agent = format!("agent={id}@node-a");
+    let base = ["--manifests", "/nonexistent", "--listen", "127.0.0.1:0"];
+    for (extra, expected) in [
+        (vec!["--tls-cert", "c.pem"], "--tls-key"),
+        (vec!["--tls-key", "k.pem"], "--tls-cert"),
+        (
+            vec![
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--ca-dir",
+                "ca",
+            ],
+            "cannot be used with",
+        ),
+        (vec!["--node-agent", &agent], "--ca-dir"),
+        (
+            vec!["--ca-dir", "ca", "--node-agent", "agent"],
+            "expected <token>=<spiffe-id>@<node>",
+        ),
+        (vec!["--token", "s3cret"], "expected <token>=<spiffe-id>"),
+        (vec!["--token", "s3cret=ztunnel"], "invalid SPIFFE identity"),
+    ] {
+        let output = Command::new(xds_serve())
+            .args(base)
+            .args(&extra)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "{extra:?}");
+        let stderr = String::from_utf8(output.stderr).expect("UTF-8");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+    let output = Command::new(xds_serve())
+        .args(["--manifests", "/nonexistent"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).expect("UTF-8");
+    assert!(stderr.contains("--listen"), "{stderr}");
+}
