@@ -86,12 +86,15 @@ use batched_stderr::BatchedStderr;
     name = "ztunnel-run",
     version,
     about = "One podless proxy instance (dedicated mode) for one workload, inside its network namespace",
-    long_about = "One podless proxy instance (dedicated mode) for one workload, run inside the \
-workload's network namespace next to redirect rules (WIRE.md section 6). It takes its config \
-(xDS) and its workload's certificate from one control plane (xds-serve --ca-dir ... serves both \
-on one TLS port) and listens on 15001 (outbound), 15006 (inbound plaintext) and 15008 (HBONE) \
-on all addresses, plus the admin, metrics and readiness endpoints. Prints `ready` once the \
-workload is known and has its certificate; drains on SIGTERM or Ctrl-C."
+    long_about = "One podless proxy instance (dedicated mode) for one workload.
+
+Run it inside the workload's network namespace, next to redirect rules
+(WIRE.md section 6). It takes its config (xDS) and its workload's
+certificate from one control plane (`xds-serve --ca-dir ...` serves both
+on one TLS port), and listens on 15001 (outbound), 15006 (inbound
+plaintext) and 15008 (HBONE) on all addresses, plus the admin, metrics and
+readiness endpoints. Prints `ready` once the workload is known and has its
+certificate (else exits saying why); drains on SIGTERM or Ctrl-C."
 )]
 struct Args {
     /// The control plane's address (xDS and the CA on one TLS port), e.g. 10.0.0.1:15012.

@@ -1,0 +1,69 @@
+//! `ztunnel-run`'s command line as a person meets it: `--help` describes
+//! every flag, and a bad argument is refused naming the flag.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The example binary, built by cargo with this package's tests.
+fn ztunnel_run() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("test path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("profile dir");
+    let binary = profile_dir.join("examples").join("ztunnel-run");
+    assert!(
+        binary.exists(),
+        "{} is not built: run the tests with cargo test or cargo nextest run -p ztunnel-core, which build it",
+        binary.display()
+    );
+    binary
+}
+
+#[test]
+fn help_describes_every_flag() {
+    let output = Command::new(ztunnel_run())
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).expect("UTF-8");
+    for flag in [
+        "--control-plane",
+        "--root",
+        "--token",
+        "--workload-uid",
+        "--node-id",
+        "--cert-ttl",
+        "--socks5",
+        "--hbone-port",
+        "--admin",
+        "--metrics",
+        "--readiness",
+        "--worker-threads",
+        "--on-demand",
+    ] {
+        assert!(help.contains(flag), "{flag} in\n{help}");
+    }
+    assert!(help.contains("[default: 127.0.0.1:15000]"), "{help}");
+}
+
+#[test]
+fn a_bad_argument_is_refused_naming_the_flag() {
+    let output = Command::new(ztunnel_run())
+        .args(["--control-plane", "not-an-address"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let error = String::from_utf8(output.stderr).expect("UTF-8");
+    assert!(error.contains("--control-plane"), "{error}");
+    let output = Command::new(ztunnel_run())
+        .args(["--admin", "nowhere"])
+        .output()
+        .expect("run");
+    let error = String::from_utf8(output.stderr).expect("UTF-8");
+    assert!(
+        error.contains("--admin") && error.contains("neither an address"),
+        "{error}"
+    );
+}
