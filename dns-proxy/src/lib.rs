@@ -17,3 +17,7 @@ pub use lookup::{InMemoryMeshDns, MeshDns, ServiceRecord};
 pub use resolve::{Resolution, in_domain, resolve};
 pub use server::{DnsHandle, DnsProxy, DnsProxyBuilder, DnsStats, NotReady, ServeError};
 pub use upstream::{DEFAULT_MAX_IN_FLIGHT, MAX_FORWARD_TIME, Upstream, UpstreamConfig};
+
+// What an embedder needs from the crates in the API, at matching versions.
+pub use mesh_net::Drained;
+pub use tokio_util::sync::CancellationToken;

@@ -35,3 +35,8 @@ pub use renewal::{Renewal, RenewalConfig};
 pub use server::{CaHandle, CaServer, ServingNames};
 pub use service::{CaService, PeerInfo};
 pub use store::{CaMaterial, StoreError, load, load_or_create};
+
+// What an embedder needs from the crates in the API, at matching versions.
+pub use mesh_net::{Drained, HandshakeLimits};
+pub use tokio_util::sync::CancellationToken;
+pub use tonic;

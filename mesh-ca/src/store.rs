@@ -58,6 +58,37 @@ pub struct CaMaterial {
     pub roots: Vec<CertificateDer<'static>>,
 }
 
+impl CaMaterial {
+    /// A new self-signed P-256 root for `trust_domain`, valid for `validity`,
+    /// kept in memory only: a CA for tests, or for an embedder that keeps
+    /// its keys elsewhere (`key_pem` and the certificates are all there is to
+    /// save). Material from files is [`load`]'s; an operator's own can be put
+    /// together from its fields.
+    pub fn self_signed(trust_domain: &str, validity: Duration) -> Result<Self, StoreError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root = root_params(trust_domain, validity).self_signed(&key)?;
+        let der = root.der().clone();
+        Ok(Self {
+            key_pem: key.serialize_pem(),
+            chain: vec![der.clone()],
+            roots: vec![der],
+        })
+    }
+
+    /// The root certificates as PEM, for clients to trust.
+    pub fn roots_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|root| {
+                pem::encode_config(
+                    &pem::Pem::new("CERTIFICATE", root.to_vec()),
+                    pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+                )
+            })
+            .collect()
+    }
+}
+
 /// Why the CA's files could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -219,16 +250,11 @@ fn create_self_signed(
 ) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let root = root_params(trust_domain, validity).self_signed(&key)?;
-    let root_pem = root.pem();
+    let material = CaMaterial::self_signed(trust_domain, validity)?;
+    let root_pem = material.roots_pem();
     // The key first: a directory with a key and no certificate refuses to start
     // rather than silently making a new root.
-    write_atomic(
-        &dir.join(CA_KEY_FILE),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
+    write_atomic(&dir.join(CA_KEY_FILE), material.key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join(ROOT_CERT_FILE), root_pem.as_bytes(), 0o644)?;
     write_atomic(&dir.join(CERT_CHAIN_FILE), root_pem.as_bytes(), 0o644)?;
     write_atomic(&dir.join(CA_CERT_FILE), root_pem.as_bytes(), 0o644)?;

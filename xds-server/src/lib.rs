@@ -27,3 +27,8 @@ pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder}
 pub use source::{ConfigSource, ManifestDir, SourceError};
 pub use store::{Batch, Store, StoreStats};
 pub use translate::{DATAPLANE_MODE_LABEL, MeshConfig};
+
+// What an embedder needs from the crates in the API, at matching versions.
+pub use k8s_openapi;
+pub use mesh_net::{Drained, HandshakeLimits};
+pub use tokio_util::sync::CancellationToken;

@@ -29,3 +29,8 @@ pub use dns::StateDns;
 pub use proxy::{IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelHandle};
 pub use state::{ProxyState, Rejected, SharedState};
 pub use xds::{SyncState, XdsClient, XdsClientBuilder, XdsClientHandle, XdsNotReady};
+
+// What an embedder needs from the crates in the API, at matching versions.
+pub use mesh_net::{Drained, HandshakeLimits};
+pub use prometheus_client;
+pub use tonic;

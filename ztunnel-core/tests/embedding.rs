@@ -172,8 +172,8 @@ async fn the_whole_mesh_embedded_in_one_process() {
     for object in parse_manifest(&cluster(app.port())).expect("YAML").objects {
         store.apply(object).expect("valid");
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let material = mesh_ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(86400))
+    // The CA's material in memory only: nothing on disk.
+    let material = mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
         .expect("CA material");
     let authority = Arc::new(
         Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
