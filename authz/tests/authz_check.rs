@@ -4,22 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `authz-check` example binary, next to this test's `deps/` directory:
-/// cargo builds a package's examples with its tests (`cargo test`, `cargo
-/// nextest run`), so the test never runs cargo itself.
+/// The `authz-check` example, built by cargo with the tests.
 fn authz_check() -> PathBuf {
-    let test_exe = std::env::current_exe().expect("test path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("profile dir");
-    let binary = profile_dir.join("examples").join("authz-check");
-    assert!(
-        binary.exists(),
-        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-authz, which build it",
-        binary.display()
-    );
-    binary
+    test_support::example("podless-authz", "authz-check")
 }
 
 /// A scratch directory removed on drop.

@@ -4,22 +4,12 @@
 //! and a drain on SIGTERM.
 
 use std::io::{BufRead, BufReader, Lines};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
-/// The `dns-serve` example binary, next to this test's `deps/` directory:
-/// cargo builds a package's examples with its tests (`cargo test`, `cargo
-/// nextest run`), so the test never runs cargo itself.
+/// The `dns-serve` example, built by cargo with the tests.
 fn dns_serve() -> PathBuf {
-    let test_exe = std::env::current_exe().unwrap();
-    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join("dns-serve");
-    assert!(
-        binary.exists(),
-        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-dns, which build it",
-        binary.display()
-    );
-    binary
+    test_support::example("podless-dns", "dns-serve")
 }
 
 struct Running(Child);

@@ -10,19 +10,9 @@ use std::time::Duration;
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
-/// The `dns-serve` example binary, next to this test's `deps/` directory:
-/// cargo builds a package's examples with its tests (`cargo test`, `cargo
-/// nextest run`), so the test never runs cargo itself.
+/// The `dns-serve` example, built by cargo with the tests.
 fn dns_serve() -> PathBuf {
-    let test_exe = std::env::current_exe().unwrap();
-    let profile_dir = test_exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join("dns-serve");
-    assert!(
-        binary.exists(),
-        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-dns, which build it",
-        binary.display()
-    );
-    binary
+    test_support::example("podless-dns", "dns-serve")
 }
 
 /// The records file shipped next to the example, which `--help` and the

@@ -9,22 +9,9 @@ use mesh_ca::CaClient;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The `ca-server` example binary, next to this test's `deps/` directory:
-/// cargo builds a package's examples with its tests (`cargo test`, `cargo
-/// nextest run`), so the test never runs cargo itself.
+/// The `ca-server` example, built by cargo with the tests.
 fn ca_server() -> PathBuf {
-    let test_exe = std::env::current_exe().expect("test path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("profile dir");
-    let binary = profile_dir.join("examples").join("ca-server");
-    assert!(
-        binary.exists(),
-        "{} is not built: run the tests with cargo test or cargo nextest run -p mesh-ca, which build it",
-        binary.display()
-    );
-    binary
+    test_support::example("mesh-ca", "ca-server")
 }
 
 /// Kills the server when the test ends, however it ends.

@@ -15,8 +15,9 @@ use rcgen::{
     CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
 };
 use rustls_pki_types::CertificateDer;
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use test_support::{Captured, Ended, connect_from, ended, still_open};
+
+use tokio::net::TcpListener;
 use tonic::Code;
 
 const SHELL_TOKEN: &str = "shell-token";
@@ -323,56 +324,6 @@ async fn the_serving_certificate_names_what_clients_dial() {
         .unwrap();
 }
 
-/// How a connection ended, as its client sees it.
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    /// The server reset it.
-    Reset,
-    /// The server closed it (evicted, or its handshake deadline passed).
-    Closed,
-}
-
-/// Waits for the server to end the connection; a reset before the connect
-/// finished counts as a reset. Bounded, so a connection left open fails the
-/// test instead of hanging it.
-async fn ended(stream: std::io::Result<TcpStream>) -> Ended {
-    let mut stream = match stream {
-        Ok(stream) => stream,
-        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return Ended::Reset,
-        Err(err) => panic!("connect: {err}"),
-    };
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
-            Err(_) => panic!("the server kept an idle connection open"),
-            Ok(Ok(0)) => return Ended::Closed,
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Ended::Reset;
-            }
-            Ok(Err(err)) => panic!("unexpected error {err}"),
-        }
-    }
-}
-
-async fn connect_from(
-    source: [u8; 4],
-    address: std::net::SocketAddr,
-) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind((source, 0).into())?;
-    socket.connect(address).await
-}
-
-/// Whether the server still holds `stream` open: nothing read, no end, for
-/// a moment.
-async fn still_open(stream: &mut TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte))
-        .await
-        .is_err()
-}
-
 #[tokio::test]
 async fn idle_connections_make_room_for_newer_ones() {
     // A deadline far off: whatever ends now was evicted, not timed out.
@@ -384,7 +335,7 @@ async fn idle_connections_make_room_for_newer_ones() {
     let attacker = [127, 0, 0, 9];
     let mut idle = Vec::new();
     for _ in 0..20 {
-        idle.push(connect_from(attacker, address).await.unwrap());
+        idle.push(connect_from(attacker.into(), address).await.unwrap());
     }
     // A normal client is served meanwhile.
     let client = mesh.client().token(SHELL_TOKEN).build().unwrap();
@@ -395,7 +346,10 @@ async fn idle_connections_make_room_for_newer_ones() {
         .expect("served during the attack");
     // The attacker's 16 oldest were closed to make room; its 4 newest wait.
     for stream in idle.drain(..16) {
-        assert_eq!(ended(Ok(stream)).await, Ended::Closed);
+        assert_eq!(
+            ended(Ok(stream), Duration::from_secs(20)).await,
+            Ended::Closed
+        );
     }
     for stream in &mut idle {
         assert!(
@@ -410,9 +364,13 @@ async fn a_tls_client_without_http2_preface_is_closed_at_the_deadline() {
     let limits = HandshakeLimits::default().with_timeout(Duration::from_secs(1));
     let mesh = start_with(limits).await;
     let address = mesh.handle.local_addr();
-    let idle = connect_from([127, 0, 0, 9], address).await;
-    assert_eq!(ended(idle).await, Ended::Closed, "idle");
-    let tcp = connect_from([127, 0, 0, 9], address).await.unwrap();
+    let idle = connect_from([127, 0, 0, 9].into(), address).await;
+    assert_eq!(
+        ended(idle, Duration::from_secs(20)).await,
+        Ended::Closed,
+        "idle"
+    );
+    let tcp = connect_from([127, 0, 0, 9].into(), address).await.unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for root in &mesh.roots {
         roots.add(root.clone()).unwrap();
@@ -430,7 +388,11 @@ async fn a_tls_client_without_http2_preface_is_closed_at_the_deadline() {
         .await
         .expect("TLS handshake");
     let (tcp, _) = tls.into_inner();
-    assert_eq!(ended(Ok(tcp)).await, Ended::Closed, "no preface");
+    assert_eq!(
+        ended(Ok(tcp), Duration::from_secs(20)).await,
+        Ended::Closed,
+        "no preface"
+    );
 }
 
 #[tokio::test]
@@ -457,21 +419,6 @@ async fn an_undecodable_request_is_an_invalid_argument() {
     assert!(status.message().contains("undecodable"), "{status}");
 }
 
-/// Log lines written while it is the thread's subscriber.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn refused_credentials_are_logged_with_the_peer_and_rate_limited() {
     let captured = Captured::default();
@@ -488,7 +435,7 @@ async fn refused_credentials_are_logged_with_the_peer_and_rate_limited() {
         let err = status(client.certificate(&shell, false, None).await.unwrap_err());
         assert_eq!(err.code(), Code::Unauthenticated);
     }
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let lines: Vec<&str> = text
         .lines()
         .filter(|line| line.contains("refused a client's credentials"))

@@ -10,22 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 
-/// The `xds-serve` example binary, next to this test's `deps/` directory:
-/// cargo builds a package's examples with its tests (`cargo test`, `cargo
-/// nextest run`), so the test never runs cargo itself.
+/// The `xds-serve` example, built by cargo with the tests.
 fn xds_serve() -> PathBuf {
-    let test_exe = std::env::current_exe().expect("test path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("profile dir");
-    let binary = profile_dir.join("examples").join("xds-serve");
-    assert!(
-        binary.exists(),
-        "{} is not built: run the tests with cargo test or cargo nextest run -p podless-xds, which build it",
-        binary.display()
-    );
-    binary
+    test_support::example("podless-xds", "xds-serve")
 }
 
 struct Running(Child);

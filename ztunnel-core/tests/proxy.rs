@@ -20,6 +20,7 @@ use mesh_api::workload::{
 };
 use mesh_net::{Drained, HandshakeLimits};
 use prometheus_client::registry::Registry;
+use test_support::{Ended, connect_from, ended, still_open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -1034,45 +1035,6 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("fds").count()
 }
 
-/// How a connection ended, as its client sees it.
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    /// The server reset it.
-    Reset,
-    /// The server closed it (FIN).
-    Closed,
-}
-
-/// Waits for the server to end `stream` (bounded, so a connection left open
-/// fails the test instead of hanging it). A reset that came before the
-/// connect finished counts as a reset.
-async fn ended(stream: std::io::Result<TcpStream>) -> Ended {
-    let mut stream = match stream {
-        Ok(stream) => stream,
-        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return Ended::Reset,
-        Err(err) => panic!("connect: {err}"),
-    };
-    let mut buf = [0u8; 64];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
-            Err(_) => panic!("the server kept an idle connection open"),
-            Ok(Ok(0)) => return Ended::Closed,
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Ended::Reset;
-            }
-            Ok(Err(err)) => panic!("unexpected error {err}"),
-        }
-    }
-}
-
-/// A TCP connection to `address` from the loopback address `source`.
-async fn connect_from(source: &str, address: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source.parse().expect("ip"), 0))?;
-    socket.connect(address).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_to_the_proxys_own_ports_are_refused_as_self_calls() {
     let mesh = mesh().await;
@@ -1099,12 +1061,12 @@ async fn connects_to_the_proxys_own_ports_are_refused_as_self_calls() {
     // Plaintext straight to the inbound listener: its own address is the
     // destination, refused likewise.
     let direct = TcpStream::connect(mesh.echo.inbound_addr()).await;
-    assert_eq!(ended(direct).await, Ended::Reset);
+    assert_eq!(ended(direct, WAIT).await, Ended::Reset);
     // Outbound (here through SOCKS5) to the proxy's own listeners.
     let own = mesh.shell.inbound_addr();
     let (reply, through) = socks5_reply(&mesh.shell, own).await.expect("socks5");
     assert_eq!(reply, 1, "SOCKS5 general failure");
-    assert_eq!(ended(Ok(through)).await, Ended::Closed);
+    assert_eq!(ended(Ok(through), WAIT).await, Ended::Closed);
     assert!(
         open_fds() < fds_before + 16,
         "no connections piled up: {} fds, {fds_before} before",
@@ -1123,15 +1085,6 @@ async fn connects_to_the_proxys_own_ports_are_refused_as_self_calls() {
     );
 }
 
-/// Whether the server still holds `stream` open: nothing read, no end, for
-/// a moment.
-async fn still_open(stream: &mut TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte))
-        .await
-        .is_err()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_hbone_connections_make_room_for_newer_ones() {
     // A deadline far off: whatever ends now was evicted, not timed out.
@@ -1146,7 +1099,11 @@ async fn idle_hbone_connections_make_room_for_newer_ones() {
     // Bare TCP connections that never send a byte.
     let mut idle = Vec::new();
     for _ in 0..20 {
-        idle.push(connect_from(attacker, hbone).await.expect("connect"));
+        idle.push(
+            connect_from(attacker.parse().expect("ip"), hbone)
+                .await
+                .expect("connect"),
+        );
     }
     // A mesh client is served meanwhile.
     let served = pool.connect(&tls, &key, mesh.app, &[]).await;
@@ -1156,7 +1113,7 @@ async fn idle_hbone_connections_make_room_for_newer_ones() {
     );
     // The attacker's 16 oldest were closed to make room; its 4 newest wait.
     for stream in idle.drain(..16) {
-        assert_eq!(ended(Ok(stream)).await, Ended::Closed);
+        assert_eq!(ended(Ok(stream), WAIT).await, Ended::Closed);
     }
     for stream in &mut idle {
         assert!(
@@ -1176,28 +1133,32 @@ async fn stalled_hbone_handshakes_are_closed_at_their_deadline() {
     let attacker = "127.0.0.9";
     // Nothing sent; part of a TLS record, then nothing; and a TLS handshake
     // with no HTTP/2 preface after it. Each is closed at its deadline.
-    let idle = connect_from(attacker, hbone).await;
+    let idle = connect_from(attacker.parse().expect("ip"), hbone).await;
     assert_eq!(
-        ended(idle).await,
+        ended(idle, WAIT).await,
         Ended::Closed,
         "idle: closed at the deadline"
     );
-    let mut partial = connect_from(attacker, hbone).await.expect("connect");
+    let mut partial = connect_from(attacker.parse().expect("ip"), hbone)
+        .await
+        .expect("connect");
     partial
         .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8])
         .await
         .expect("write");
     assert_eq!(
-        ended(Ok(partial)).await,
+        ended(Ok(partial), WAIT).await,
         Ended::Closed,
         "partial TLS record"
     );
-    let tcp = connect_from(attacker, hbone).await.expect("connect");
+    let tcp = connect_from(attacker.parse().expect("ip"), hbone)
+        .await
+        .expect("connect");
     let server_name = rustls_pki_types::ServerName::try_from("echo.default").expect("server name");
     let tls_stream = tokio_rustls::TlsConnector::from(tls.client.clone())
         .connect(server_name, tcp)
         .await
         .expect("TLS handshake");
     let (tcp, _) = tls_stream.into_inner();
-    assert_eq!(ended(Ok(tcp)).await, Ended::Closed, "no preface");
+    assert_eq!(ended(Ok(tcp), WAIT).await, Ended::Closed, "no preface");
 }

@@ -1,23 +1,12 @@
 //! `ztunnel-run`'s command line as a person meets it: `--help` describes
 //! every flag, and a bad argument is refused naming the flag.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-/// The example binary, built by cargo with this package's tests.
+/// The `ztunnel-run` example, built by cargo with the tests.
 fn ztunnel_run() -> PathBuf {
-    let test_exe = std::env::current_exe().expect("test path");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("profile dir");
-    let binary = profile_dir.join("examples").join("ztunnel-run");
-    assert!(
-        binary.exists(),
-        "{} is not built: run the tests with cargo test or cargo nextest run -p ztunnel-core, which build it",
-        binary.display()
-    );
-    binary
+    test_support::example("ztunnel-core", "ztunnel-run")
 }
 
 #[test]
