@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod support;
-use support::{bind_pair, exchange, question};
+use support::{bind_pair, exchange, question, tcp_exchange};
 
 // ------------------------------------------------------------ the upstream
 
@@ -192,21 +192,6 @@ async fn ask_udp(from: &str, to: SocketAddr, name: &str, record_type: RecordType
 
 async fn ask_tcp(to: SocketAddr, name: &str, record_type: RecordType) -> Message {
     tcp_exchange(to, &question(name, record_type, false)).await
-}
-
-/// One message over a TCP connection of its own, and the reply.
-async fn tcp_exchange(to: SocketAddr, packet: &[u8]) -> Message {
-    let mut stream = TcpStream::connect(to).await.unwrap();
-    stream
-        .write_all(&u16::try_from(packet.len()).unwrap().to_be_bytes())
-        .await
-        .unwrap();
-    stream.write_all(packet).await.unwrap();
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await.unwrap();
-    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut body).await.unwrap();
-    Message::from_vec(&body).unwrap()
 }
 
 /// (record type, target or address) of each answer, in order.
@@ -634,17 +619,7 @@ async fn oversized_tcp_questions_are_refused() {
     }
     let packet = message.to_vec().unwrap();
     assert!(packet.len() > 8 * 1024);
-    let mut stream = TcpStream::connect(setup.proxy.tcp_addr()).await.unwrap();
-    stream
-        .write_all(&u16::try_from(packet.len()).unwrap().to_be_bytes())
-        .await
-        .unwrap();
-    stream.write_all(&packet).await.unwrap();
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await.unwrap();
-    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut body).await.unwrap();
-    let response = Message::from_vec(&body).unwrap();
+    let response = tcp_exchange(setup.proxy.tcp_addr(), &packet).await;
     assert_eq!(response.metadata.response_code, ResponseCode::FormErr);
     assert!(response.answers.is_empty());
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 mod support;
-use support::{bind_pair, exchange, question};
+use support::{addresses, bind_pair, exchange, question};
 
 /// The bound on questions waiting for the upstream.
 const CAP: usize = 16;
@@ -91,17 +91,6 @@ async fn ask(to: SocketAddr, name: &str) -> Message {
     .await
     .expect("an answer");
     Message::from_vec(&reply).unwrap()
-}
-
-fn addresses(message: &Message) -> Vec<String> {
-    message
-        .answers
-        .iter()
-        .filter_map(|record| match &record.data {
-            RData::A(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Receives responses on `client` until `count` came, by ID.

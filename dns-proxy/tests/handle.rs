@@ -21,7 +21,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 mod support;
-use support::{bind_pair, exchange, question};
+use support::{addresses, bind_pair, exchange, question};
 
 /// A guard against a hang, never reached when the proxy works.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -96,18 +96,6 @@ fn proxy(upstream: Option<SocketAddr>) -> DnsProxy {
 async fn spawn(upstream: Option<SocketAddr>) -> DnsHandle {
     let (udp, tcp) = bind_pair().await;
     proxy(upstream).spawn(udp, tcp).unwrap()
-}
-
-/// The A addresses of an answer.
-fn addresses(message: &Message) -> Vec<String> {
-    message
-        .answers
-        .iter()
-        .filter_map(|record| match &record.data {
-            RData::A(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Asks for `echo` over UDP: answered with its VIP.

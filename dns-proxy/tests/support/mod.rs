@@ -1,12 +1,15 @@
 //! Helpers shared by the integration tests: sockets to serve on, questions as
-//! bytes, and one UDP exchange with the proxy.
+//! bytes, one UDP or TCP exchange with the proxy, and the addresses of an
+//! answer. Each test binary uses some of them.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query};
-use hickory_proto::rr::{Name, RecordType};
-use tokio::net::{TcpListener, UdpSocket};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// A UDP socket and a TCP listener on one port of 127.0.0.1. A port free for
 /// UDP may be taken for TCP (by another test's connection): then another.
@@ -52,4 +55,31 @@ pub(crate) async fn exchange(
         .ok()?;
     buffer.truncate(len);
     Some(buffer)
+}
+
+/// One message over a TCP connection of its own, and the reply.
+pub(crate) async fn tcp_exchange(to: SocketAddr, packet: &[u8]) -> Message {
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    stream
+        .write_all(&u16::try_from(packet.len()).unwrap().to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(packet).await.unwrap();
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut body).await.unwrap();
+    Message::from_vec(&body).unwrap()
+}
+
+/// The A addresses of an answer, in order.
+pub(crate) fn addresses(message: &Message) -> Vec<String> {
+    message
+        .answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
 }
