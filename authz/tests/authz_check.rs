@@ -4,6 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The JSON lines of a successful run.
+fn decision_lines(output: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
 /// The `authz-check` example, built by cargo with the tests.
 fn authz_check() -> PathBuf {
     test_support::example("podless-authz", "authz-check")
@@ -109,16 +122,7 @@ fn decides_each_request_line() {
         .join("\n"),
     );
     let output = run(&[&policies, &requests], &["--root-namespace", "mesh-root"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let lines = decision_lines(&output);
     let summary: Vec<(&str, Option<&str>)> = lines
         .iter()
         .map(|l| (l["decision"].as_str().unwrap(), l["policy"].as_str()))
@@ -216,16 +220,7 @@ fn decides_the_shipped_sample() {
         &[&sample.join("policies"), &sample.join("requests.jsonl")],
         &[],
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let lines = decision_lines(&output);
     let summary: Vec<(&str, Option<&str>)> = lines
         .iter()
         .map(|l| (l["decision"].as_str().unwrap(), l["policy"].as_str()))
@@ -263,9 +258,7 @@ fn decides_the_shipped_sample() {
 
 #[test]
 fn help_describes_every_flag_and_the_sample() {
-    let output = Command::new(authz_check()).arg("--help").output().unwrap();
-    assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).unwrap();
+    let help = test_support::help(&authz_check());
     for flag in ["--policies", "--requests", "--root-namespace", "--help"] {
         assert!(help.contains(flag), "{flag} in {help}");
     }

@@ -144,9 +144,7 @@ fn answers_from_the_shipped_sample() {
 
 #[test]
 fn help_describes_every_flag_and_the_sample() {
-    let output = Command::new(dns_serve()).arg("--help").output().unwrap();
-    assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).unwrap();
+    let help = test_support::help(&dns_serve());
     for flag in [
         "--listen <IP:PORT>",
         "--records <FILE.yaml>",

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 mod support;
-use support::{addresses, bind_pair, exchange, question};
+use support::{addresses, ask_udp, bind_pair, question};
 
 /// The bound on questions waiting for the upstream.
 const CAP: usize = 16;
@@ -82,15 +82,7 @@ fn flood_question(i: usize) -> Vec<u8> {
 }
 
 async fn ask(to: SocketAddr, name: &str) -> Message {
-    let reply = exchange(
-        "127.0.0.1",
-        to,
-        &question(name, RecordType::A, false),
-        PATIENCE,
-    )
-    .await
-    .expect("an answer");
-    Message::from_vec(&reply).unwrap()
+    ask_udp(to, name, RecordType::A, PATIENCE).await
 }
 
 /// Receives responses on `client` until `count` came, by ID.

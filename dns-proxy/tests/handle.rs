@@ -21,7 +21,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 mod support;
-use support::{addresses, bind_pair, exchange, question};
+use support::{addresses, ask_udp, bind_pair, question};
 
 /// A guard against a hang, never reached when the proxy works.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -100,15 +100,7 @@ async fn spawn(upstream: Option<SocketAddr>) -> DnsHandle {
 
 /// Asks for `echo` over UDP: answered with its VIP.
 async fn udp_answers(to: SocketAddr) {
-    let reply = exchange(
-        "127.0.0.1",
-        to,
-        &question(ECHO, RecordType::A, false),
-        PATIENCE,
-    )
-    .await
-    .expect("an answer over UDP");
-    let reply = Message::from_vec(&reply).unwrap();
+    let reply = ask_udp(to, ECHO, RecordType::A, PATIENCE).await;
     assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addresses(&reply), ["10.96.0.10"]);
 }

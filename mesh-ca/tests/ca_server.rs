@@ -113,9 +113,7 @@ fn bad_arguments_are_explained() {
 
 #[test]
 fn help_describes_every_flag() {
-    let output = Command::new(ca_server()).arg("--help").output().unwrap();
-    assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).unwrap();
+    let help = test_support::help(&ca_server());
     for flag in [
         "--dir <DIR>",
         "--listen <IP:PORT>",

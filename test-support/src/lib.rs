@@ -1,7 +1,7 @@
 //! What podless's tests share, so each crate's tests stay about their crate:
 //!
 //! - [`example`]: the path of an example binary cargo built with the tests
-//!   (tests never run cargo themselves);
+//!   (tests never run cargo themselves), and [`help`]: its `--help` text;
 //! - [`Ended`], [`ended`], [`still_open`], [`connect_from`]: how a server
 //!   treated a connection (reset, closed, or still holding it), from a chosen
 //!   loopback address;
@@ -36,6 +36,16 @@ pub fn example(package: &str, name: &str) -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// What `binary --help` prints; panics unless it exits successfully.
+pub fn help(binary: &Path) -> String {
+    let output = std::process::Command::new(binary)
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    assert!(output.status.success(), "--help failed: {output:?}");
+    String::from_utf8(output.stdout).expect("UTF-8 help")
 }
 
 /// How a server ended a connection, as its client sees it.

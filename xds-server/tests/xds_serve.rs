@@ -255,12 +255,7 @@ async fn serves_the_shipped_sample() {
 
 #[test]
 fn help_describes_every_flag_and_the_sample() {
-    let output = Command::new(xds_serve())
-        .arg("--help")
-        .output()
-        .expect("run");
-    assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).expect("UTF-8");
+    let help = test_support::help(&xds_serve());
     for flag in [
         "--manifests <DIR>",
         "--listen <IP:PORT>",

@@ -11,12 +11,7 @@ fn ztunnel_run() -> PathBuf {
 
 #[test]
 fn help_describes_every_flag() {
-    let output = Command::new(ztunnel_run())
-        .arg("--help")
-        .output()
-        .expect("run");
-    assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).expect("UTF-8");
+    let help = test_support::help(&ztunnel_run());
     for flag in [
         "--control-plane",
         "--root",

@@ -83,3 +83,17 @@ pub(crate) fn addresses(message: &Message) -> Vec<String> {
         })
         .collect()
 }
+
+/// Asks `to` for `name` over UDP from 127.0.0.1: the answer (panics after
+/// `wait` without one).
+pub(crate) async fn ask_udp(
+    to: SocketAddr,
+    name: &str,
+    record_type: RecordType,
+    wait: Duration,
+) -> Message {
+    let reply = exchange("127.0.0.1", to, &question(name, record_type, false), wait)
+        .await
+        .expect("an answer over UDP");
+    Message::from_vec(&reply).unwrap()
+}
