@@ -236,7 +236,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut builder = CaServer::builder()
         .authority(authority.clone())
         .authenticator(tokens)
-        .authenticator(ClientCertificate::new(authority.clone())?)
+        .authenticator(ClientCertificate::new(authority.clone()).map_err(|err| err.to_string())?)
         .serving_names(serving);
     if !node_agent_identities.is_empty() {
         builder = node_agent_identities

@@ -340,3 +340,17 @@ impl Authority {
         })
     }
 }
+
+impl mesh_net::TrustRoots for Authority {
+    fn generation(&self) -> u64 {
+        Authority::generation(self)
+    }
+
+    fn roots(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        Authority::roots(self)
+    }
+
+    fn trust_domain(&self) -> &str {
+        Authority::trust_domain(self)
+    }
+}

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
 use mesh_api::Identity;
 use mesh_api::ca::IstioCertificateRequest;
 use mesh_api::ca::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -18,14 +17,13 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use tokio::net::TcpSocket;
-use tokio_rustls::TlsConnector;
-use tonic::transport::{Channel, Endpoint};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use tonic::transport::Channel;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::auth::spiffe_identity;
 use crate::service::IMPERSONATED_IDENTITY;
+use mesh_net::grpc::{TlsChannel, tls_channel};
+use mesh_net::spiffe_identity;
 
 /// A workload certificate with its key.
 #[derive(Debug)]
@@ -198,41 +196,20 @@ impl CaClientBuilder {
             .with_safe_default_protocol_versions()
             .map_err(|err| ClientError::Tls(err.to_string()))?
             .with_root_certificates(roots.clone());
-        let mut tls = match self.client_certificate {
+        let tls = match self.client_certificate {
             Some((chain, key)) => tls
                 .with_client_auth_cert(chain, key)
                 .map_err(|err| ClientError::Tls(err.to_string()))?,
             None => tls.with_no_client_auth(),
         };
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let server_name = ServerName::try_from(self.server_name.clone()).map_err(|err| {
-            ClientError::Tls(format!("server name {:?}: {err}", self.server_name))
-        })?;
-        let connector = TlsConnector::from(Arc::new(tls));
-        let mark = self.mark;
-        let connect = tower::service_fn(move |_: http::Uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            async move {
-                let socket = if address.is_ipv4() {
-                    TcpSocket::new_v4()?
-                } else {
-                    TcpSocket::new_v6()?
-                };
-                if let Some(mark) = mark {
-                    mesh_net::set_mark(&socket, mark)?;
-                }
-                let tcp = socket.connect(address).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        });
-        let endpoint = Endpoint::from_shared(format!("https://{}", self.server_name))
-            .map_err(|err| ClientError::Tls(err.to_string()))?
-            .timeout(self.timeout)
-            .connect_timeout(self.timeout);
-        let channel = endpoint.connect_with_connector_lazy(connect);
+        let channel = tls_channel(TlsChannel {
+            address,
+            server_name: self.server_name,
+            tls,
+            mark: self.mark,
+            timeout: self.timeout,
+        })
+        .map_err(|err| ClientError::Tls(err.to_string()))?;
         Ok(CaClient {
             grpc: IstioCertificateServiceClient::new(channel.clone()),
             channel,
@@ -355,7 +332,7 @@ impl CaClient {
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad("the leaf is not for the key we sent".into()));
         }
-        let granted = spiffe_identity(leaf).map_err(bad)?;
+        let granted = spiffe_identity(leaf).map_err(|err| bad(err.to_string()))?;
         if &granted != identity {
             return Err(bad(format!("asked for {identity}, got {granted}")));
         }

@@ -1,11 +1,13 @@
 //! Keeping a workload certificate fresh: fetch it, renew at half-life, and on
-//! failure retry with exponential backoff (capped at 150 s, as Istio's agents do)
+//! failure retry with exponential backoff and jitter (capped at 150 s, as Istio's
+//! agents do; [`mesh_net::Backoff`])
 //! while the old certificate stays in use until it expires.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mesh_api::Identity;
+use mesh_net::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -29,30 +31,6 @@ impl Default for RenewalConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(150),
         }
-    }
-}
-
-/// Exponential backoff: `initial`, doubling, never above `max`.
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Starts at `initial`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            next: initial.min(max),
-            max,
-        }
-    }
-
-    /// The delay before the next retry.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = self.next.saturating_mul(2).min(self.max);
-        delay
     }
 }
 
@@ -132,7 +110,7 @@ async fn renew(
     loop {
         let delay = match client.certificate(&identity, impersonate, config.ttl).await {
             Ok(certificate) => {
-                backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+                backoff.reset();
                 // At half-life, but never sooner than half of what is left:
                 // a backdated short-lived certificate is past its half-life on
                 // arrival and must not be renewed in a loop.
@@ -170,17 +148,5 @@ async fn renew(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(150));
-        let delays: Vec<u64> = (0..10).map(|_| backoff.next_delay().as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 150, 150]);
     }
 }

@@ -20,9 +20,11 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Authenticator, MeshRootsVerifier, NodeAuthorizer};
 use crate::authority::Authority;
 use crate::service::CaService;
+use mesh_net::auth::{Authenticator, Authenticators, NodeAuthorizer};
+use mesh_net::grpc::{OpenConnections, ServerHandle, serve_router};
+use mesh_net::spiffe::MeshClientVerifier;
 
 /// The names the CA's serving certificate carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +88,7 @@ pub enum ServeError {
 #[derive(Default)]
 pub struct CaServerBuilder {
     authority: Option<Arc<Authority>>,
-    authenticators: Vec<Arc<dyn Authenticator>>,
+    authenticators: Authenticators,
     node_agents: HashSet<Identity>,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
     serving: ServingNames,
@@ -112,7 +114,14 @@ impl CaServerBuilder {
 
     /// Adds an authenticator; they are tried in the order added.
     pub fn authenticator(mut self, authenticator: impl Authenticator) -> Self {
-        self.authenticators.push(Arc::new(authenticator));
+        self.authenticators = self.authenticators.with(authenticator);
+        self
+    }
+
+    /// Sets every authenticator at once (the same set can serve xDS); an
+    /// anonymous set is refused by [`CaServerBuilder::build`].
+    pub fn authenticators(mut self, authenticators: Authenticators) -> Self {
+        self.authenticators = authenticators;
         self
     }
 
@@ -152,7 +161,7 @@ impl CaServerBuilder {
     /// Validates and assembles: issues the serving certificate; binds nothing.
     pub fn build(self) -> Result<CaServer, BuildError> {
         let authority = self.authority.ok_or(BuildError::NoAuthority)?;
-        if self.authenticators.is_empty() {
+        if self.authenticators.names().is_empty() {
             return Err(BuildError::NoAuthenticator);
         }
         if !self.node_agents.is_empty() && self.node_authorizer.is_none() {
@@ -180,8 +189,8 @@ fn tls_config(
     serving: &ServingNames,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<rustls::ServerConfig>, BuildError> {
-    let client_verifier = MeshRootsVerifier::new(authority.clone(), provider.clone(), true)
-        .map_err(BuildError::Tls)?;
+    let client_verifier = MeshClientVerifier::new(authority.clone(), provider.clone(), true)
+        .map_err(|err| BuildError::Tls(err.to_string()))?;
     let resolver = ServingCertificate::new(authority.clone(), serving.clone(), provider.clone())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -326,8 +335,8 @@ impl CaServer {
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
         let (router, tls, limits) = self.router();
-        let open = crate::transport::OpenConnections::default();
-        crate::transport::serve_router(router, listener, Some(tls), limits, open, shutdown)
+        let open = OpenConnections::default();
+        serve_router(router, listener, Some(tls), limits, open, shutdown)
             .await
             .map_err(ServeError::from)
     }
@@ -341,4 +350,4 @@ impl CaServer {
 }
 
 /// A running CA server.
-pub type CaHandle = crate::transport::ServerHandle<ServeError>;
+pub type CaHandle = ServerHandle<ServeError>;

@@ -7,7 +7,6 @@
 //! resulting identity.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +16,12 @@ use mesh_api::ca::istio_certificate_service_server::{
 };
 use mesh_api::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use prost_types::value::Kind;
-use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Authenticated, Authenticator, Caller, NodeAuthorizer, RefusalLog};
 use crate::authority::{Authority, IssueError};
 use crate::csr::{MAX_CSR_PEM_LEN, verify_csr};
+use mesh_net::PeerInfo;
+use mesh_net::auth::{Authenticated, Authenticators, Caller, NodeAuthorizer};
 
 /// The metadata key under which a node agent names the workload identity it
 /// asks a certificate for.
@@ -32,33 +31,20 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// Larger than any CSR accepted, so oversized CSRs get a clear `InvalidArgument`.
 const MAX_REQUEST_BYTES: usize = 16 * MAX_CSR_PEM_LEN;
 
-/// Facts about the connection a request came on, placed in the request's
-/// extensions by the transport. [`crate::CaServer`] does this; a binary that
-/// mounts [`CaService`] on its own server inserts it the same way (tonic's
-/// `Connected::connect_info`) to allow client-certificate authentication.
-#[derive(Clone, Debug, Default)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub remote_addr: Option<SocketAddr>,
-    /// The client's TLS certificate chain, leaf first.
-    pub certificates: Option<Arc<[CertificateDer<'static>]>>,
-}
-
 /// The CreateCertificate service.
 #[derive(Clone)]
 pub struct CaService {
     authority: Arc<Authority>,
-    authenticators: Arc<[Arc<dyn Authenticator>]>,
+    authenticators: Authenticators,
     node_agents: Arc<HashSet<Identity>>,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
-    refusals: Arc<RefusalLog>,
 }
 
 impl std::fmt::Debug for CaService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaService")
             .field("authority", &self.authority)
-            .field("authenticators", &crate::auth::names(&self.authenticators))
+            .field("authenticators", &self.authenticators.names())
             .field("node_agents", &self.node_agents)
             .finish_non_exhaustive()
     }
@@ -67,16 +53,15 @@ impl std::fmt::Debug for CaService {
 impl CaService {
     pub(crate) fn new(
         authority: Arc<Authority>,
-        authenticators: Vec<Arc<dyn Authenticator>>,
+        authenticators: Authenticators,
         node_agents: HashSet<Identity>,
         node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
     ) -> Self {
         Self {
             authority,
-            authenticators: authenticators.into(),
+            authenticators: authenticators.for_service("CA"),
             node_agents: Arc::new(node_agents),
             node_authorizer,
-            refusals: Arc::new(RefusalLog::new("CA")),
         }
     }
 
@@ -84,14 +69,6 @@ impl CaService {
     /// (e.g. xDS on one port).
     pub fn into_service(self) -> IstioCertificateServiceServer<Self> {
         IstioCertificateServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
-    }
-
-    async fn authenticate(&self, caller: &Caller<'_>) -> Result<Authenticated, Status> {
-        match crate::auth::authenticate(&self.authenticators, caller).await {
-            Ok(Some(authenticated)) => Ok(authenticated),
-            Ok(None) => Err(self.refusals.refuse(caller, &[])),
-            Err(refusals) => Err(self.refusals.refuse(caller, &refusals)),
-        }
     }
 
     /// The identity to sign for: the caller's own, or one it may impersonate.
@@ -153,13 +130,8 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = Caller {
-            metadata: request.metadata(),
-            peer_certificates: peer.as_ref().and_then(|p| p.certificates.as_deref()),
-            remote: peer.as_ref().and_then(|p| p.remote_addr),
-        };
-        let authenticated = self.authenticate(&caller).await?;
+        let caller = Caller::new(request.metadata(), request.extensions().get::<PeerInfo>());
+        let authenticated = self.authenticators.require(&caller).await?;
         let body = request.get_ref();
         let csr = verify_csr(&body.csr).map_err(|err| Status::invalid_argument(err.to_string()))?;
         let identity = self.identity_for(&authenticated, body).await?;
@@ -178,7 +150,7 @@ impl IstioCertificateService for CaService {
             caller = %authenticated.identity,
             identity = %identity,
             not_after = %issued.not_after,
-            remote = ?peer.and_then(|p| p.remote_addr),
+            remote = ?caller.remote,
             "issued workload certificate"
         );
         Ok(Response::new(IstioCertificateResponse {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mesh_api::Identity;
 use mesh_api::ca::IstioCertificateRequest;
-use mesh_ca::auth::Authenticated;
+use mesh_ca::Authenticated;
 use mesh_ca::{
     Authority, CaClient, CaHandle, CaServer, ClientCertificate, ClientError, SigningPolicy,
     StaticNodeAuthorizer, StaticTokens, load_or_create,

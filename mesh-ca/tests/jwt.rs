@@ -8,11 +8,11 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use mesh_api::Identity;
-use mesh_ca::auth::{Authenticator, Caller};
 use mesh_ca::{
     Authority, CaClient, CaServer, JwtAuthenticator, SigningPolicy, StaticNodeAuthorizer,
     load_or_create,
 };
+use mesh_net::auth::{Authenticator, Caller};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256, PublicKeyData, RsaKeySize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;

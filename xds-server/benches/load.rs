@@ -45,7 +45,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_api::prost::Message;
 use tokio::sync::mpsc;
-use xds_server::{ClientAuth, MeshConfig, Object, Store, XdsServer};
+use xds_server::{Authenticators, MeshConfig, Object, Store, XdsServer};
 
 struct Args {
     clients: usize,
@@ -255,7 +255,7 @@ fn serve(args: &Args) {
         let listener = loopback_listener();
         let server = XdsServer::builder()
             .store(store.clone())
-            .client_auth(ClientAuth::anonymous())
+            .authenticators(Authenticators::anonymous())
             .build()
             .expect("server")
             .spawn(listener)

@@ -50,8 +50,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use xds_server::{
-    ClientAuth, ConfigSource, ControlPlane, ManifestDir, MeshConfig, Store, StoreNodeAuthorizer,
-    XdsServer,
+    Authenticated, Authenticators, ClientCertificate, ConfigSource, ControlPlane, ManifestDir,
+    MeshConfig, StaticTokens, Store, StoreNodeAuthorizer, XdsServer,
 };
 
 /// Serve a directory of Kubernetes manifests to ztunnels over delta ADS.
@@ -273,19 +273,16 @@ fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>
     Ok(Arc::new(config))
 }
 
-/// The mesh CA in `dir`, sharing the port; its TLS configuration, and the
-/// authenticators it adds (node agents' tokens, mesh client certificates).
+/// The mesh CA in `dir`, sharing the port, and the authenticators xDS and
+/// the CA share (node agents' tokens, mesh client certificates).
 struct WithCa {
     ca: mesh_ca::CaServer,
     authority: Arc<mesh_ca::Authority>,
+    authenticators: Authenticators,
     root: PathBuf,
 }
 
-fn ca(
-    args: &Args,
-    store: &Store,
-    tokens: &mesh_ca::StaticTokens,
-) -> Result<Option<WithCa>, String> {
+fn ca(args: &Args, store: &Store, tokens: StaticTokens) -> Result<Option<WithCa>, String> {
     let Some(dir) = &args.ca_dir else {
         return Ok(None);
     };
@@ -301,10 +298,12 @@ fn ca(
     if !args.listen.ip().is_unspecified() {
         serving.ips.push(args.listen.ip());
     }
+    let client_certificates =
+        ClientCertificate::new(authority.clone()).map_err(|err| err.to_string())?;
+    let authenticators = Authenticators::new().with(tokens).with(client_certificates);
     let mut builder = mesh_ca::CaServer::builder()
         .authority(authority.clone())
-        .authenticator(tokens.clone())
-        .authenticator(mesh_ca::ClientCertificate::new(authority.clone())?)
+        .authenticators(authenticators.clone())
         .serving_names(serving)
         .node_authorizer(StoreNodeAuthorizer::new(store.clone()));
     for (_, identity, _) in &args.node_agents {
@@ -314,6 +313,7 @@ fn ca(
     Ok(Some(WithCa {
         ca,
         authority,
+        authenticators,
         root: dir.join(mesh_ca::store::ROOT_CERT_FILE),
     }))
 }
@@ -335,27 +335,28 @@ async fn run(args: Args) -> Result<(), String> {
         stats.workloads, stats.services, stats.authorizations
     );
 
-    let mut tokens = mesh_ca::StaticTokens::new();
+    let mut tokens = StaticTokens::new();
     for (token, identity) in &args.tokens {
         tokens = tokens.token(token, identity.clone());
     }
     for (token, identity, node) in &args.node_agents {
-        let caller = mesh_ca::Authenticated {
+        let caller = Authenticated {
             identity: identity.clone(),
             node: Some(node.clone()),
             pod: None,
         };
         tokens = tokens.caller(token, caller);
     }
-    let with_ca = ca(&args, &store, &tokens)?;
-    let auth = match &with_ca {
-        Some(with_ca) => ClientAuth::new()
-            .with(tokens)
-            .with(mesh_ca::ClientCertificate::new(with_ca.authority.clone())?),
-        None if args.tokens.is_empty() => ClientAuth::anonymous(),
-        None => ClientAuth::new().with(tokens),
+    let no_tokens = args.tokens.is_empty();
+    let with_ca = ca(&args, &store, tokens.clone())?;
+    let authenticators = match &with_ca {
+        Some(with_ca) => with_ca.authenticators.clone(),
+        None if no_tokens => Authenticators::anonymous(),
+        None => Authenticators::new().with(tokens),
     };
-    let mut builder = XdsServer::builder().store(store.clone()).client_auth(auth);
+    let mut builder = XdsServer::builder()
+        .store(store.clone())
+        .authenticators(authenticators);
     if let Some((cert, key)) = &args.tls {
         builder = builder.tls(tls_config(cert, key)?);
     }
@@ -370,6 +371,7 @@ async fn run(args: Args) -> Result<(), String> {
             ca,
             root,
             authority,
+            ..
         }) => {
             reload_from = args.ca_dir.clone().map(|dir| (dir, authority));
             println!("root certificate: {}", root.display());

@@ -93,4 +93,4 @@ impl ControlPlane {
 }
 
 /// A running control plane (the [`mesh_net::lifecycle`] handle shape).
-pub type ControlPlaneHandle = mesh_ca::transport::ServerHandle<ServeError>;
+pub type ControlPlaneHandle = mesh_net::ServerHandle<ServeError>;

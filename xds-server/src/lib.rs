@@ -21,7 +21,11 @@ mod translate;
 
 pub use ads::AdsService;
 pub use auth::{ClientAuth, StoreNodeAuthorizer};
+// How clients authenticate (shared with the CA).
 pub use control_plane::{ControlPlane, ControlPlaneBuilder, ControlPlaneHandle};
+pub use mesh_net::auth::{
+    Authenticated, Authenticator, Authenticators, ClientCertificate, JwtAuthenticator, StaticTokens,
+};
 pub use object::{Kind, Manifest, Object, ObjectError, ObjectKey, parse_manifest};
 pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder};
 pub use source::{ConfigSource, ManifestDir, SourceError};

@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::ads::{AdsService, DEFAULT_MAX_RESPONSE_BYTES};
-use crate::auth::ClientAuth;
 use crate::store::Store;
+use mesh_net::auth::{Authenticator, Authenticators};
+use mesh_net::grpc::{OpenConnections, ServerHandle, serve_router};
 
 /// How often an idle connection is pinged, to find clients that vanished.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -26,7 +27,7 @@ pub enum BuildError {
     NoStore,
     /// No client authentication was chosen.
     #[error(
-        "no client authentication: add an authenticator, or choose ClientAuth::anonymous() \
+        "no client authentication: add an authenticator, or choose Authenticators::anonymous() \
          for local testing"
     )]
     NoClientAuth,
@@ -57,7 +58,7 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct XdsServerBuilder {
     store: Option<Store>,
-    auth: ClientAuth,
+    auth: Authenticators,
     tls: Option<Arc<rustls::ServerConfig>>,
     max_response_bytes: usize,
     limits: HandshakeLimits,
@@ -67,7 +68,7 @@ impl Default for XdsServerBuilder {
     fn default() -> Self {
         Self {
             store: None,
-            auth: ClientAuth::new(),
+            auth: Authenticators::new(),
             tls: None,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             limits: HandshakeLimits::default(),
@@ -82,15 +83,29 @@ impl XdsServerBuilder {
         self
     }
 
-    /// How clients authenticate (required).
-    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
-        self.auth = auth;
+    /// Adds an authenticator; they are tried in the order added. At least
+    /// one is required, or [`Authenticators::anonymous`].
+    pub fn authenticator(mut self, authenticator: impl Authenticator) -> Self {
+        self.auth = self.auth.with(authenticator);
         self
+    }
+
+    /// Sets every authenticator at once (the same set can serve the CA), or
+    /// [`Authenticators::anonymous`] for plaintext local testing.
+    pub fn authenticators(mut self, authenticators: Authenticators) -> Self {
+        self.auth = authenticators;
+        self
+    }
+
+    /// The old name of [`XdsServerBuilder::authenticators`]; being removed.
+    #[doc(hidden)]
+    pub fn client_auth(self, authenticators: Authenticators) -> Self {
+        self.authenticators(authenticators)
     }
 
     /// Serve TLS with this configuration (its ALPN should offer `h2`; for mesh
     /// client certificates, a client verifier such as
-    /// [`mesh_ca::auth::MeshRootsVerifier`]). Without it, plaintext.
+    /// [`mesh_net::spiffe::MeshClientVerifier`]). Without it, plaintext.
     pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(config);
         self
@@ -167,8 +182,8 @@ impl XdsServer {
     ) -> Result<(), ServeError> {
         close_streams_when(&self.service, shutdown.clone());
         let router = self.router();
-        let open = mesh_ca::transport::OpenConnections::default();
-        mesh_ca::transport::serve_router(router, listener, self.tls, self.limits, open, shutdown)
+        let open = OpenConnections::default();
+        serve_router(router, listener, self.tls, self.limits, open, shutdown)
             .await
             .map_err(ServeError::from)
     }
@@ -204,4 +219,4 @@ pub(crate) fn close_streams_when(service: &AdsService, stopping: CancellationTok
 }
 
 /// A running xDS server (shutting down ends open streams; clients reconnect).
-pub type XdsHandle = mesh_ca::transport::ServerHandle<ServeError>;
+pub type XdsHandle = ServerHandle<ServeError>;

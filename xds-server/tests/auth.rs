@@ -12,7 +12,7 @@ use mesh_api::Identity;
 use mesh_ca::{Authenticated, Authority, CaClient, CaServer, ClientCertificate, StaticTokens};
 use tokio::net::TcpListener;
 use xds_server::{
-    ClientAuth, ControlPlaneHandle, MeshConfig, Store, StoreNodeAuthorizer, XdsServer,
+    Authenticators, ControlPlaneHandle, MeshConfig, Store, StoreNodeAuthorizer, XdsServer,
 };
 
 fn identity(uri: &str) -> Identity {
@@ -75,8 +75,8 @@ async fn control_plane(store: &Store) -> ControlPlane {
         .expect("CA");
     let xds = XdsServer::builder()
         .store(store.clone())
-        .client_auth(
-            ClientAuth::new()
+        .authenticators(
+            Authenticators::new()
                 .with(tokens)
                 .with(ClientCertificate::new(authority.clone()).expect("verifier")),
         )

@@ -13,13 +13,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use mesh_api::Identity;
 use mesh_ca::WorkloadCertificate;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{
-    ClientConfig, CommonState, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
-};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use mesh_net::spiffe::{MeshServerVerifier, SpiffeError, peer_identity, root_store};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, CommonState, ServerConfig};
 
 /// ALPN protocol of HBONE.
 const ALPN_H2: &[u8] = b"h2";
@@ -36,20 +33,10 @@ pub enum TlsError {
         /// What was wrong.
         problem: String,
     },
-    /// The peer presented no certificate.
-    #[error("the peer presented no certificate")]
-    NoPeerCertificate,
-    /// The peer's certificate has no usable SPIFFE identity.
-    #[error("the peer's certificate: {0}")]
-    PeerIdentity(String),
-    /// The peer is in another trust domain.
-    #[error("the peer {peer} is not in the trust domain {expected}")]
-    TrustDomain {
-        /// The peer's identity.
-        peer: Identity,
-        /// Our trust domain.
-        expected: String,
-    },
+    /// The peer presented no certificate, no usable SPIFFE identity, or one
+    /// in another trust domain.
+    #[error("the peer: {0}")]
+    Peer(#[from] SpiffeError),
     /// The server is not one of the identities the client expected.
     #[error("the server is {actual}, expected one of {expected:?}")]
     UnexpectedServer {
@@ -81,16 +68,8 @@ impl WorkloadTls {
             identity: certificate.identity.clone(),
             problem,
         };
-        let mut roots = RootCertStore::empty();
-        for root in &certificate.roots {
-            roots
-                .add(root.clone())
-                .map_err(|err| problem(format!("a root of the trust bundle: {err}")))?;
-        }
-        if roots.is_empty() {
-            return Err(problem("the trust bundle is empty".into()));
-        }
-        let roots = Arc::new(roots);
+        let roots =
+            Arc::new(root_store(&certificate.roots).map_err(|err| problem(err.to_string()))?);
 
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
@@ -104,10 +83,7 @@ impl WorkloadTls {
             .map_err(|err| problem(err.to_string()))?;
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
 
-        let server_verifier = Arc::new(MeshServerVerifier {
-            roots,
-            provider: provider.clone(),
-        });
+        let server_verifier = Arc::new(MeshServerVerifier::new(roots, provider.clone()));
         let mut client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|err| problem(err.to_string()))?
@@ -133,19 +109,10 @@ impl WorkloadTls {
     /// The verified peer of an established connection: its SPIFFE identity,
     /// which must be in our trust domain.
     pub fn peer_identity(&self, connection: &CommonState) -> Result<Identity, TlsError> {
-        let leaf = connection
-            .peer_certificates()
-            .and_then(<[_]>::first)
-            .ok_or(TlsError::NoPeerCertificate)?;
-        let peer = mesh_ca::auth::spiffe_identity(leaf).map_err(TlsError::PeerIdentity)?;
-        let ours = self.identity().trust_domain();
-        if peer.trust_domain() != ours {
-            return Err(TlsError::TrustDomain {
-                peer,
-                expected: ours.to_owned(),
-            });
-        }
-        Ok(peer)
+        Ok(peer_identity(
+            connection.peer_certificates(),
+            self.identity().trust_domain(),
+        )?)
     }
 }
 
@@ -189,70 +156,6 @@ impl TlsConfigs {
         let tls = WorkloadTls::new(certificate.clone(), &self.provider)?;
         *current = Some(tls.clone());
         Ok(tls)
-    }
-}
-
-/// Verifies a server's chain against the mesh roots, whatever name was asked
-/// for: which identity is acceptable is decided per connection, after the
-/// handshake.
-#[derive(Debug)]
-struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for MeshServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

@@ -18,8 +18,8 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use http_body::Body;
 use mesh_api::discovery::DeltaDiscoveryRequest;
-use mesh_ca::PeerInfo;
-use mesh_ca::auth::Caller;
+use mesh_net::PeerInfo;
+use mesh_net::auth::{Authenticators, Caller};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
@@ -29,7 +29,6 @@ use tonic::{Status, Streaming};
 pub use codec::EncodedResponse;
 pub use session::{FellBehind, Outcome, Session};
 
-use crate::auth::ClientAuth;
 use crate::store::Store;
 use codec::{RequestDecoder, ResponseBody};
 
@@ -54,7 +53,7 @@ pub struct AdsService {
 #[derive(Debug)]
 struct Inner {
     store: Store,
-    auth: ClientAuth,
+    auth: Authenticators,
     max_response_bytes: usize,
     shutdown: CancellationToken,
     streams: AtomicUsize,
@@ -63,7 +62,7 @@ struct Inner {
 impl AdsService {
     pub(crate) fn new(
         store: Store,
-        auth: ClientAuth,
+        auth: Authenticators,
         max_response_bytes: usize,
         shutdown: CancellationToken,
     ) -> Self {
@@ -101,11 +100,7 @@ impl AdsService {
         peer: Option<PeerInfo>,
         requests: Streaming<DeltaDiscoveryRequest>,
     ) -> Result<mpsc::Receiver<Result<EncodedResponse, Status>>, Status> {
-        let caller = Caller {
-            metadata,
-            peer_certificates: peer.as_ref().and_then(|p| p.certificates.as_deref()),
-            remote: peer.as_ref().and_then(|p| p.remote_addr),
-        };
+        let caller = Caller::new(metadata, peer.as_ref());
         if self.inner.shutdown.is_cancelled() {
             return Err(Status::unavailable("the server is shutting down"));
         }

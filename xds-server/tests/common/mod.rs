@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Channel;
-use xds_server::{ClientAuth, Object, Store, XdsHandle, XdsServer, parse_manifest};
+use xds_server::{Authenticators, Object, Store, XdsHandle, XdsServer, parse_manifest};
 
 /// How long a test waits for a response before failing (not a timing assertion:
 /// a ceiling so a broken server fails the test instead of hanging it).
@@ -82,7 +82,7 @@ pub async fn serve_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let builder = XdsServer::builder()
         .store(store.clone())
-        .client_auth(ClientAuth::anonymous());
+        .authenticators(Authenticators::anonymous());
     tweak(builder)
         .build()
         .expect("build")

@@ -2,15 +2,15 @@
 //! telling each request which peer it came from ([`PeerInfo`]: address and TLS
 //! client certificates).
 //!
-//! Connections are accepted through [`mesh_net::Acceptor`]: the TLS handshake
+//! Connections are accepted through [`crate::Acceptor`]: the TLS handshake
 //! and the HTTP/2 preface must arrive within the [`HandshakeLimits`]' deadline
 //! (10 s by default), at most 1024 connections may be in handshake at once
 //! (64 from one address; a newer one ends the oldest), and a process out of
 //! file descriptors backs off instead of spinning.
 //!
-//! [`crate::CaServer`] serves through this, and so can any binary that mounts
-//! several services (the CA and xDS, say) on one port. [`ServerHandle`] is the
-//! handle of a server spawned on its own task.
+//! The CA and xDS servers serve through this, and so does any binary that
+//! mounts several services (the CA and xDS, say) on one port.
+//! [`super::ServerHandle`] is the handle of a server spawned on its own task.
 
 use std::future::Future;
 use std::io;
@@ -19,9 +19,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use mesh_net::{Acceptor, Drained, Handshake, HandshakeEnded, HandshakeLimits};
+use crate::listen::{Acceptor, Handshake, HandshakeEnded, HandshakeLimits};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -32,7 +31,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Router;
 
-use crate::service::PeerInfo;
+use rustls_pki_types::CertificateDer;
+
+/// What a gRPC request knows of the connection it came on: in the request's
+/// extensions (`request.extensions().get::<PeerInfo>()`).
+#[derive(Clone, Debug, Default)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote_addr: Option<SocketAddr>,
+    /// The client's TLS certificate chain, leaf first.
+    pub certificates: Option<Arc<[CertificateDer<'static>]>>,
+}
 
 /// The HTTP/2 client preface's length (RFC 9113 §3.4).
 const PREFACE_LEN: usize = 24;
@@ -333,125 +342,6 @@ impl AsyncWrite for Connection {
         match &self.stream {
             Stream::Plain(stream) => stream.is_write_vectored(),
             Stream::Tls(stream) => stream.is_write_vectored(),
-        }
-    }
-}
-
-/// Why a server is not ready.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerNotReady {
-    /// It has stopped (drained, shut down, or failed).
-    #[error("the server has stopped")]
-    Stopped,
-}
-
-/// A gRPC server running on its own task, with the handle shape of every
-/// podless component ([`mesh_net::lifecycle`]): its address, readiness,
-/// drain, shutdown and join.
-#[derive(Debug)]
-pub struct ServerHandle<E> {
-    local_addr: SocketAddr,
-    stopping: CancellationToken,
-    finished: CancellationToken,
-    open: OpenConnections,
-    task: tokio::task::JoinHandle<Result<(), E>>,
-}
-
-impl<E> ServerHandle<E>
-where
-    E: From<tonic::transport::Error> + From<tokio::task::JoinError> + Send + 'static,
-{
-    /// Serves `router` on `listener` (see [`serve_router`]) on a task of the
-    /// current runtime.
-    pub fn spawn(
-        router: Router,
-        listener: TcpListener,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        limits: HandshakeLimits,
-    ) -> io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        let stopping = CancellationToken::new();
-        let finished = CancellationToken::new();
-        let open = OpenConnections::default();
-        let serve = serve_router(
-            router,
-            listener,
-            tls,
-            limits,
-            open.clone(),
-            stopping.clone(),
-        );
-        // Finished however the task ends: returned, failed or panicked.
-        let done = finished.clone().drop_guard();
-        let task = tokio::spawn(async move {
-            let _done = done;
-            serve.await.map_err(E::from)
-        });
-        Ok(Self {
-            local_addr,
-            stopping,
-            finished,
-            open,
-            task,
-        })
-    }
-
-    /// The address the server listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// Cancelled once the server is asked to stop (drain or shutdown): to
-    /// end what it serves that does not end with its calls (open streams).
-    pub fn stopping(&self) -> CancellationToken {
-        self.stopping.clone()
-    }
-
-    /// Connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.open.count()
-    }
-
-    /// Ready once spawned (the listener was bound by the caller) until it
-    /// stops; `wait` is not needed and not spent.
-    pub async fn ready(&self, _wait: Duration) -> Result<(), ServerNotReady> {
-        if self.finished.is_cancelled() || self.stopping.is_cancelled() {
-            return Err(ServerNotReady::Stopped);
-        }
-        Ok(())
-    }
-
-    /// Stops accepting; calls in progress finish for up to `deadline`, then
-    /// the server stops and closes what is left.
-    pub async fn drain(&self, deadline: Duration) -> Drained {
-        self.stopping.cancel();
-        if tokio::time::timeout(deadline, self.finished.cancelled())
-            .await
-            .is_ok()
-        {
-            return Drained::Complete;
-        }
-        let left = self.open.count();
-        self.open.close_all();
-        self.task.abort();
-        Drained::TimedOut { left }
-    }
-
-    /// Stops now, closing every connection. Idempotent.
-    pub fn shutdown(&self) {
-        self.stopping.cancel();
-        self.open.close_all();
-        self.task.abort();
-    }
-
-    /// Waits until the server has stopped; never stops it. A server stopped
-    /// by [`ServerHandle::drain`] or [`ServerHandle::shutdown`] ends `Ok`.
-    pub async fn join(self) -> Result<(), E> {
-        match self.task.await {
-            Ok(served) => served,
-            Err(err) if err.is_cancelled() => Ok(()),
-            Err(err) => Err(E::from(err)),
         }
     }
 }
