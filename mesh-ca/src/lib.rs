@@ -8,6 +8,8 @@
 //! - [`service`]: the `CreateCertificate` gRPC service.
 //! - [`server`]: serving it over TLS on a caller-bound listener.
 //! - [`client`]: obtaining certificates from a CA.
+//! - [`source`]: where certificates come from (the CA client, memory, any
+//!   other source).
 //! - [`renewal`]: keeping a certificate fresh.
 
 pub mod authority;
@@ -16,6 +18,7 @@ pub mod csr;
 pub mod renewal;
 pub mod server;
 pub mod service;
+pub mod source;
 pub mod store;
 
 pub use authority::{Authority, IssueError, IssuedCertificate, SigningPolicy};
@@ -24,6 +27,9 @@ pub use csr::{CsrError, VerifiedCsr, verify_csr};
 pub use renewal::{Renewal, RenewalConfig};
 pub use server::{CaHandle, CaServer, ServingNames};
 pub use service::CaService;
+pub use source::{
+    CertificateRequest, CertificateSource, Fetch, SourceError, StaticCertificates, StaticError,
+};
 pub use store::{CaMaterial, StoreError, load, load_or_create};
 
 // How callers authenticate (shared with the xDS server), and what an

@@ -11,7 +11,8 @@ use mesh_net::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{CaClient, WorkloadCertificate};
+use crate::client::WorkloadCertificate;
+use crate::source::{CertificateRequest, CertificateSource};
 
 /// How a [`Renewal`] behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,10 +44,11 @@ pub struct Renewal {
 }
 
 impl Renewal {
-    /// Starts fetching and renewing `identity`'s certificate (impersonating it
-    /// with `impersonate`) until `shutdown` is cancelled or the renewal is dropped.
+    /// Starts fetching `identity`'s certificate from `source` (e.g. a
+    /// [`crate::CaClient`]; impersonating it with `impersonate`) and renewing
+    /// it, until `shutdown` is cancelled or the renewal is dropped.
     pub fn spawn(
-        client: CaClient,
+        source: Arc<dyn CertificateSource>,
         identity: Identity,
         impersonate: bool,
         config: RenewalConfig,
@@ -54,14 +56,12 @@ impl Renewal {
     ) -> Self {
         let (publish, current) = watch::channel(None);
         let shutdown = shutdown.child_token();
-        let task = tokio::spawn(renew(
-            client,
+        let request = CertificateRequest {
             identity,
             impersonate,
-            config,
-            publish,
-            shutdown.clone(),
-        ));
+            ttl: config.ttl,
+        };
+        let task = tokio::spawn(renew(source, request, config, publish, shutdown.clone()));
         Self {
             current,
             shutdown,
@@ -99,16 +99,18 @@ fn until(at: SystemTime) -> Duration {
 }
 
 async fn renew(
-    client: CaClient,
-    identity: Identity,
-    impersonate: bool,
+    source: Arc<dyn CertificateSource>,
+    request: CertificateRequest,
     config: RenewalConfig,
     publish: watch::Sender<Option<Arc<WorkloadCertificate>>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+    let identity = &request.identity;
     loop {
-        let delay = match client.certificate(&identity, impersonate, config.ttl).await {
+        // A fetch under way is not cut short by a stop: it ends first (a
+        // drain counts it as left).
+        let delay = match source.fetch(&request).await {
             Ok(certificate) => {
                 backoff.reset();
                 // At half-life, but never sooner than half of what is left:

@@ -421,13 +421,7 @@ async fn an_undecodable_request_is_an_invalid_argument() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn refused_credentials_are_logged_with_the_peer_and_rate_limited() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::install();
     let mesh = start().await;
     let client = mesh.client().token("not-a-token").build().unwrap();
     let shell = id("spiffe://cluster.local/ns/default/sa/shell");

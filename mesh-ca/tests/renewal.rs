@@ -68,7 +68,13 @@ async fn renews_at_half_life_and_keeps_the_old_certificate_until_it_expires() {
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(400),
     };
-    let renewal = Renewal::spawn(client, shell(), false, config, &CancellationToken::new());
+    let renewal = Renewal::spawn(
+        Arc::new(client),
+        shell(),
+        false,
+        config,
+        &CancellationToken::new(),
+    );
     let mut updates = renewal.subscribe();
 
     let first = next(&mut updates).await.expect("a first certificate");

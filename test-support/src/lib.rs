@@ -105,6 +105,19 @@ pub async fn connect_from(source: IpAddr, to: SocketAddr) -> io::Result<TcpStrea
 pub struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Captured {
+    /// Captures what this thread logs (plain text, no colours) until the
+    /// guard is dropped: for a `current_thread` test, whose spawned tasks
+    /// run on its thread too.
+    pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
     /// What was written so far.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()

@@ -2,21 +2,16 @@
 //! question.
 //!
 //! Clients authenticate the way they do with the CA, with `mesh-net`'s
-//! [`Authenticators`]: a mesh client certificate
+//! [`Authenticators`](mesh_net::Authenticators): a mesh client certificate
 //! ([`mesh_net::ClientCertificate`]), a bearer token
 //! ([`mesh_net::StaticTokens`], [`mesh_net::JwtAuthenticator`]).
-//! Unauthenticated streams are refused unless [`Authenticators::anonymous`]
+//! Unauthenticated streams are refused unless [`Authenticators::anonymous`](mesh_net::Authenticators::anonymous)
 //! was chosen (plaintext local testing).
 
 use mesh_api::Identity;
-pub use mesh_net::auth::Authenticators;
 use mesh_net::auth::{Authenticated, BoxFuture, NodeAuthorizer};
 
 use crate::store::Store;
-
-/// How xDS clients are authenticated (the name this crate used before the
-/// authenticators moved to `mesh-net`). Being removed: use [`Authenticators`].
-pub type ClientAuth = Authenticators;
 
 /// Answers `mesh-ca`'s impersonation question from the store: a node agent may
 /// obtain a certificate for an identity only if a workload with that identity

@@ -20,7 +20,7 @@ pub mod store;
 mod translate;
 
 pub use ads::AdsService;
-pub use auth::{ClientAuth, StoreNodeAuthorizer};
+pub use auth::StoreNodeAuthorizer;
 // How clients authenticate (shared with the CA).
 pub use control_plane::{ControlPlane, ControlPlaneBuilder, ControlPlaneHandle};
 pub use mesh_net::auth::{

@@ -97,12 +97,6 @@ impl XdsServerBuilder {
         self
     }
 
-    /// The old name of [`XdsServerBuilder::authenticators`]; being removed.
-    #[doc(hidden)]
-    pub fn client_auth(self, authenticators: Authenticators) -> Self {
-        self.authenticators(authenticators)
-    }
-
     /// Serve TLS with this configuration (its ALPN should offer `h2`; for mesh
     /// client certificates, a client verifier such as
     /// [`mesh_net::spiffe::MeshClientVerifier`]). Without it, plaintext.

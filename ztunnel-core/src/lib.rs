@@ -1,33 +1,45 @@
 #![doc = include_str!("../README.md")]
 //!
-//! # Modules
+//! # Modules, as the data flows
 //!
-//! - [`certs`]: workload certificates from the CA, renewed in the background.
-//! - [`dns`]: the state as `dns-proxy`'s mesh view.
-//! - [`hbone`]: HBONE: wire constants, request headers, the client pool and
-//!   the stream copy.
-//! - [`metrics`]: connection metrics with Istio's names.
-//! - [`proxy`]: the proxy instance: listeners, routing, policy, lifecycle.
-//! - [`tls`]: TLS configurations from workload certificates.
-//! - [`state`]: workloads, services and policies as the data plane knows them.
-//! - [`xds`]: the delta ADS client that keeps the state up to date.
+//! - [`xds`]: the delta ADS client that keeps the [`state`] up to date
+//!   (workloads, services and policies as the data plane knows them); [`dns`]:
+//!   the state as `dns-proxy`'s mesh view.
+//! - [`certs`]: workload certificates from a [`CertificateSource`] (the CA,
+//!   or any other), renewed in the background; [`tls`]: TLS configurations
+//!   from them.
+//! - [`proxy`]: the proxy instance: its listeners (outbound, inbound
+//!   plaintext, SOCKS5, admin), routing and policy, lifecycle.
+//! - [`hbone`]: HBONE, client and server side by side: the client's
+//!   connections and their pool, the server, the request headers, the wire
+//!   constants.
+//! - [`net`]: below both: sockets and the byte copies.
+//! - [`telemetry`]: one record per connection, handed when it ends to the
+//!   access log and the metrics (Istio's names).
 
 pub mod certs;
 pub mod dns;
 pub mod hbone;
-pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod xds;
 
 #[cfg(test)]
 mod test_support;
 
-pub use certs::{CertError, CertLease, CertManager, CertManagerBuilder};
+pub use certs::{
+    CertError, CertLease, CertManager, CertManagerBuilder, CertificateRequest, CertificateSource,
+    StaticCertificates,
+};
 pub use dns::StateDns;
-pub use proxy::{IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelHandle};
+pub use proxy::{
+    ConnectionError, IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelHandle,
+};
 pub use state::{ProxyState, Rejected, SharedState};
+pub use telemetry::ConnectionRecord;
 pub use xds::{SyncState, XdsClient, XdsClientBuilder, XdsClientHandle, XdsNotReady};
 
 // What an embedder needs from the crates in the API, at matching versions.

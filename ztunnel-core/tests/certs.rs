@@ -1,16 +1,21 @@
 //! The certificate manager against podless's CA (`mesh-ca`), as a node agent
-//! fetching its workloads' certificates by impersonation.
+//! fetching its workloads' certificates by impersonation; and against other
+//! certificate sources, in memory.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::Identity;
+use mesh_ca::RenewalConfig;
 use mesh_net::Drained;
-use ztunnel_core::{CertError, CertManager};
+use ztunnel_core::certs::{BuildError, Fetch};
+use ztunnel_core::{
+    CertError, CertManager, CertificateRequest, CertificateSource, StaticCertificates,
+};
 
 mod support;
 
-use support::mesh::{ca, identity};
+use support::mesh::{ca, identity, in_memory_ca, sign};
 
 /// The CA serves certificates for these identities to the node agent.
 const SERVED: [&str; 2] = [
@@ -167,4 +172,79 @@ async fn a_stopped_manager_renews_and_fetches_nothing() {
     certs.shutdown();
     certs.shutdown();
     assert!(certs.identities().is_empty(), "idempotent");
+}
+
+#[tokio::test]
+async fn certificates_held_in_memory_are_served_with_no_ca_server() {
+    let mesh = in_memory_ca(&SERVED);
+    let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
+    let lease = mesh.certs.lease(&echo).expect("lease");
+    let cert = lease.certificate(WAIT).await.expect("held in memory");
+    assert_eq!(cert.identity, echo);
+    assert_eq!(cert.roots, *mesh.authority.roots());
+    // One not held never arrives: the renewal keeps trying, as with a CA
+    // that refuses.
+    let db = identity("spiffe://cluster.local/ns/default/sa/db");
+    let err = mesh
+        .certs
+        .certificate(&db, Duration::from_millis(300))
+        .await
+        .expect_err("not held");
+    assert!(
+        matches!(err, CertError::Unavailable { ref identity, .. } if *identity == db),
+        "{err}"
+    );
+}
+
+/// A source that records what it is asked, then asks `inner`.
+#[derive(Debug)]
+struct Recording {
+    inner: StaticCertificates,
+    asked: std::sync::Mutex<Vec<CertificateRequest>>,
+}
+
+impl CertificateSource for Recording {
+    fn fetch<'a>(&'a self, request: &'a CertificateRequest) -> Fetch<'a> {
+        self.asked
+            .lock()
+            .expect("not poisoned")
+            .push(request.clone());
+        self.inner.fetch(request)
+    }
+}
+
+#[tokio::test]
+async fn any_source_plugs_in_and_is_asked_as_the_manager_is_configured() {
+    let authority = in_memory_ca(&[]).authority.clone();
+    let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
+    let source = Arc::new(Recording {
+        inner: StaticCertificates::new().with(sign(&authority, &echo)),
+        asked: std::sync::Mutex::new(Vec::new()),
+    });
+    let ttl = Duration::from_secs(3600);
+    let certs = CertManager::builder()
+        .source(source.clone())
+        .impersonate(true)
+        .renewal(RenewalConfig {
+            ttl: Some(ttl),
+            ..RenewalConfig::default()
+        })
+        .build()
+        .expect("built");
+    let (a, b) = tokio::join!(
+        certs.certificate(&echo, WAIT),
+        certs.certificate(&echo, WAIT)
+    );
+    assert!(Arc::ptr_eq(&a.expect("first"), &b.expect("second")));
+    let asked = source.asked.lock().expect("not poisoned").clone();
+    assert_eq!(asked.len(), 1, "one fetch, shared: {asked:?}");
+    assert_eq!(asked[0].identity, echo);
+    assert!(asked[0].impersonate);
+    assert_eq!(asked[0].ttl, Some(ttl));
+    certs.shutdown();
+
+    assert!(matches!(
+        CertManager::builder().build(),
+        Err(BuildError::NoSource)
+    ));
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dns_proxy::{MeshDns, Resolution, resolve};
 use hickory_proto::rr::RecordType;
 use tokio::net::TcpListener;
-use xds_server::{ClientAuth, Kind, MeshConfig, ObjectKey, Store, XdsServer, parse_manifest};
+use xds_server::{Authenticators, Kind, MeshConfig, ObjectKey, Store, XdsServer, parse_manifest};
 use ztunnel_core::{StateDns, XdsClient};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -80,7 +80,7 @@ async fn dns_answers_from_the_synced_state() {
     let addr = listener.local_addr().expect("addr");
     let _server = XdsServer::builder()
         .store(store.clone())
-        .client_auth(ClientAuth::anonymous())
+        .authenticators(Authenticators::anonymous())
         .build()
         .expect("server")
         .spawn(listener)

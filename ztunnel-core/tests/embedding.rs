@@ -18,7 +18,7 @@ use mesh_net::Drained;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use xds_server::{
-    ClientAuth, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
+    Authenticators, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
 };
 use ztunnel_core::{CertManager, Listeners, StateDns, XdsClient, Ztunnel, ZtunnelHandle};
 
@@ -197,7 +197,7 @@ async fn the_whole_mesh_embedded_in_one_process() {
         .expect("CA");
     let xds = XdsServer::builder()
         .store(store.clone())
-        .client_auth(ClientAuth::new().with(tokens))
+        .authenticators(Authenticators::new().with(tokens))
         .build()
         .expect("xDS");
     let control_plane = ControlPlane::builder()

@@ -19,8 +19,8 @@ use support::netns::{Process, Topology, example, install_redirect, ztunnel_run_a
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use ztunnel_core::hbone::pool::{HbonePool, PoolKey};
-use ztunnel_core::proxy::socket::PROXY_MARK;
+use ztunnel_core::hbone::{HbonePool, PoolKey};
+use ztunnel_core::net::socket::PROXY_MARK;
 use ztunnel_core::tls::WorkloadTls;
 
 const WAIT: Duration = Duration::from_secs(30);

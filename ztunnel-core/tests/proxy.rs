@@ -1,9 +1,10 @@
 //! Proxy instances on loopback, in one process: a client workload's instance
 //! (reached over SOCKS5, since nothing redirects here) carries connections over
 //! HBONE to a server workload's instance, which admits them by policy and
-//! hands them to the application. Certificates come from a real `mesh-ca`
-//! over TLS. Workload IPs are loopback addresses (127.0.0.x) so each instance
-//! binds its own.
+//! hands them to the application. Certificates are signed in memory (a
+//! `StaticCertificates` source, no CA server), except in the test that runs
+//! the same traffic with a real `mesh-ca` over TLS. Workload IPs are loopback
+//! addresses (127.0.0.x) so each instance binds its own.
 //!
 //! The same paths run with redirect rules in network namespaces in
 //! `tests/netns.rs`.
@@ -20,17 +21,17 @@ use mesh_api::workload::{
 };
 use mesh_net::{Drained, HandshakeLimits};
 use prometheus_client::registry::Registry;
-use test_support::{Ended, connect_from, ended, still_open};
+use test_support::{Captured, Ended, connect_from, ended, still_open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use ztunnel_core::hbone::pool::{HboneError, HbonePool, PoolKey};
+use ztunnel_core::hbone::{HboneError, HbonePool, PoolKey};
 use ztunnel_core::tls::WorkloadTls;
 use ztunnel_core::{CertManager, Listeners, SharedState, Ztunnel, ZtunnelHandle};
 
 mod support;
 
-use support::mesh::{Ca, ca, echo_app, identity, round_trip};
+use support::mesh::{Ca, ca, echo_app, identity, in_memory_ca, round_trip};
 
 const WAIT: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
@@ -231,18 +232,32 @@ async fn hbone_listeners() -> [TcpListener; 3] {
     panic!("no port free on all three workload addresses");
 }
 
-async fn mesh() -> Mesh {
-    mesh_with(HandshakeLimits::default()).await
+/// Where the mesh's certificates come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Certificates {
+    /// Signed in memory: no CA server.
+    InMemory,
+    /// A `mesh-ca` served over TLS on loopback.
+    CaServer,
 }
 
-async fn mesh_with(limits: HandshakeLimits) -> Mesh {
+/// The identities of the mesh's three workloads.
+const IDENTITIES: [&str; 3] = [
+    "spiffe://cluster.local/ns/default/sa/echo",
+    "spiffe://cluster.local/ns/default/sa/shell",
+    "spiffe://cluster.local/ns/other/sa/shell",
+];
+
+async fn mesh() -> Mesh {
+    mesh_with(HandshakeLimits::default(), Certificates::InMemory).await
+}
+
+async fn mesh_with(limits: HandshakeLimits, certificates: Certificates) -> Mesh {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let ca = ca(&[
-        "spiffe://cluster.local/ns/default/sa/echo",
-        "spiffe://cluster.local/ns/default/sa/shell",
-        "spiffe://cluster.local/ns/other/sa/shell",
-    ])
-    .await;
+    let ca = match certificates {
+        Certificates::InMemory => in_memory_ca(&IDENTITIES),
+        Certificates::CaServer => ca(&IDENTITIES).await,
+    };
     let state = SharedState::default();
     let app = echo_app("127.0.0.2").await;
     put(&state, echo_workload(app.port(), &[]));
@@ -296,7 +311,9 @@ async fn mesh_with(limits: HandshakeLimits) -> Mesh {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_to_a_pod_ip_and_a_vip_arrives_intact_with_half_close() {
-    let mesh = mesh().await;
+    // Certificates from a CA over TLS here, as in a cluster; the other tests
+    // sign theirs in memory.
+    let mesh = mesh_with(HandshakeLimits::default(), Certificates::CaServer).await;
     let to_pod = socks5(&mesh.shell, mesh.app).await.expect("connect");
     assert!(
         round_trip(to_pod, 4 << 20).await.expect("round trip"),
@@ -474,7 +491,7 @@ async fn the_hbone_server_answers_bad_requests_and_refuses_foreign_certificates(
     ));
 
     // A certificate from another root is refused in the handshake.
-    let foreign = ca(&["spiffe://cluster.local/ns/default/sa/shell"]).await;
+    let foreign = in_memory_ca(&["spiffe://cluster.local/ns/default/sa/shell"]);
     assert_ne!(foreign.authority.roots(), mesh.ca.authority.roots());
     let foreign_cert = foreign
         .certs
@@ -1091,7 +1108,7 @@ async fn idle_hbone_connections_make_room_for_newer_ones() {
     let limits = HandshakeLimits::default()
         .with_timeout(Duration::from_secs(120))
         .with_max_in_progress_per_ip(4);
-    let mesh = mesh_with(limits).await;
+    let mesh = mesh_with(limits, Certificates::InMemory).await;
     let shutdown = CancellationToken::new();
     let ShellClient { pool, tls, key, .. } = shell_client(&mesh, &shutdown).await;
     let hbone = SocketAddr::new(mesh.app.ip(), mesh.hbone_port);
@@ -1126,7 +1143,7 @@ async fn idle_hbone_connections_make_room_for_newer_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_hbone_handshakes_are_closed_at_their_deadline() {
     let limits = HandshakeLimits::default().with_timeout(Duration::from_secs(1));
-    let mesh = mesh_with(limits).await;
+    let mesh = mesh_with(limits, Certificates::InMemory).await;
     let shutdown = CancellationToken::new();
     let ShellClient { tls, .. } = shell_client(&mesh, &shutdown).await;
     let hbone = SocketAddr::new(mesh.app.ip(), mesh.hbone_port);
@@ -1161,4 +1178,72 @@ async fn stalled_hbone_handshakes_are_closed_at_their_deadline() {
         .expect("TLS handshake");
     let (tcp, _) = tls_stream.into_inner();
     assert_eq!(ended(Ok(tcp), WAIT).await, Ended::Closed, "no preface");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_connection_is_logged_once_with_its_record_and_why_it_failed() {
+    // One thread: the instances' tasks log through this test's subscriber.
+    let (captured, _guard) = Captured::install();
+    let mesh = mesh().await;
+    let allowed = socks5(&mesh.shell, mesh.app).await.expect("connect");
+    assert!(round_trip(allowed, 100).await.expect("round trip"));
+    allow_only(
+        &mesh.state,
+        mesh.app.port(),
+        "cluster.local/ns/default/sa/shell",
+    );
+    let (reply, _) = socks5_reply(&mesh.other, mesh.app).await.expect("socks5");
+    assert_eq!(reply, 1, "denied: general failure");
+
+    let complete = |direction: &str, needle: &str| {
+        let text = captured.text();
+        text.lines()
+            .filter(|line| {
+                line.contains("connection complete")
+                    && line.contains(&format!("direction=\"{direction}\""))
+                    && line.contains(needle)
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let app = mesh.app.to_string();
+    let denied = format!("error=denied by policy (NoAllowPolicyMatched) to {app}");
+    while complete("inbound", "bytes_request=100").is_empty()
+        || complete("inbound", &denied).is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both inbound connections logged:\n{}",
+            captured.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The admitted one: its record, no error.
+    let admitted = complete("inbound", "bytes_request=100");
+    assert_eq!(admitted.len(), 1, "{admitted:?}");
+    for field in [
+        "src.identity=\"spiffe://cluster.local/ns/default/sa/shell\"",
+        "dst.workload=default/echo",
+        "bytes_response=100",
+    ] {
+        assert!(admitted[0].contains(field), "{field} in {}", admitted[0]);
+    }
+    assert!(!admitted[0].contains("error="), "{}", admitted[0]);
+    // The denied one, at both ends: policy's reason at the server, the
+    // server's answer at the client.
+    let refused = complete("inbound", &denied);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains("src.identity=\"spiffe://cluster.local/ns/other/sa/shell\""),
+        "{}",
+        refused[0]
+    );
+    let answered = complete("outbound", "401 Unauthorized");
+    assert_eq!(answered.len(), 1, "{}", captured.text());
+    assert!(
+        answered[0].contains(&format!("error=HBONE to {app}: HBONE server")),
+        "{}",
+        answered[0]
+    );
 }

@@ -11,7 +11,7 @@ use mesh_ca::{Authenticated, StaticTokens};
 use mesh_net::Drained;
 use tokio::net::TcpListener;
 use xds_server::{
-    ClientAuth, Kind, MeshConfig, ObjectKey, Store, XdsHandle, XdsServer, parse_manifest,
+    Authenticators, Kind, MeshConfig, ObjectKey, Store, XdsHandle, XdsServer, parse_manifest,
 };
 use ztunnel_core::SharedState;
 use ztunnel_core::{XdsClient, XdsNotReady};
@@ -54,13 +54,13 @@ fn apply(store: &Store, yaml: &str) {
 }
 
 async fn serve(store: &Store, listener: TcpListener) -> XdsHandle {
-    serve_with(store, listener, ClientAuth::anonymous())
+    serve_with(store, listener, Authenticators::anonymous())
 }
 
-fn serve_with(store: &Store, listener: TcpListener, auth: ClientAuth) -> XdsHandle {
+fn serve_with(store: &Store, listener: TcpListener, auth: Authenticators) -> XdsHandle {
     XdsServer::builder()
         .store(store.clone())
-        .client_auth(auth)
+        .authenticators(auth)
         .build()
         .expect("server")
         .spawn(listener)
@@ -189,10 +189,10 @@ async fn the_state_follows_the_control_plane_and_outlives_it() {
 }
 
 /// A control plane that knows one bearer token, `agent-token`.
-fn token_auth() -> ClientAuth {
+fn token_auth() -> Authenticators {
     let agent =
         Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
-    ClientAuth::new().with(StaticTokens::new().caller(
+    Authenticators::new().with(StaticTokens::new().caller(
         "agent-token",
         Authenticated {
             identity: agent,

@@ -65,7 +65,7 @@ use mesh_ca::{CaClient, RenewalConfig};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use ztunnel_core::hbone::HBONE_PORT;
-use ztunnel_core::proxy::socket::listen_with_nodelay;
+use ztunnel_core::net::socket::listen_with_nodelay;
 use ztunnel_core::proxy::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use ztunnel_core::{CertManager, Listeners, XdsClient, Ztunnel};
 
@@ -184,7 +184,7 @@ async fn run(args: Args) -> Result<(), String> {
         .token(args.token.clone())
         // The control plane's connections must not be captured by the
         // redirect rules around this proxy.
-        .socket_mark(ztunnel_core::proxy::socket::PROXY_MARK)
+        .socket_mark(ztunnel_core::net::socket::PROXY_MARK)
         .build()
         .map_err(|err| err.to_string())?;
     let xds = XdsClient::builder()

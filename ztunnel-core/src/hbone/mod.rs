@@ -1,14 +1,26 @@
 //! HBONE: workload traffic as HTTP/2 CONNECT streams inside mutual TLS to port
-//! 15008 (WIRE.md §4): the wire constants, the request headers (`:authority`,
-//! `forwarded`, `baggage`), the client's connection pool, and the copy between
-//! a TCP connection and a stream. The server side is the proxy's inbound
-//! listener.
+//! 15008 (WIRE.md §4). Both sides, side by side:
+//!
+//! - [`client`]: one connection to a peer's HBONE port and the CONNECT streams
+//!   opened on it; [`pool`]: those connections shared by key, one opened at
+//!   a time per key;
+//! - [`server`]: accepting HBONE connections and their CONNECT streams;
+//! - [`headers`]: the request headers (`:authority`, `forwarded`, `baggage`);
+//! - here: the wire constants both sides use.
+//!
+//! The copy between a TCP connection and a stream, and the sockets, are in
+//! [`crate::net`]; who may connect to what is [`crate::proxy`]'s.
 
-pub mod copy;
+pub mod client;
 pub mod headers;
 pub mod pool;
+pub mod server;
 
 use std::time::Duration;
+
+pub use client::{HboneError, HboneStream, PendingStream};
+pub use pool::{HbonePool, PoolKey};
+pub use server::{ConnectRequest, HboneServer, RequestError};
 
 /// The HBONE port.
 pub const HBONE_PORT: u16 = 15008;

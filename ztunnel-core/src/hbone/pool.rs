@@ -1,9 +1,8 @@
-//! The HBONE client: HTTP/2 connections pooled by (source identity,
-//! destination identity, destination address) as WIRE.md §4 keys them, at most
-//! [`MAX_STREAMS_PER_CONNECTION`] streams each (then another connection), each
-//! connection pinged every [`PING_INTERVAL`] and closed after
-//! [`POOL_IDLE_TIMEOUT`] without streams. A new connection is used only if the
-//! server proves one of the identities expected of it.
+//! The HBONE client's pool: [`client`](super::client) connections shared
+//! by (source identity, destination identity, destination address) as
+//! WIRE.md §4 keys them, at most [`MAX_STREAMS_PER_CONNECTION`] streams each
+//! (then another connection), each connection pinged every
+//! [`PING_INTERVAL`] and closed after [`POOL_IDLE_TIMEOUT`] without streams.
 //!
 //! One connection is opened at a time per key: requests that find no free
 //! connection wait for the one being opened and then share it (a burst of
@@ -12,90 +11,20 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
-use h2::{RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http::HeaderValue;
 use mesh_api::Identity;
-use rustls_pki_types::ServerName;
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, PING_INTERVAL,
-    POOL_IDLE_TIMEOUT, STREAM_WINDOW,
+#[cfg(doc)]
+use super::MAX_STREAMS_PER_CONNECTION;
+use super::client::{
+    Connection, Dial, HboneError, HboneStream, KeepAlive, PendingStream, StreamSlot,
 };
-use crate::proxy::socket;
-use crate::tls::{TlsError, WorkloadTls, check_server_identity};
-
-/// Why an HBONE stream could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HboneError {
-    /// TCP connect failed.
-    #[error("connect to {address}: {source}")]
-    Connect {
-        /// The HBONE address.
-        address: SocketAddr,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The TLS handshake failed.
-    #[error("TLS with {address}: {source}")]
-    Handshake {
-        /// The HBONE address.
-        address: SocketAddr,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The server is not who it should be.
-    #[error("HBONE server {address}: {source}")]
-    Peer {
-        /// The HBONE address.
-        address: SocketAddr,
-        /// What was wrong.
-        source: TlsError,
-    },
-    /// HTTP/2 failed.
-    #[error("HTTP/2 with {address}: {source}")]
-    Http2 {
-        /// The HBONE address.
-        address: SocketAddr,
-        /// The error.
-        source: h2::Error,
-    },
-    /// The server refused the CONNECT.
-    #[error("HBONE server {address} answered {status} for {authority}")]
-    Refused {
-        /// The HBONE address.
-        address: SocketAddr,
-        /// The target asked for.
-        authority: String,
-        /// Its answer (401 denied, 503 unreachable, 400 bad request).
-        status: StatusCode,
-    },
-    /// The connection this request waited for (opened for another request
-    /// to the same destination) could not be opened.
-    #[error("HBONE connection to {address} failed: {reason}")]
-    Opening {
-        /// The HBONE address.
-        address: SocketAddr,
-        /// Why the other request's open failed.
-        reason: String,
-    },
-    /// The request could not be built.
-    #[error("bad CONNECT request for {authority}: {problem}")]
-    Request {
-        /// The target.
-        authority: String,
-        /// What was wrong.
-        problem: String,
-    },
-}
+use super::{PING_INTERVAL, POOL_IDLE_TIMEOUT};
+use crate::tls::WorkloadTls;
 
 /// What a pooled connection is shared by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -110,88 +39,6 @@ pub struct PoolKey {
     pub source_ip: Option<IpAddr>,
 }
 
-/// An open CONNECT stream: send with `send`, receive with `recv`. Counts
-/// against its connection's stream limit until dropped.
-#[derive(Debug)]
-pub struct HboneStream {
-    /// Towards the server.
-    pub send: SendStream<Bytes>,
-    /// From the server.
-    pub recv: RecvStream,
-    _slot: StreamSlot,
-}
-
-/// A CONNECT request sent, its answer not yet read.
-#[derive(Debug)]
-pub struct PendingStream {
-    send: SendStream<Bytes>,
-    response: ResponseFuture,
-    address: SocketAddr,
-    authority: String,
-    slot: StreamSlot,
-}
-
-impl PendingStream {
-    /// Sends `data` ahead of the answer. HTTP/2 keeps it apart from the
-    /// answer, so nothing is lost or mixed up: a server that refuses the
-    /// stream discards it, one that accepts it hands it to the target first.
-    pub fn send_early(&mut self, data: Bytes) -> Result<(), HboneError> {
-        self.send
-            .send_data(data, false)
-            .map_err(http2_error(self.address))
-    }
-
-    /// Waits for the answer: the stream, if the server answered 200.
-    pub async fn established(self) -> Result<HboneStream, HboneError> {
-        self.established_with_headers()
-            .await
-            .map(|(stream, _headers)| stream)
-    }
-
-    /// [`PendingStream::established`], with the answer's headers (the
-    /// server's `baggage`, for one: who the workload behind it is).
-    pub async fn established_with_headers(self) -> Result<(HboneStream, HeaderMap), HboneError> {
-        let response = self.response.await.map_err(http2_error(self.address))?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Refused {
-                address: self.address,
-                authority: self.authority,
-                status: response.status(),
-            });
-        }
-        let (answer, recv) = response.into_parts();
-        let stream = HboneStream {
-            send: self.send,
-            recv,
-            _slot: self.slot,
-        };
-        Ok((stream, answer.headers))
-    }
-}
-
-/// An HTTP/2 failure with the HBONE server at `address`.
-fn http2_error(address: SocketAddr) -> impl FnOnce(h2::Error) -> HboneError {
-    move |source| HboneError::Http2 { address, source }
-}
-
-/// One pooled connection.
-#[derive(Debug)]
-struct Pooled {
-    send: SendRequest<Bytes>,
-    streams: Arc<AtomicUsize>,
-    closed: CancellationToken,
-}
-
-/// Holds one of a connection's stream slots.
-#[derive(Debug)]
-struct StreamSlot(Arc<AtomicUsize>);
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// The pool. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct HbonePool {
@@ -200,7 +47,7 @@ pub struct HbonePool {
 
 #[derive(Debug)]
 struct Inner {
-    connections: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>,
     /// Per key with requests waiting for a connection: whose turn it is to
     /// open one, and why the last open failed.
     opening: Mutex<HashMap<PoolKey, Arc<Gate>>>,
@@ -254,15 +101,8 @@ impl Drop for GateTurn<'_> {
     }
 }
 
-/// When pooled connections are pinged and when idle ones close.
-#[derive(Clone, Copy, Debug)]
-struct KeepAlive {
-    ping_interval: Duration,
-    idle_timeout: Duration,
-}
-
 impl HbonePool {
-    /// A pool whose sockets carry `mark` (see [`socket::PROXY_MARK`]); its
+    /// A pool whose sockets carry `mark` (see [`crate::net::socket::PROXY_MARK`]); its
     /// connections close on `shutdown`.
     pub fn new(mark: Option<u32>, shutdown: &CancellationToken) -> Self {
         Self::with_keep_alive(mark, shutdown, PING_INTERVAL, POOL_IDLE_TIMEOUT)
@@ -295,11 +135,11 @@ impl HbonePool {
         self.lock()
             .values()
             .flatten()
-            .filter(|c| !c.closed.is_cancelled())
+            .filter(|c| !c.is_closed())
             .count()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Pooled>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Connection>>>> {
         self.inner
             .connections
             .lock()
@@ -332,60 +172,29 @@ impl HbonePool {
         authority: SocketAddr,
         headers: &[(&'static str, HeaderValue)],
     ) -> Result<PendingStream, HboneError> {
-        let (pooled, slot) = match self.reuse(key) {
+        let (connection, slot) = match self.reuse(key) {
             Some(found) => found,
             // Boxed: the handshakes' state is large and needed only here, so
             // each connection's task stays small while it carries bytes.
             None => Box::pin(self.open_once(tls, key)).await?,
         };
-        let authority = authority.to_string();
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.as_str());
-        for (name, value) in headers {
-            request = request.header(*name, value.clone());
-        }
-        let request = request.body(()).map_err(|err| HboneError::Request {
-            authority: authority.clone(),
-            problem: err.to_string(),
-        })?;
-        let address = key.address;
-        let mut sender = pooled
-            .send
-            .clone()
-            .ready()
-            .await
-            .map_err(http2_error(address))?;
-        let (response, send) = sender
-            .send_request(request, false)
-            .map_err(http2_error(address))?;
-        Ok(PendingStream {
-            send,
-            response,
-            address,
-            authority,
-            slot,
-        })
+        connection.request(slot, authority, headers).await
     }
 
     /// A pooled connection of `key` with a free stream slot.
-    fn reuse(&self, key: &PoolKey) -> Option<(Arc<Pooled>, StreamSlot)> {
+    fn reuse(&self, key: &PoolKey) -> Option<(Arc<Connection>, StreamSlot)> {
         let mut connections = self.lock();
         let list = connections.get_mut(key)?;
-        list.retain(|c| !c.closed.is_cancelled());
+        list.retain(|c| !c.is_closed());
         if list.is_empty() {
             // No entry left behind for a destination no longer in use.
             connections.remove(key);
             return None;
         }
-        list.iter().find_map(|pooled| {
-            let taken = pooled
-                .streams
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < MAX_STREAMS_PER_CONNECTION).then_some(n + 1)
-                })
-                .is_ok();
-            taken.then(|| (pooled.clone(), StreamSlot(pooled.streams.clone())))
+        list.iter().find_map(|connection| {
+            connection
+                .take_slot()
+                .map(|slot| (connection.clone(), slot))
         })
     }
 
@@ -395,7 +204,7 @@ impl HbonePool {
         &self,
         tls: &WorkloadTls,
         key: &PoolKey,
-    ) -> Result<(Arc<Pooled>, StreamSlot), HboneError> {
+    ) -> Result<(Arc<Connection>, StreamSlot), HboneError> {
         let gate = self
             .inner
             .opening
@@ -443,78 +252,19 @@ impl HbonePool {
         &self,
         tls: &WorkloadTls,
         key: &PoolKey,
-    ) -> Result<(Arc<Pooled>, StreamSlot), HboneError> {
-        let address = key.address;
-        let tcp = socket::connect_from(address, key.source_ip, self.inner.mark)
-            .await
-            .map_err(|source| HboneError::Connect { address, source })?;
-        let stream = TlsConnector::from(tls.client.clone())
-            .connect(ServerName::IpAddress(address.ip().into()), tcp)
-            .await
-            .map_err(|source| HboneError::Handshake { address, source })?;
-        let peer = tls
-            .peer_identity(stream.get_ref().1)
-            .map_err(|source| HboneError::Peer { address, source })?;
-        check_server_identity(&peer, &key.expected)
-            .map_err(|source| HboneError::Peer { address, source })?;
-        let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(http2_error(address))?;
-        let streams = Arc::new(AtomicUsize::new(1));
-        let closed = self.inner.shutdown.child_token();
-        let pooled = Arc::new(Pooled {
-            send,
-            streams: streams.clone(),
-            closed: closed.clone(),
-        });
-        let ping = connection.ping_pong();
-        let timing = self.inner.keep_alive;
-        tokio::spawn(async move {
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(err) = result {
-                        tracing::debug!(%address, error = %err, "HBONE connection ended");
-                    }
-                }
-                () = keep_alive(ping, streams, timing) => {}
-                () = closed.cancelled() => {}
-            }
-            closed.cancel();
-        });
+    ) -> Result<(Arc<Connection>, StreamSlot), HboneError> {
+        let dial = Dial {
+            address: key.address,
+            source_ip: key.source_ip,
+            expected: &key.expected,
+            mark: self.inner.mark,
+            keep_alive: self.inner.keep_alive,
+        };
+        let (connection, slot) = Connection::open(tls, dial, &self.inner.shutdown).await?;
         self.lock()
             .entry(key.clone())
             .or_default()
-            .push(pooled.clone());
-        let slot = StreamSlot(pooled.streams.clone());
-        Ok((pooled, slot))
-    }
-}
-
-/// Returns when the connection should close: idle too long, or a PING went
-/// unanswered.
-async fn keep_alive(ping: Option<h2::PingPong>, streams: Arc<AtomicUsize>, timing: KeepAlive) {
-    let mut idle_for = Duration::ZERO;
-    let mut ping = ping;
-    loop {
-        tokio::time::sleep(timing.ping_interval).await;
-        if streams.load(Ordering::Acquire) == 0 {
-            idle_for += timing.ping_interval;
-            if idle_for >= timing.idle_timeout {
-                return;
-            }
-        } else {
-            idle_for = Duration::ZERO;
-        }
-        if let Some(pinger) = ping.as_mut() {
-            let pong =
-                tokio::time::timeout(timing.ping_interval, pinger.ping(h2::Ping::opaque())).await;
-            if !matches!(pong, Ok(Ok(_))) {
-                return;
-            }
-        }
+            .push(connection.clone());
+        Ok((connection, slot))
     }
 }

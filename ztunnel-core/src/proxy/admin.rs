@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
+use super::context::Context;
 use super::route::workload_identity;
 
 /// The admin endpoints of one instance. Cheap to clone.

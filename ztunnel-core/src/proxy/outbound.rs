@@ -1,7 +1,9 @@
-//! Outbound (15001): the served workload's connections, redirected here. The
-//! original destination is routed ([`super::route`]): to a mesh workload over
-//! HBONE (or plain TCP if it takes no HBONE), else plain TCP as it was going.
-//! A destination that cannot be routed, refused or reached resets the client.
+//! The outbound listener (15001): the served workload's connections,
+//! redirected here, and the SOCKS5 listener's (their destination named by the
+//! client, [`super::socks5`]). The destination is routed ([`super::route`]):
+//! to a mesh workload over HBONE (or plain TCP if it takes no HBONE), else
+//! plain TCP as it was going. A destination that cannot be routed, refused or
+//! reached resets a redirected client; a SOCKS5 client gets a failure code.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
@@ -14,26 +16,26 @@ use mesh_api::workload::Workload;
 use mesh_net::{Acceptor, Handshake};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::log::{AccessLog, Direction};
-use super::plain::copy_plain;
+use super::accept::{Carried, Established, accept_handshakes, accept_loop, run_connection};
+use super::context::Context;
+use super::error::ConnectionError;
 use super::route::{Route, Upstream, first_ip, route};
-use super::{
-    Carried, Context, Established, accept_handshakes, accept_loop, inbound, run_connection, socket,
-    socks5,
-};
-use crate::hbone::copy::{Progress, copy_bidirectional, ready_bytes};
+use super::socks5;
 use crate::hbone::headers::forwarded_for;
-use crate::hbone::pool::{HboneStream, PoolKey};
+use crate::hbone::{HboneError, HboneStream, PoolKey};
+use crate::net::copy::{Progress, copy_bidirectional, ready_bytes};
+use crate::net::plain::copy_plain;
+use crate::net::socket;
+use crate::telemetry::{ByteCounts, ConnectionRecord, Direction, Recorder};
 
 /// How long a connection to an unknown destination waits for an on-demand
 /// lookup before leaving the mesh as plain TCP.
 const DEMAND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Accepts outbound connections until `stop`.
-pub(super) async fn serve_outbound(ctx: Arc<Context>, acceptor: Acceptor, stop: CancellationToken) {
+pub(super) async fn serve(ctx: Arc<Context>, acceptor: Acceptor, stop: CancellationToken) {
     let random = Arc::new(Random::default());
     accept_loop(ctx, acceptor, stop, move |ctx, tcp, source| {
         run_connection(Box::pin(establish_outbound(
@@ -67,16 +69,15 @@ async fn establish_outbound(
     source: SocketAddr,
     random: Arc<Random>,
 ) -> Option<Outbound> {
-    let started = Instant::now();
-    let log = AccessLog::new(Direction::Outbound, source, None);
+    let recorder = Recorder::new(ConnectionRecord::new(Direction::Outbound, source, None));
     match socket::original_destination(&tcp, source) {
-        Ok(destination) => forward(&ctx, tcp, source, destination, &random, log, started)
+        Ok(destination) => forward(&ctx, tcp, source, destination, &random, recorder)
             .await
             .map_err(NotForwarded::reset)
             .ok(),
         Err(err) => {
             socket::reset(tcp);
-            log.failed(started, &format!("no destination: {err}"));
+            recorder.failed(&ConnectionError::NoDestination(err));
             None
         }
     }
@@ -105,33 +106,37 @@ async fn establish_socks5(
     handshake: Handshake,
     random: Arc<Random>,
 ) -> Option<Outbound> {
-    let started = Instant::now();
-    let log = AccessLog::new(Direction::Outbound, source, None);
+    let recorder = Recorder::new(ConnectionRecord::new(Direction::Outbound, source, None));
     let target = match handshake.within(socks5::handshake(&mut tcp)).await {
         Ok(Ok(target)) => target,
         Ok(Err(err)) => {
-            log.failed(started, &format!("SOCKS5: {err}"));
+            recorder.failed(&ConnectionError::Socks5(err));
             return None;
         }
         Err(ended) => {
-            log.failed(started, &format!("SOCKS5 greeting: {ended}"));
+            recorder.failed(&ConnectionError::Socks5Greeting(ended));
             return None;
         }
     };
     drop(handshake);
     let destination = match target {
-        socks5::Target::Address(address) => Some(address),
-        socks5::Target::Domain(name, port) => resolve(&ctx, &name, port).await,
+        socks5::Target::Address(address) => Ok(address),
+        socks5::Target::Domain(name, port) => resolve(&ctx, &name, port)
+            .await
+            .ok_or(ConnectionError::Unresolved { name, port }),
     };
-    let Some(destination) = destination else {
-        let _ = tcp
-            .write_all(&socks5::reply(socks5::Reply::HostUnreachable))
-            .await;
-        log.failed(started, "SOCKS5: the name does not resolve");
-        return None;
+    let destination = match destination {
+        Ok(destination) => destination,
+        Err(unresolved) => {
+            let _ = tcp
+                .write_all(&socks5::reply(socks5::Reply::HostUnreachable))
+                .await;
+            recorder.failed(&unresolved);
+            return None;
+        }
     };
     // Success is answered once the tunnel is up, a failure code otherwise.
-    let mut outbound = match forward(&ctx, tcp, source, destination, &random, log, started).await {
+    let mut outbound = match forward(&ctx, tcp, source, destination, &random, recorder).await {
         Ok(outbound) => outbound,
         Err(not_forwarded) => {
             not_forwarded.refuse_socks5().await;
@@ -142,10 +147,13 @@ async fn establish_socks5(
         .tcp
         .write_all(&socks5::reply(socks5::Reply::Succeeded))
         .await;
-    if replied.is_err() {
+    if let Err(err) = replied {
         let carried = Carried {
-            bytes: (0, 0),
-            error: Some("SOCKS5: the client went away".to_owned()),
+            bytes: ByteCounts::default(),
+            error: Some(ConnectionError::Client {
+                destination,
+                source: err,
+            }),
         };
         outbound.finish(&carried);
         return None;
@@ -156,26 +164,24 @@ async fn establish_socks5(
 /// A connection that could not be forwarded, and why.
 struct NotForwarded {
     tcp: TcpStream,
-    log: AccessLog,
-    started: Instant,
-    reason: String,
+    recorder: Recorder,
+    error: ConnectionError,
 }
 
 impl NotForwarded {
-    /// Resets the client (a redirected connection) and logs why.
+    /// Resets the client (a redirected connection) and records why.
     fn reset(self) {
         socket::reset(self.tcp);
-        self.log.failed(self.started, &self.reason);
+        self.recorder.failed(&self.error);
     }
 
-    /// Answers a SOCKS5 client with a failure code and logs why.
+    /// Answers a SOCKS5 client with a failure code and records why.
     async fn refuse_socks5(mut self) {
         let _ = self
             .tcp
             .write_all(&socks5::reply(socks5::Reply::GeneralFailure))
             .await;
-        self.log
-            .failed(self.started, &format!("SOCKS5: {}", self.reason));
+        self.recorder.failed(&self.error);
     }
 }
 
@@ -200,29 +206,28 @@ async fn resolve(ctx: &Context, name: &str, port: u16) -> Option<SocketAddr> {
 
 /// Routes a connection to `destination` and connects it there: what is left
 /// to do is carrying its bytes. If that failed, the connection and why, for
-/// the caller to answer (and log).
+/// the caller to answer (and record).
 async fn forward(
     ctx: &Context,
     mut tcp: TcpStream,
     source: SocketAddr,
     destination: SocketAddr,
     random: &Random,
-    mut log: AccessLog,
-    started: Instant,
+    mut recorder: Recorder,
 ) -> Result<Outbound, NotForwarded> {
-    log.destination = Some(destination);
+    let record = &mut recorder.record;
+    record.destination = Some(destination);
     if ctx.is_own_port(destination.port()) && is_local(ctx, destination.ip()) {
         return Err(NotForwarded {
             tcp,
-            log,
-            started,
-            reason: inbound::self_call(destination),
+            recorder,
+            error: ConnectionError::SelfCall(destination),
         });
     }
-    let route_now = |log: &mut AccessLog| {
+    let route_now = |record: &mut ConnectionRecord| {
         let state = ctx.state.read();
         let served = state.workload(&ctx.served_uid).cloned();
-        log.source_workload.clone_from(&served);
+        record.source_workload.clone_from(&served);
         route(
             &state,
             served.as_deref(),
@@ -231,24 +236,27 @@ async fn forward(
             &mut |bound| random.below(bound),
         )
     };
-    let mut routed = route_now(&mut log);
+    let mut routed = route_now(record);
     if let (Ok(Route::Passthrough(_)), Some(demander)) = (&routed, &ctx.demander) {
         // Unknown here: ask the control plane, then route again.
         let name = format!("{}/{}", ctx.network, destination.ip());
         if demander.demand(&name, DEMAND_WAIT).await {
-            routed = route_now(&mut log);
+            routed = route_now(record);
         }
     }
     let link = match routed {
-        Err(err) => Err(err.to_string()),
+        Err(source) => Err(ConnectionError::Route {
+            destination,
+            source,
+        }),
         Ok(Route::Passthrough(address)) => plain(address, ctx.mark).await,
         Ok(Route::Mesh(upstream)) => {
-            log.destination = Some(upstream.address);
-            log.destination_workload = Some(upstream.workload.clone());
-            log.destination_identity.clone_from(&upstream.identity);
-            log.service.clone_from(&upstream.service);
+            record.destination = Some(upstream.address);
+            record.destination_workload = Some(upstream.workload.clone());
+            record.destination_identity.clone_from(&upstream.identity);
+            record.service.clone_from(&upstream.service);
             if upstream.hbone {
-                let served = log.source_workload.clone();
+                let served = record.source_workload.clone();
                 open_hbone(ctx, &mut tcp, source, &upstream, served.as_ref())
                     .await
                     .map(|(stream, early)| Link::Hbone(stream, early))
@@ -259,19 +267,17 @@ async fn forward(
     };
     match link {
         Ok(link) => {
-            log.opened(ctx.metrics.as_ref());
+            recorder.opened(ctx.metrics.as_ref());
             Ok(Outbound {
                 tcp,
                 link,
-                log,
-                started,
+                recorder,
             })
         }
-        Err(reason) => Err(NotForwarded {
+        Err(error) => Err(NotForwarded {
             tcp,
-            log,
-            started,
-            reason,
+            recorder,
+            error,
         }),
     }
 }
@@ -292,11 +298,14 @@ fn is_local(ctx: &Context, ip: std::net::IpAddr) -> bool {
 }
 
 /// A plain TCP connection to `address`.
-async fn plain(address: SocketAddr, mark: Option<u32>) -> Result<Link, String> {
+async fn plain(address: SocketAddr, mark: Option<u32>) -> Result<Link, ConnectionError> {
     socket::connect(address, mark)
         .await
         .map(Link::Plain)
-        .map_err(|err| format!("connect to {address}: {err}"))
+        .map_err(|source| ConnectionError::Connect {
+            destination: address,
+            source,
+        })
 }
 
 /// Where an established connection's bytes go.
@@ -312,8 +321,7 @@ enum Link {
 struct Outbound {
     tcp: TcpStream,
     link: Link,
-    log: AccessLog,
-    started: Instant,
+    recorder: Recorder,
 }
 
 impl Established for Outbound {
@@ -329,8 +337,11 @@ impl Established for Outbound {
         };
         // The request flows from the client's connection.
         Carried {
-            bytes: (early + progress.read(), progress.written()),
-            error: copied.err().map(|err| err.to_string()),
+            bytes: ByteCounts {
+                request: early + progress.read(),
+                response: progress.written(),
+            },
+            error: copied.err().map(ConnectionError::Transfer),
         }
     }
 
@@ -343,8 +354,7 @@ impl Established for Outbound {
             }
             socket::reset(self.tcp);
         }
-        self.log
-            .finish(self.started, outcome.bytes, outcome.error.as_deref());
+        self.recorder.finish(outcome.bytes, outcome.error.as_ref());
     }
 }
 
@@ -357,12 +367,13 @@ async fn open_hbone(
     source: SocketAddr,
     upstream: &Upstream,
     served: Option<&Arc<Workload>>,
-) -> Result<(HboneStream, u64), String> {
+) -> Result<(HboneStream, u64), ConnectionError> {
+    let destination = upstream.address;
     let Some(identity) = upstream.identity.clone() else {
-        return Err(format!(
-            "workload {} has no valid identity",
-            upstream.workload.uid
-        ));
+        return Err(ConnectionError::NoPeerIdentity {
+            workload: upstream.workload.uid.clone(),
+            destination,
+        });
     };
     // The workload's own identity, or any the service vouches for.
     let mut expected = vec![identity];
@@ -373,25 +384,31 @@ async fn open_hbone(
                 .ok()
         }));
     }
+    let hbone = |source| ConnectionError::Hbone {
+        destination,
+        source,
+    };
+    let no_identity = |source| ConnectionError::Identity {
+        destination,
+        source,
+    };
     let served_workload = served.map(Arc::as_ref);
-    let identity = ctx
-        .identity_of(served_workload)
-        .map_err(|err| err.to_string())?;
-    let tls = ctx
-        .tls_for(&identity)
-        .await
-        .map_err(|err| err.to_string())?;
+    let identity = ctx.identity_of(served_workload).map_err(no_identity)?;
+    let tls = ctx.tls_for(&identity).await.map_err(no_identity)?;
     let key = PoolKey {
         source: tls.identity().clone(),
         expected,
-        address: SocketAddr::new(upstream.address.ip(), ctx.hbone_port),
+        address: SocketAddr::new(destination.ip(), ctx.hbone_port),
         source_ip: served_workload.and_then(first_ip),
     };
+    let forwarded = HeaderValue::try_from(forwarded_for(source)).map_err(|err| {
+        hbone(HboneError::Request {
+            authority: destination.to_string(),
+            problem: err.to_string(),
+        })
+    })?;
     let headers = [
-        (
-            "forwarded",
-            HeaderValue::try_from(forwarded_for(source)).map_err(|err| err.to_string())?,
-        ),
+        ("forwarded", forwarded),
         (
             "baggage",
             served.map_or_else(|| HeaderValue::from_static(""), |w| ctx.baggage.of(w)),
@@ -399,17 +416,20 @@ async fn open_hbone(
     ];
     let mut pending = ctx
         .pool
-        .request(&tls, &key, upstream.address, &headers)
+        .request(&tls, &key, destination, &headers)
         .await
-        .map_err(|err| err.to_string())?;
+        .map_err(hbone)?;
     let mut early = 0;
     if let Some(first) = ready_bytes(tcp)
         .await
-        .map_err(|err| format!("the client failed: {err}"))?
+        .map_err(|source| ConnectionError::Client {
+            destination,
+            source,
+        })?
     {
         early = first.len() as u64;
-        pending.send_early(first).map_err(|err| err.to_string())?;
+        pending.send_early(first).map_err(hbone)?;
     }
-    let stream = pending.established().await.map_err(|err| err.to_string())?;
+    let stream = pending.established().await.map_err(hbone)?;
     Ok((stream, early))
 }

@@ -44,7 +44,7 @@ use mesh_api::ResourceType;
 use mesh_api::discovery::DeltaDiscoveryRequest;
 use mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_api::envoy_core::Node;
-use mesh_net::Drained;
+use mesh_net::{Backoff, Drained};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -423,9 +423,10 @@ impl XdsClient {
     }
 
     /// Runs until `shutdown`: streams, and reconnects with backoff when a stream
-    /// fails or ends.
+    /// fails or ends (with jitter, so that clients cut off together by a
+    /// control plane restart do not come back together).
     async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, self.max_backoff);
         loop {
             self.sync.send_modify(|sync| sync.attempts += 1);
             let outcome = tokio::select! {
@@ -435,7 +436,7 @@ impl XdsClient {
             self.sync.send_modify(|sync| sync.connected = false);
             let Some(outcome) = outcome else { return };
             match outcome {
-                Ok(true) => backoff = INITIAL_BACKOFF,
+                Ok(true) => backoff.reset(),
                 Ok(false) => {}
                 Err(status) => {
                     tracing::warn!(code = ?status.code(), error = status.message(), "xDS stream failed; keeping the last known state");
@@ -445,9 +446,8 @@ impl XdsClient {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(self.max_backoff);
         }
     }
 

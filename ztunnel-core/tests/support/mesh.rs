@@ -1,5 +1,6 @@
-//! Mesh parts the tests share: a CA with a certificate manager, an echo
-//! application, and a checked round trip.
+//! Mesh parts the tests share: a certificate manager, fed by a CA served over
+//! TLS ([`ca`]) or by certificates signed in memory ([`in_memory_ca`]), an
+//! echo application, and a checked round trip.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,25 +8,27 @@ use std::time::Duration;
 
 use mesh_api::Identity;
 use mesh_ca::{
-    Authenticated, Authority, CaClient, CaServer, RenewalConfig, SigningPolicy,
-    StaticNodeAuthorizer, StaticTokens,
+    Authenticated, Authority, CaClient, CaMaterial, CaServer, RenewalConfig, SigningPolicy,
+    StaticNodeAuthorizer, StaticTokens, WorkloadCertificate,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use ztunnel_core::CertManager;
+use ztunnel_core::{CertManager, StaticCertificates};
 
 /// A SPIFFE identity from its URI.
 pub fn identity(uri: &str) -> Identity {
     Identity::parse_uri(uri).expect("identity")
 }
 
-/// A CA serving on loopback, and a certificate manager using it (shut down
-/// on drop).
+/// A CA, and a certificate manager using it (shut down on drop).
 pub struct Ca {
     pub certs: CertManager,
     pub authority: Arc<Authority>,
-    _handle: mesh_ca::CaHandle,
-    _dir: tempfile::TempDir,
+    /// The CA server, if served over TLS.
+    _handle: Option<mesh_ca::CaHandle>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// A CA on loopback and a certificate manager fetching from it for any of
@@ -73,8 +76,61 @@ pub async fn ca(identities: &[&str]) -> Ca {
             .build()
             .expect("certificate manager"),
         authority,
-        _handle: handle,
-        _dir: dir,
+        _handle: Some(handle),
+        _dir: Some(dir),
+    }
+}
+
+/// A CA in memory, no server: a certificate manager whose source holds a
+/// certificate it signed for each of `identities`.
+pub fn in_memory_ca(identities: &[&str]) -> Ca {
+    let material =
+        CaMaterial::self_signed("cluster.local", Duration::from_secs(86400)).expect("CA material");
+    let authority = Arc::new(
+        Authority::new(&material, "cluster.local", SigningPolicy::default()).expect("authority"),
+    );
+    let certificates = StaticCertificates::new();
+    for uri in identities {
+        certificates.insert(sign(&authority, &identity(uri)));
+    }
+    Ca {
+        certs: CertManager::builder()
+            .source(certificates)
+            .build()
+            .expect("certificate manager"),
+        authority,
+        _handle: None,
+        _dir: None,
+    }
+}
+
+/// A workload certificate for `identity` from `authority`, with a key made
+/// here, as a CA client would get it.
+pub fn sign(authority: &Authority, identity: &Identity) -> WorkloadCertificate {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        identity.as_uri().try_into().expect("SPIFFE URI"),
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .expect("CSR");
+    let csr = mesh_ca::verify_csr(&csr).expect("verified CSR");
+    let issued = authority.issue(&csr, identity, None).expect("issued");
+    let der = |pem: &str| {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM")
+    };
+    let (bundle, chain) = issued.chain_pem.split_last().expect("a chain");
+    WorkloadCertificate {
+        identity: identity.clone(),
+        chain: chain.iter().flat_map(|pem| der(pem)).collect(),
+        roots: der(bundle),
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        not_before: issued.not_before.into(),
+        not_after: issued.not_after.into(),
     }
 }
 

@@ -1,6 +1,9 @@
-//! Workload certificates: fetched from the CA on first use, one renewal task per
-//! identity (renewed at half-life, the old certificate kept until it expires:
-//! `mesh_ca::Renewal`), shared by every connection of that identity.
+//! Workload certificates: fetched from a [`CertificateSource`] (the CA,
+//! through `mesh_ca::CaClient`; certificates held in memory,
+//! [`StaticCertificates`]; or the embedder's own) on first use, one renewal
+//! task per identity (renewed at half-life, the old certificate kept until it
+//! expires, as `mesh_ca::Renewal` does), shared by every connection of that
+//! identity.
 //!
 //! Concurrent requests for one identity share one fetch; different identities
 //! are fetched in parallel. A node agent serving several workloads fetches them
@@ -28,6 +31,18 @@
 //!     .build()?;
 //! # Ok(()) }
 //! ```
+//!
+//! Any other source is given with [`CertManagerBuilder::source`]:
+//!
+//! ```
+//! # fn example(certificate: mesh_ca::WorkloadCertificate) -> Result<(), ztunnel_core::certs::BuildError> {
+//! use ztunnel_core::{CertManager, StaticCertificates};
+//!
+//! let certs = CertManager::builder()
+//!     .source(StaticCertificates::new().with(certificate))
+//!     .build()?;
+//! # Ok(()) }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +52,10 @@ use mesh_api::Identity;
 use mesh_ca::{CaClient, Renewal, RenewalConfig, WorkloadCertificate};
 use mesh_net::Drained;
 use tokio_util::sync::CancellationToken;
+
+pub use mesh_ca::source::{
+    CertificateRequest, CertificateSource, Fetch, SourceError, StaticCertificates, StaticError,
+};
 
 /// Why a certificate is not available.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,30 +79,37 @@ pub enum CertError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// No CA client was given.
-    #[error("no CA client: call CertManager::builder().client(..)")]
-    NoClient,
+    /// No certificate source was given.
+    #[error("no certificate source: call CertManager::builder().client(..) or .source(..)")]
+    NoSource,
 }
 
 /// A builder of [`CertManager`].
 #[derive(Debug, Default)]
 pub struct CertManagerBuilder {
-    client: Option<CaClient>,
+    source: Option<Arc<dyn CertificateSource>>,
     impersonate: bool,
     renewal: RenewalConfig,
 }
 
 impl CertManagerBuilder {
-    /// The CA to fetch from (e.g. `mesh_ca::CaClient`, to `mesh-ca` or
-    /// istiod). Required.
-    pub fn client(mut self, client: CaClient) -> Self {
-        self.client = Some(client);
+    /// The CA to fetch from (`mesh-ca`, or istiod): the source (required:
+    /// this or [`CertManagerBuilder::source`]).
+    pub fn client(self, client: CaClient) -> Self {
+        self.source(client)
+    }
+
+    /// Where certificates come from (required: this or
+    /// [`CertManagerBuilder::client`]): any [`CertificateSource`], such as
+    /// [`StaticCertificates`].
+    pub fn source(mut self, source: impl CertificateSource) -> Self {
+        self.source = Some(Arc::new(source));
         self
     }
 
     /// Ask for certificates on behalf of workloads (a node agent, whose
     /// credentials are its own) rather than as the caller itself (default:
-    /// `false`).
+    /// `false`): [`CertificateRequest::impersonate`].
     pub fn impersonate(mut self, impersonate: bool) -> Self {
         self.impersonate = impersonate;
         self
@@ -101,7 +127,7 @@ impl CertManagerBuilder {
     pub fn build(self) -> Result<CertManager, BuildError> {
         Ok(CertManager {
             inner: Arc::new(Inner {
-                client: self.client.ok_or(BuildError::NoClient)?,
+                source: self.source.ok_or(BuildError::NoSource)?,
                 impersonate: self.impersonate,
                 config: self.renewal,
                 shutdown: CancellationToken::new(),
@@ -122,7 +148,7 @@ pub struct CertManager {
 
 #[derive(Debug)]
 struct Inner {
-    client: CaClient,
+    source: Arc<dyn CertificateSource>,
     impersonate: bool,
     config: RenewalConfig,
     /// Stops every renewal, and any new one.
@@ -160,7 +186,7 @@ impl Inner {
         }
         let entry = renewals.entry(identity.clone()).or_insert_with(|| Entry {
             renewal: Renewal::spawn(
-                self.client.clone(),
+                self.source.clone(),
                 identity.clone(),
                 self.impersonate,
                 self.config,

@@ -10,11 +10,11 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::hbone::copy::Progress;
+use super::copy::Progress;
 
 /// Copies between `tcp` and `other` until both directions ended (each
 /// half-closed on its own), counting `tcp`'s bytes into `progress`.
-pub(super) async fn copy_plain(
+pub async fn copy_plain(
     tcp: &mut TcpStream,
     other: &mut TcpStream,
     progress: &Progress,

@@ -24,6 +24,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::connection::{ConnectionRecord, Direction};
+
 /// Istio's connection labels.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
@@ -87,7 +89,24 @@ pub struct Peers<'a> {
     pub mutual_tls: bool,
 }
 
-impl Peers<'_> {
+impl<'a> Peers<'a> {
+    /// Who the connection `record` is between, counted by the end that took
+    /// it (outbound: the source; inbound: the destination).
+    pub fn of(record: &'a ConnectionRecord) -> Self {
+        Self {
+            reporter: match record.direction {
+                Direction::Outbound => Reporter::Source,
+                Direction::Inbound | Direction::InboundPlaintext => Reporter::Destination,
+            },
+            source_workload: record.source_workload.as_ref(),
+            source_identity: record.source_identity.as_ref(),
+            destination_workload: record.destination_workload.as_ref(),
+            destination_identity: record.destination_identity.as_ref(),
+            service: record.service.as_ref(),
+            mutual_tls: record.mutual_tls(),
+        }
+    }
+
     /// The label set: workload names (a workload's `workload_name`, else its
     /// own name), namespaces, principals (SPIFFE URIs), the service's hostname.
     pub fn labels(&self) -> ConnectionLabels {
@@ -294,6 +313,12 @@ impl Metrics {
         let counters = self.counters(&labels);
         self.remembered().keep(labels, opened, counters.clone());
         counters
+    }
+
+    /// The connection `record` describes was established: counted under its
+    /// peers' label set ([`Peers::of`]), and its closing counters returned.
+    pub fn opened_for(&self, record: &ConnectionRecord) -> ConnectionCounters {
+        self.opened_between(&Peers::of(record))
     }
 
     fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
@@ -555,6 +580,25 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), variants.len(), "{text}");
         assert!(lines.iter().all(|line| line.ends_with(" 2")), "{text}");
+    }
+
+    #[test]
+    fn a_record_is_labelled_from_the_end_that_took_it() {
+        let echo = workload("echo");
+        let source = "10.0.0.1:5000".parse().expect("address");
+        let mut inbound = ConnectionRecord::new(Direction::Inbound, source, None);
+        inbound.destination_workload = Some(echo.clone());
+        let peers = Peers::of(&inbound);
+        assert_eq!(peers.reporter, Reporter::Destination);
+        assert!(peers.mutual_tls, "HBONE is mutual TLS");
+        assert_eq!(peers.labels().destination_workload, "echo");
+        let plaintext = ConnectionRecord::new(Direction::InboundPlaintext, source, None);
+        assert!(!Peers::of(&plaintext).mutual_tls);
+        let mut outbound = ConnectionRecord::new(Direction::Outbound, source, None);
+        assert_eq!(Peers::of(&outbound).reporter, Reporter::Source);
+        assert!(!Peers::of(&outbound).mutual_tls, "no identity: plain TCP");
+        outbound.destination_identity = Identity::new("cluster.local", "default", "echo").ok();
+        assert!(Peers::of(&outbound).mutual_tls);
     }
 
     #[test]
