@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_benches::process::{CpuTimes, cpu_times, machine_busy, resident_bytes};
+use mesh_benches::process::{
+    CpuTimes, context_switches, cpu_times, machine_busy, minor_faults, resident_bytes,
+};
 use mesh_benches::stats::{median, percentile};
 use netns::{Netns, Process, Topology, example, install_redirect_except, ztunnel_run_args};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,8 +38,11 @@ struct Options {
     seconds: u64,
     connections: usize,
     proxy_threads: usize,
-    /// A real ztunnel binary, measured in the same run as a third carrier.
+    /// A real ztunnel binary, measured in the same run as another carrier.
     ztunnel: Option<PathBuf>,
+    /// Another build of our `ztunnel-run` (an earlier commit's), measured in
+    /// the same run: the before of a before/after comparison.
+    baseline: Option<PathBuf>,
     /// Figures to measure (`single`, `eight`, `rr`, `rate`, `memory`); all when empty.
     /// `attacks` (only when named) runs the attacks on our proxy instead.
     only: Vec<String>,
@@ -60,6 +65,7 @@ fn options() -> Options {
         connections: 10_000,
         proxy_threads: 1,
         ztunnel: None,
+        baseline: None,
         only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -76,6 +82,9 @@ fn options() -> Options {
             "--proxy-threads" => options.proxy_threads = number() as usize,
             "--ztunnel" => {
                 options.ztunnel = Some(args.next().expect("--ztunnel needs a path").into());
+            }
+            "--baseline" => {
+                options.baseline = Some(args.next().expect("--baseline needs a path").into());
             }
             "--only" => {
                 let names = args.next().expect("--only needs a comma-separated list");
@@ -231,8 +240,17 @@ const ROUND_TRIPS: usize = 5000;
 /// Round trips made before those measured.
 const RR_WARM_UP: usize = 200;
 
-/// 1 KiB request/response on one connection: (p50, p99).
-async fn request_response(to: SocketAddr, bypass: bool, count: usize) -> (Duration, Duration) {
+/// A round-trip latency distribution.
+#[derive(Clone, Copy, Debug, Default)]
+struct Latency {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    p999: Duration,
+}
+
+/// 1 KiB request/response on one connection.
+async fn request_response(to: SocketAddr, bypass: bool, count: usize) -> Latency {
     let mut stream = connect(to, bypass).await.expect("connect");
     let request = vec![7u8; 1024];
     let mut response = vec![0u8; 1024];
@@ -245,10 +263,13 @@ async fn request_response(to: SocketAddr, bypass: bool, count: usize) -> (Durati
             samples.push(started.elapsed());
         }
     }
-    (
-        percentile(&samples, 50.0).expect("samples"),
-        percentile(&samples, 99.0).expect("samples"),
-    )
+    let at = |p: f64| percentile(&samples, p).expect("samples");
+    Latency {
+        p50: at(50.0),
+        p90: at(90.0),
+        p99: at(99.0),
+        p999: at(99.9),
+    }
 }
 
 /// Connect, 1-byte echo, close, from `parallel` loops for `seconds`:
@@ -319,6 +340,8 @@ enum Carrier {
     Ours,
     /// A real ztunnel in each pod (`--ztunnel`), dedicated mode.
     Ztunnel,
+    /// An earlier build of ours in each pod (`--baseline`).
+    Baseline,
 }
 
 impl Carrier {
@@ -327,6 +350,7 @@ impl Carrier {
             Self::Plain => "plain",
             Self::Ours => "ours",
             Self::Ztunnel => "ztunnel",
+            Self::Baseline => "before",
         }
     }
 }
@@ -355,18 +379,23 @@ impl Launcher<'_> {
             .zip(PODS)
             .filter_map(|(netns, (name, uid))| match carrier {
                 Carrier::Plain => None,
-                Carrier::Ours => Some(self.ours(netns, uid)),
+                Carrier::Ours => Some(self.ours(netns, uid, self.ztunnel_run)),
+                Carrier::Baseline => Some(self.ours(
+                    netns,
+                    uid,
+                    self.options.baseline.as_deref().expect("--baseline"),
+                )),
                 Carrier::Ztunnel => Some(self.ztunnel(netns, name)),
             })
             .collect()
     }
 
-    fn ours(&self, netns: &Netns, uid: &str) -> Process {
+    fn ours(&self, netns: &Netns, uid: &str, program: &Path) -> Process {
         let root = self.root.to_str().expect("utf-8");
         let threads = self.options.proxy_threads.to_string();
         let mut args = ztunnel_run_args(CONTROL_PLANE, root, AGENT_TOKEN, uid);
         args.extend(["--worker-threads", &threads]);
-        Process::start(netns, self.ztunnel_run, &args, "ready")
+        Process::start(netns, program, &args, "ready")
     }
 
     /// A real ztunnel serving the pod `name` (service account `name`),
@@ -544,7 +573,7 @@ impl Figures {
             m(&self.rate_cpu) / m(&other.rate_cpu)
         );
         println!(
-            "  machine CPU per connection: {:.2}x; were our proxies' user space free: {:.2}x ztunnel's connections/s at most, when CPU-bound",
+            "  machine CPU per connection: {:.2}x; were our proxies' user space free: {:.2}x their connections/s at most, when CPU-bound",
             m(&self.rate_machine) / m(&other.rate_machine),
             m(&other.rate_machine) / (m(&self.rate_machine) - m(&self.rate_user))
         );
@@ -607,6 +636,25 @@ fn proxies_cpu(proxies: &[Process]) -> CpuTimes {
     proxies
         .iter()
         .map(|process| cpu_times(process.pid()).expect("CPU time"))
+        .sum()
+}
+
+/// Both proxies' context switches so far (voluntary and preempted).
+fn proxies_switches(proxies: &[Process]) -> u64 {
+    proxies
+        .iter()
+        .map(|process| {
+            let (voluntary, preempted) = context_switches(process.pid()).expect("switches");
+            voluntary + preempted
+        })
+        .sum()
+}
+
+/// Both proxies' minor page faults so far.
+fn proxies_faults(proxies: &[Process]) -> u64 {
+    proxies
+        .iter()
+        .map(|process| minor_faults(process.pid()).expect("faults"))
         .sum()
 }
 
@@ -742,6 +790,9 @@ fn main() {
         return;
     }
     let mut carriers = vec![Carrier::Plain, Carrier::Ours];
+    if options.baseline.is_some() {
+        carriers.push(Carrier::Baseline);
+    }
     if options.ztunnel.is_some() {
         carriers.push(Carrier::Ztunnel);
     }
@@ -772,15 +823,22 @@ fn main() {
                     .wants("eight")
                     .then(|| bulk(sink, bypass, 8, seconds)),
             );
-            let (p50, p99, rr_cpu) = if options.wants("rr") {
+            let (latency, rr_cpu, rr_switches, rr_faults) = if options.wants("rr") {
                 let before = proxies_cpu(&proxies);
-                let (p50, p99) = on(&client, request_response(echo, bypass, ROUND_TRIPS));
+                let switches_before = proxies_switches(&proxies);
+                let faults_before = proxies_faults(&proxies);
+                let latency = on(&client, request_response(echo, bypass, ROUND_TRIPS));
                 let spent = proxies_cpu(&proxies) - before;
-                let each = spent.total().as_secs_f64() / (ROUND_TRIPS + RR_WARM_UP) as f64;
-                (p50, p99, each * 1e6)
+                let switches = proxies_switches(&proxies) - switches_before;
+                let faults = proxies_faults(&proxies) - faults_before;
+                let rounds = (ROUND_TRIPS + RR_WARM_UP) as f64;
+                let each = spent.total().as_secs_f64() / rounds;
+                let per_rr = |count: u64| count as f64 / rounds;
+                (latency, each * 1e6, per_rr(switches), per_rr(faults))
             } else {
-                (Duration::ZERO, Duration::ZERO, f64::NAN)
+                (Latency::default(), f64::NAN, f64::NAN, f64::NAN)
             };
+            let (p50, p99) = (latency.p50, latency.p99);
             let rate = per_unit(
                 &client,
                 &proxies,
@@ -811,6 +869,16 @@ fn main() {
             figures.p50.push(p50.as_secs_f64() * 1e6);
             figures.p99.push(p99.as_secs_f64() * 1e6);
             figures.rr_cpu.push(rr_cpu);
+            if options.wants("rr") {
+                println!(
+                    "        {:>7}  RR p90 {:6.1} µs p99.9 {:7.1} µs | proxies' context switches {:.2}, page faults {:.3} per RR",
+                    carrier.name(),
+                    latency.p90.as_secs_f64() * 1e6,
+                    latency.p999.as_secs_f64() * 1e6,
+                    rr_switches,
+                    rr_faults,
+                );
+            }
             figures.rate.push(rate.rate);
             figures.rate_cpu.push(rate_cpu);
             figures.rate_user.push(rate.proxies_user * 1e6);
@@ -840,9 +908,18 @@ fn main() {
         println!("{} (against plain TCP):", carrier.name());
         mesh.summarize(plain, &options);
     }
-    if let [_, ours, ztunnel] = figures.as_slice() {
-        println!("ours / ztunnel, same run:");
-        ours.compare(ztunnel, plain);
+    let of = |wanted: Carrier| {
+        carriers
+            .iter()
+            .position(|carrier| *carrier == wanted)
+            .map(|at| &figures[at])
+    };
+    let ours = of(Carrier::Ours).expect("ours");
+    for other in [Carrier::Baseline, Carrier::Ztunnel] {
+        if let Some(theirs) = of(other) {
+            println!("ours / {}, same run:", other.name());
+            ours.compare(theirs, plain);
+        }
     }
     client.shutdown_background();
 }

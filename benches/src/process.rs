@@ -96,6 +96,58 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((user, system))
 }
 
+/// How often the threads of process `pid` have been switched out so far,
+/// voluntarily (blocking: each is a later wake-up) and not (preempted):
+/// the sum over `/proc/<pid>/task/*/status`.
+pub fn context_switches(pid: u32) -> io::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        let (voluntary, preempted) = parse_context_switches(&status).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no context switch counts in a task status of {pid}"),
+            )
+        })?;
+        total.0 += voluntary;
+        total.1 += preempted;
+    }
+    Ok(total)
+}
+
+/// The minor page faults process `pid` has taken so far (`minflt`, field
+/// 10 of `/proc/<pid>/stat`): memory it touched for the first time since the
+/// kernel last gave it back, as after an allocator returned it.
+pub fn minor_faults(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_minor_faults(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("no minflt in /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// `minflt` of a `/proc/<pid>/stat` text, counted from after the command
+/// name as [`parse_cpu_ticks`] does.
+pub fn parse_minor_faults(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(7)?.parse().ok()
+}
+
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of a status
+/// text.
+pub fn parse_context_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        line[name.len()..].trim().parse().ok()
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
+}
+
 /// The CPU time all of the machine's CPUs have been busy so far: user, nice,
 /// system, interrupt and softirq time of `/proc/stat`, whoever it was spent
 /// for (idle, I/O wait and time stolen by the hypervisor are not counted).
@@ -142,9 +194,24 @@ mod tests {
         let stat =
             "42 (tokio (rt) x) S 1 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 3 0 5 1000 200";
         assert_eq!(parse_cpu_ticks(stat), Some((250, 31)));
+        assert_eq!(parse_minor_faults(stat), Some(100));
+        assert_eq!(parse_minor_faults("42 (short) S 1"), None);
+        minor_faults(std::process::id()).expect("own faults");
         assert_eq!(parse_cpu_ticks("42 (short) S 1"), None);
         assert_eq!(parse_cpu_ticks("no name"), None);
         cpu_times(std::process::id()).expect("own CPU time");
+    }
+
+    #[test]
+    fn reads_context_switches() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t17\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(parse_context_switches(status), Some((17, 3)));
+        assert_eq!(
+            parse_context_switches("voluntary_ctxt_switches:\t1\n"),
+            None
+        );
+        let (voluntary, _) = context_switches(std::process::id()).expect("own switches");
+        assert!(voluntary > 0);
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! The connection record: what the proxy knows of one connection (who from,
-//! to where, which workloads, identities and service, when it started, the
-//! bytes it moved), filled in along the path as each fact is learnt, and
-//! handed once the connection ends to both the access log and the metrics.
+//! to where, which workloads, identities and service, when it started),
+//! filled in along the path as each fact is learnt, and handed once the
+//! connection ends, with the bytes it moved ([`ByteCounts`]), to both the
+//! access log and the metrics. The record lives as long as its connection,
+//! so it holds nothing it does not need to: the byte counts and any error
+//! exist only at the end (measured: keeping the 16 bytes of counts in the
+//! record put each inbound stream's task into the allocator's next size
+//! class, 225 bytes more per connection).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,8 +71,6 @@ pub struct ConnectionRecord {
     pub service: Option<Arc<Service>>,
     /// When it was accepted.
     pub started: Instant,
-    /// What it moved (zero until it ends).
-    pub bytes: ByteCounts,
 }
 
 impl ConnectionRecord {
@@ -88,7 +91,6 @@ impl ConnectionRecord {
             destination_identity: None,
             service: None,
             started: Instant::now(),
-            bytes: ByteCounts::default(),
         }
     }
 

@@ -8,11 +8,15 @@ use std::fmt::Display;
 use mesh_api::Identity;
 use mesh_api::workload::Workload;
 
-use super::connection::ConnectionRecord;
+use super::connection::{ByteCounts, ConnectionRecord};
 
 /// Emits the event of the connection `record` describes, which ended with
 /// `error` (if it failed).
-pub fn connection_complete(record: &ConnectionRecord, error: Option<&dyn Display>) {
+pub fn connection_complete(
+    record: &ConnectionRecord,
+    bytes: ByteCounts,
+    error: Option<&dyn Display>,
+) {
     // Formatted straight into the event's line: no strings of their own.
     let destination = record.destination.as_ref().map(tracing::field::display);
     let workload = record
@@ -28,8 +32,8 @@ pub fn connection_complete(record: &ConnectionRecord, error: Option<&dyn Display
         dst.addr = destination,
         dst.workload = workload,
         dst.identity = record.destination_identity.as_ref().map(Identity::as_uri),
-        bytes_request = record.bytes.request,
-        bytes_response = record.bytes.response,
+        bytes_request = bytes.request,
+        bytes_response = bytes.response,
         duration_ms = u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         error,
         "connection complete"

@@ -45,12 +45,15 @@ impl Recorder {
     /// The connection ended, having moved `bytes`, with `error` if it
     /// failed: the record goes to the metrics (if counted as opened) and to
     /// the access log.
-    pub(crate) fn finish(mut self, bytes: ByteCounts, error: Option<&impl Display>) {
-        self.record.bytes = bytes;
+    pub(crate) fn finish(self, bytes: ByteCounts, error: Option<&impl Display>) {
         if let Some(counters) = &self.counters {
-            counters.closed(self.record.bytes.request, self.record.bytes.response);
+            counters.closed(bytes.request, bytes.response);
         }
-        log::connection_complete(&self.record, error.map(|error| error as &dyn Display));
+        log::connection_complete(
+            &self.record,
+            bytes,
+            error.map(|error| error as &dyn Display),
+        );
     }
 
     /// The connection failed with `error` before it moved any bytes.
