@@ -43,6 +43,8 @@ struct Options {
     /// Another build of our `ztunnel-run` (an earlier commit's), measured in
     /// the same run: the before of a before/after comparison.
     baseline: Option<PathBuf>,
+    /// Runtime threads of the baseline's proxies (default: as ours).
+    baseline_threads: Option<usize>,
     /// Figures to measure (`single`, `eight`, `rr`, `rate`, `memory`); all when empty.
     /// `attacks` (only when named) runs the attacks on our proxy instead.
     only: Vec<String>,
@@ -66,6 +68,7 @@ fn options() -> Options {
         proxy_threads: 1,
         ztunnel: None,
         baseline: None,
+        baseline_threads: None,
         only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -80,6 +83,7 @@ fn options() -> Options {
             "--seconds" => options.seconds = number(),
             "--connections" => options.connections = number() as usize,
             "--proxy-threads" => options.proxy_threads = number() as usize,
+            "--baseline-threads" => options.baseline_threads = Some(number() as usize),
             "--ztunnel" => {
                 options.ztunnel = Some(args.next().expect("--ztunnel needs a path").into());
             }
@@ -379,20 +383,27 @@ impl Launcher<'_> {
             .zip(PODS)
             .filter_map(|(netns, (name, uid))| match carrier {
                 Carrier::Plain => None,
-                Carrier::Ours => Some(self.ours(netns, uid, self.ztunnel_run)),
-                Carrier::Baseline => Some(self.ours(
-                    netns,
-                    uid,
-                    self.options.baseline.as_deref().expect("--baseline"),
-                )),
+                Carrier::Ours => {
+                    Some(self.ours(netns, uid, self.ztunnel_run, self.options.proxy_threads))
+                }
+                Carrier::Baseline => Some(
+                    self.ours(
+                        netns,
+                        uid,
+                        self.options.baseline.as_deref().expect("--baseline"),
+                        self.options
+                            .baseline_threads
+                            .unwrap_or(self.options.proxy_threads),
+                    ),
+                ),
                 Carrier::Ztunnel => Some(self.ztunnel(netns, name)),
             })
             .collect()
     }
 
-    fn ours(&self, netns: &Netns, uid: &str, program: &Path) -> Process {
+    fn ours(&self, netns: &Netns, uid: &str, program: &Path, threads: usize) -> Process {
         let root = self.root.to_str().expect("utf-8");
-        let threads = self.options.proxy_threads.to_string();
+        let threads = threads.to_string();
         let mut args = ztunnel_run_args(CONTROL_PLANE, root, AGENT_TOKEN, uid);
         args.extend(["--worker-threads", &threads]);
         Process::start(netns, program, &args, "ready")

@@ -14,10 +14,13 @@
 //! - [`mark`]: the socket mark that keeps the mesh's own connections out of
 //!   the redirect rules.
 //! - [`backoff`]: exponential retry delays with jitter.
+//! - [`config`]: reading components' `Config`s from YAML, with errors that
+//!   name the field.
 //! - [`throttle`]: logging a recurring event at a bounded rate.
 
 pub mod auth;
 pub mod backoff;
+pub mod config;
 pub mod grpc;
 pub mod lifecycle;
 pub mod listen;

@@ -44,11 +44,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Bounds on connections that were accepted but have not finished their
 /// handshake. The defaults are safe for a proxy or server facing its whole
 /// cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// As configuration ([`crate::config`]): `timeout` (`"10s"`),
+/// `maxInProgress`, `maxInProgressPerIp`; each optional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct HandshakeLimits {
     /// How long a connection may take from accept to the end of its
     /// handshake (default 10 s).
+    #[serde(with = "crate::config::duration")]
     pub timeout: Duration,
     /// Connections in handshake at once on one listener (default 1024).
     pub max_in_progress: usize,
