@@ -14,14 +14,20 @@ use tokio_util::sync::CancellationToken;
 use crate::client::WorkloadCertificate;
 use crate::source::{CertificateRequest, CertificateSource};
 
-/// How a [`Renewal`] behaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a [`Renewal`] behaves. As configuration ([`mesh_net::config`]):
+/// `ttl`, `initialBackoff`, `maxBackoff`, durations as text (`"24h"`), each
+/// optional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RenewalConfig {
     /// Validity to ask for (`None`: the CA's default).
+    #[serde(with = "mesh_net::config::duration")]
     pub ttl: Option<Duration>,
     /// First retry delay after a failure.
+    #[serde(with = "mesh_net::config::duration")]
     pub initial_backoff: Duration,
     /// Longest retry delay.
+    #[serde(with = "mesh_net::config::duration")]
     pub max_backoff: Duration,
 }
 
