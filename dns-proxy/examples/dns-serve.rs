@@ -2,8 +2,8 @@
 //!
 //! ```sh
 //! cargo run -p podless-dns --example dns-serve -- --listen 127.0.0.1:15053 \
-//!     --records records.yaml --upstream 127.0.0.1:53 [--domain cluster.local] \
-//!     [--max-in-flight 256] [--drain-seconds 5]
+//!     --records records.yaml [--config dns.yaml] [--upstream 127.0.0.1:53]... \
+//!     [--domain cluster.local] [--max-in-flight 256] [--drain-seconds 5]
 //! ```
 //!
 //! On the shipped sample, from the repository root (then, for instance,
@@ -20,6 +20,13 @@
 //!
 //! `--max-in-flight` bounds the questions waiting for the upstream at once
 //! (see `UpstreamConfig::max_in_flight`); beyond it they get SERVFAIL.
+//!
+//! `--config` reads the proxy's configuration (a `DnsConfig`, with
+//! `mesh_net::config::from_yaml`): the domain, the TTL, the upstream and its
+//! bounds, the TCP handshake limits. `--domain`, `--upstream` and
+//! `--max-in-flight`, when given, override the file's values. A sample with
+//! every field, `dns-serve-sample/dns.yaml`, ships beside the records
+//! sample.
 //!
 //! The records file lists services and which namespace each client IP is in:
 //!
@@ -53,8 +60,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
-use dns_proxy::{DEFAULT_MAX_IN_FLIGHT, DnsProxy, InMemoryMeshDns, ServiceRecord, UpstreamConfig};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use dns_proxy::{DEFAULT_MAX_IN_FLIGHT, DnsConfig, DnsProxy, InMemoryMeshDns, ServiceRecord};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -115,6 +123,27 @@ struct Service {
 ///
 /// A service has a name (then its hostname is <name>.<namespace>.svc.<domain>)
 /// or a hostname, a namespace, and vips or endpoints.
+///
+/// The configuration file (--config, YAML) sets the proxy itself; every
+/// field is optional, with the default shown:
+///
+///     domain: cluster.local       # the cluster domain
+///     ttl: 30s                    # TTL of mesh answers, whole seconds
+///     upstream:                   # forwarding of names outside the domain
+///       servers: [127.0.0.1:53]   # IP:PORT, tried in order (default none)
+///       timeout: 2s               # per attempt
+///       attempts: 2               # timeout × attempts at most 30s
+///       cacheSize: 4096           # cached responses
+///       negativeMinTtl: 1s        # negative answers cached at least
+///       negativeMaxTtl: 5m        # and at most
+///       maxInFlight: 256          # questions waiting for the upstream
+///     handshakeLimits:            # TCP clients before their first question
+///       timeout: 10s
+///       maxInProgress: 256
+///       maxInProgressPerIp: 32
+///
+/// --domain, --upstream and --max-in-flight, given on the command line,
+/// override the file's domain, upstream.servers and upstream.maxInFlight.
 #[derive(Parser)]
 #[command(
     name = "dns-serve",
@@ -125,7 +154,13 @@ struct Service {
         "  cargo run -p podless-dns --example dns-serve -- --listen 127.0.0.1:15053 \\\n",
         "      --records dns-proxy/examples/dns-serve-sample/records.yaml\n",
         "\n",
-        "then ask it, e.g.: dig @127.0.0.1 -p 15053 echo.default.svc.cluster.local",
+        "then ask it, e.g.: dig @127.0.0.1 -p 15053 echo.default.svc.cluster.local\n",
+        "\n",
+        "With the sample configuration file (every field) as well:\n",
+        "\n",
+        "  cargo run -p podless-dns --example dns-serve -- --listen 127.0.0.1:15053 \\\n",
+        "      --records dns-proxy/examples/dns-serve-sample/records.yaml \\\n",
+        "      --config dns-proxy/examples/dns-serve-sample/dns.yaml",
     )
 )]
 struct Args {
@@ -142,19 +177,27 @@ struct Args {
     #[arg(long, value_name = "FILE.yaml", verbatim_doc_comment)]
     records: PathBuf,
 
+    /// The proxy's configuration file (YAML): domain, ttl, upstream, handshakeLimits.
+    ///
+    /// See the format above; every field is optional. --domain, --upstream
+    /// and --max-in-flight, when given, override the file's values. None by
+    /// default: the defaults and the flags.
+    #[arg(long, value_name = "FILE.yaml", verbatim_doc_comment)]
+    config: Option<PathBuf>,
+
     /// A resolver for names outside the cluster domain, as IP:PORT.
     ///
     /// E.g. 127.0.0.1:53 (the port is required). Repeatable: tried in the
     /// order given, 2 s per attempt, 2 attempts; answers are cached. None
     /// by default: names outside --domain and the records then get
-    /// SERVFAIL.
+    /// SERVFAIL. Replaces the servers of --config's upstream.
     #[arg(long = "upstream", value_name = "IP:PORT", verbatim_doc_comment)]
     upstreams: Vec<SocketAddr>,
 
     /// The cluster's DNS domain, which the proxy is authoritative for.
     ///
     /// A service named <name> in <namespace> is
-    /// <name>.<namespace>.svc.<domain>.
+    /// <name>.<namespace>.svc.<domain>. Overrides --config's domain.
     #[arg(
         long,
         value_name = "DOMAIN",
@@ -167,7 +210,7 @@ struct Args {
     ///
     /// Beyond it, questions the cache cannot answer get SERVFAIL at once;
     /// each waiting question holds one UDP socket, so keep it well under
-    /// the file descriptor limit.
+    /// the file descriptor limit. Overrides --config's upstream.maxInFlight.
     #[arg(
         long,
         value_name = "N",
@@ -207,7 +250,31 @@ fn seconds(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())
 }
 
-fn load(args: &Args) -> Result<InMemoryMeshDns, String> {
+/// The proxy's configuration: `--config`'s file (or the defaults), with the
+/// flags given on the command line (`given`) over it.
+fn config(args: &Args, given: impl Fn(&str) -> bool) -> Result<DnsConfig, String> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            mesh_net::config::from_yaml(&text, &path.display().to_string())
+                .map_err(|err| err.to_string())?
+        }
+        None => DnsConfig::default(),
+    };
+    if args.config.is_none() || given("domain") {
+        config.domain.clone_from(&args.domain);
+    }
+    if args.config.is_none() || given("max_in_flight") {
+        config.upstream.max_in_flight = args.max_in_flight;
+    }
+    if !args.upstreams.is_empty() {
+        config.upstream.servers.clone_from(&args.upstreams);
+    }
+    Ok(config)
+}
+
+fn load(args: &Args, domain: &str) -> Result<InMemoryMeshDns, String> {
     let text = std::fs::read_to_string(&args.records)
         .map_err(|err| format!("{}: {err}", args.records.display()))?;
     let records: Records = serde_saphyr::from_str(&text)
@@ -216,7 +283,7 @@ fn load(args: &Args) -> Result<InMemoryMeshDns, String> {
     for (index, service) in records.services.into_iter().enumerate() {
         let hostname = match (service.hostname, service.name) {
             (Some(hostname), _) => hostname,
-            (None, Some(name)) => format!("{name}.{}.svc.{}", service.namespace, args.domain),
+            (None, Some(name)) => format!("{name}.{}.svc.{domain}", service.namespace),
             (None, None) => return Err(format!("services[{index}]: give a name or a hostname")),
         };
         mesh.upsert_service(ServiceRecord {
@@ -233,16 +300,15 @@ fn load(args: &Args) -> Result<InMemoryMeshDns, String> {
     Ok(mesh)
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let mesh = load(&args)?;
+async fn run(args: Args, matches: ArgMatches) -> Result<(), String> {
+    let config = config(&args, |id| {
+        matches.value_source(id) == Some(ValueSource::CommandLine)
+    })?;
+    let domain = config.domain.trim_end_matches('.').to_ascii_lowercase();
+    let mesh = load(&args, &domain)?;
     let proxy = DnsProxy::builder()
+        .config(config)
         .mesh(Arc::new(mesh))
-        .domain(&args.domain)
-        .upstream(UpstreamConfig {
-            servers: args.upstreams.clone(),
-            max_in_flight: args.max_in_flight,
-            ..UpstreamConfig::default()
-        })
         .build()
         .map_err(|err| err.to_string())?;
     let udp = tokio::net::UdpSocket::bind(args.listen)
@@ -288,7 +354,8 @@ fn stop_signal() -> std::io::Result<impl Future<Output = &'static str>> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     // One thread, like dnsmasq: a DNS server's work per question is tiny, and
     // waking worker threads for each costs more than the work (measured).
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -301,7 +368,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("dns-serve: {message}");

@@ -36,6 +36,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::DnsConfig;
 use crate::lookup::MeshDns;
 use answers::AnswerCache;
 
@@ -48,16 +49,7 @@ use crate::upstream::{Relayed, Start, Upstream, UpstreamConfig};
 pub const MAX_QUERY_BYTES: usize = 4096;
 
 /// How long an idle TCP connection stays open between questions.
-const TCP_IDLE: Duration = Duration::from_secs(10);
-
-/// Bounds on TCP clients that have not sent their first question yet: 10 s
-/// for it, at most 256 waiting at once, 32 from one address.
-fn tcp_limits() -> HandshakeLimits {
-    HandshakeLimits::default()
-        .with_timeout(TCP_IDLE)
-        .with_max_in_progress(256)
-        .with_max_in_progress_per_ip(32)
-}
+pub(crate) const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The longest a negative answer for the cluster domain may be cached (the
 /// SOA's TTL and minimum; the mesh TTL when that is shorter): a service
@@ -82,23 +74,54 @@ pub enum BuildError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The TTL of mesh answers is not a whole number of seconds that fits a
+    /// DNS record ([`DnsConfig::ttl`]).
+    #[error("ttl {ttl:?}: {reason}")]
+    Ttl {
+        /// The TTL given.
+        ttl: Duration,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
-/// Builds a [`DnsProxy`].
+/// Builds a [`DnsProxy`]: from its setters, or from a [`DnsConfig`]
+/// ([`config`](Self::config), or `DnsProxyBuilder::from(config)`) with the
+/// mesh state added, which is not data.
+///
+/// ```
+/// # use std::sync::Arc;
+/// use dns_proxy::{DnsConfig, DnsProxy, DnsProxyBuilder, InMemoryMeshDns};
+///
+/// let config: DnsConfig = mesh_net::config::from_yaml("domain: mesh.test\n", "dns.yaml")?;
+/// let proxy = DnsProxy::builder()
+///     .config(config.clone())
+///     .mesh(Arc::new(InMemoryMeshDns::new()))
+///     .build()?;
+/// assert_eq!(proxy.config().domain, "mesh.test");
+/// let same = DnsProxyBuilder::from(config).mesh(Arc::new(InMemoryMeshDns::new())).build()?;
+/// assert_eq!(same.config(), proxy.config());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Default)]
 pub struct DnsProxyBuilder {
     mesh: Option<Arc<dyn MeshDns>>,
-    domain: Option<String>,
-    ttl: Option<u32>,
-    upstream: UpstreamConfig,
+    config: DnsConfig,
 }
 
 impl std::fmt::Debug for DnsProxyBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DnsProxyBuilder")
-            .field("domain", &self.domain)
-            .field("upstream", &self.upstream)
+            .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+impl From<DnsConfig> for DnsProxyBuilder {
+    /// A builder with every field of `config` (see
+    /// [`DnsProxyBuilder::config`]); the mesh state is still to give.
+    fn from(config: DnsConfig) -> Self {
+        DnsProxyBuilder::default().config(config)
     }
 }
 
@@ -109,15 +132,23 @@ impl DnsProxyBuilder {
         self
     }
 
+    /// Every field of `config` (domain, TTL, upstream, TCP handshake
+    /// limits), replacing what was set before; setters called after it
+    /// change single fields. Checked by [`build`](Self::build).
+    pub fn config(mut self, config: DnsConfig) -> Self {
+        self.config = config;
+        self
+    }
+
     /// The cluster domain (default `cluster.local`).
     pub fn domain(mut self, domain: impl Into<String>) -> Self {
-        self.domain = Some(domain.into());
+        self.config.domain = domain.into();
         self
     }
 
     /// TTL of mesh answers in seconds (default 30).
     pub fn ttl(mut self, seconds: u32) -> Self {
-        self.ttl = Some(seconds);
+        self.config.ttl = Duration::from_secs(seconds.into());
         self
     }
 
@@ -125,24 +156,33 @@ impl DnsProxyBuilder {
     /// questions waiting for them ([`UpstreamConfig::max_in_flight`]); with
     /// none, unknown names outside the cluster domain get SERVFAIL.
     pub fn upstream(mut self, upstream: UpstreamConfig) -> Self {
-        self.upstream = upstream;
+        self.config.upstream = upstream;
+        self
+    }
+
+    /// Bounds on TCP clients that have not sent their first question yet
+    /// (default 10 s for it, at most 256 waiting at once, 32 from one
+    /// address; over that the oldest waiting is closed).
+    pub fn handshake_limits(mut self, limits: HandshakeLimits) -> Self {
+        self.config.handshake_limits = limits;
         self
     }
 
     /// Validates and assembles; binds nothing.
     pub fn build(self) -> Result<DnsProxy, BuildError> {
         let mesh = self.mesh.ok_or(BuildError::NoMesh)?;
-        let upstream = if self.upstream.servers.is_empty() {
+        let mut config = self.config;
+        let upstream = if config.upstream.servers.is_empty() {
             None
         } else {
-            Some(Upstream::new(&self.upstream).map_err(BuildError::Upstream)?)
+            Some(Upstream::new(&config.upstream).map_err(BuildError::Upstream)?)
         };
-        let domain = self
-            .domain
-            .unwrap_or_else(|| "cluster.local".into())
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        let ttl = self.ttl.unwrap_or(30);
+        config.domain = config.domain.trim_end_matches('.').to_ascii_lowercase();
+        let ttl = ttl_seconds(config.ttl).map_err(|reason| BuildError::Ttl {
+            ttl: config.ttl,
+            reason,
+        })?;
+        let domain = config.domain.clone();
         let soa = soa(&domain, ttl.min(NEGATIVE_TTL)).map_err(|reason| BuildError::Domain {
             domain: domain.clone(),
             reason,
@@ -155,8 +195,17 @@ impl DnsProxyBuilder {
                 upstream,
                 soa: Arc::new(soa),
             },
+            config: Arc::new(config),
         })
     }
+}
+
+/// A TTL as a DNS record's: whole seconds, at most `u32::MAX`.
+fn ttl_seconds(ttl: Duration) -> Result<u32, String> {
+    if ttl.subsec_nanos() != 0 {
+        return Err("not a whole number of seconds".into());
+    }
+    u32::try_from(ttl.as_secs()).map_err(|_| format!("over {} seconds", u32::MAX))
 }
 
 /// The SOA record of the cluster domain, sent with its negative answers.
@@ -221,6 +270,8 @@ impl DnsStats {
 #[derive(Clone)]
 pub struct DnsProxy {
     handler: Handler,
+    /// What it was built with, the domain as served.
+    config: Arc<DnsConfig>,
 }
 
 impl std::fmt::Debug for DnsProxy {
@@ -235,6 +286,12 @@ impl DnsProxy {
     /// A builder.
     pub fn builder() -> DnsProxyBuilder {
         DnsProxyBuilder::default()
+    }
+
+    /// The configuration it was built with, the domain as served (in lower
+    /// case, without a final dot): a builder given it builds the same proxy.
+    pub fn config(&self) -> &DnsConfig {
+        &self.config
     }
 
     /// The counters, shared by every clone and the running proxy.
@@ -264,7 +321,7 @@ impl DnsProxy {
     ) -> Result<(), ServeError> {
         let tcp = life.intake.spawn(tcp::serve_tcp(
             self.handler.clone(),
-            Acceptor::new(tcp, "DNS over TCP", tcp_limits()),
+            Acceptor::new(tcp, "DNS over TCP", self.config.handshake_limits),
             life.clone(),
         ));
         let udp = life

@@ -39,27 +39,38 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 /// (`timeout × attempts`); longer configurations are refused.
 pub const MAX_FORWARD_TIME: Duration = Duration::from_secs(30);
 
-/// How upstream queries behave.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How upstream queries behave. As configuration ([`mesh_net::config`], the
+/// `upstream` field of [`DnsConfig`](crate::DnsConfig)): `camelCase` names,
+/// each optional, durations as text (`"2s"`), servers as `"IP:PORT"`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// The resolvers, tried in order.
+    /// `servers`: the resolvers, tried in order, as `"IP:PORT"` (default
+    /// none: names outside the cluster domain get SERVFAIL).
     pub servers: Vec<SocketAddr>,
-    /// Per-attempt timeout (not zero).
+    /// `timeout`: per-attempt timeout, not zero (default `2s`).
+    #[serde(with = "mesh_net::config::duration")]
     pub timeout: Duration,
-    /// Tries of each question (at least one), one upstream at a time, each
-    /// one datagram. A question is answered, or gets SERVFAIL,
-    /// within `timeout × attempts`, which may not exceed [`MAX_FORWARD_TIME`].
+    /// `attempts`: tries of each question (at least one; default 2), one
+    /// upstream at a time, each one datagram. A question is answered, or gets
+    /// SERVFAIL, within `timeout × attempts`, which may not exceed
+    /// [`MAX_FORWARD_TIME`].
     pub attempts: usize,
-    /// Cached responses at most.
+    /// `cacheSize`: cached responses at most (default 4096).
     pub cache_size: u64,
-    /// Shortest time a negative answer is cached (when the SOA says less).
+    /// `negativeMinTtl`: shortest time a negative answer is cached, when the
+    /// SOA says less (default `1s`).
+    #[serde(with = "mesh_net::config::duration")]
     pub negative_min_ttl: Duration,
-    /// Longest time a negative answer is cached.
+    /// `negativeMaxTtl`: longest time a negative answer is cached (default
+    /// `5m`).
+    #[serde(with = "mesh_net::config::duration")]
     pub negative_max_ttl: Duration,
-    /// Questions waiting for the upstream at most (at least one); the cache
-    /// answers beyond it, and questions it cannot answer get SERVFAIL at once.
-    /// Each waiting question holds one UDP socket, so keep this well under the
-    /// process's file descriptor limit. Default [`DEFAULT_MAX_IN_FLIGHT`].
+    /// `maxInFlight`: questions waiting for the upstream at most (at least
+    /// one); the cache answers beyond it, and questions it cannot answer get
+    /// SERVFAIL at once. Each waiting question holds one UDP socket, so keep
+    /// this well under the process's file descriptor limit. Default
+    /// [`DEFAULT_MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
 }
 

@@ -1,7 +1,8 @@
 //! The `dns-serve` example queried with `dig` (Debian's bind9-dnsutils), as a
 //! person would: from clients in two namespaces, over UDP and TCP; unknown
 //! names of the cluster domain, with and without an upstream; other opcodes;
-//! and a drain on SIGTERM.
+//! a configuration file (`--config`) and the flags over it; and a drain on
+//! SIGTERM.
 
 use std::io::{BufRead, BufReader, Lines};
 use std::path::PathBuf;
@@ -227,6 +228,60 @@ fn dig_update_and_notify_get_notimp() {
         dig(port, "127.0.0.1", &["echo.default.svc.cluster.local", "A"]),
         ["10.96.0.10"]
     );
+}
+
+/// The fields (name, TTL, class, type, address) of the answer to an A
+/// question for `name`, which must be one record.
+fn answer_fields(port: u16, name: &str) -> Vec<String> {
+    let answer = dig_full(port, &["+noall", "+answer", name, "A"]);
+    let lines: Vec<&str> = answer.lines().collect();
+    assert_eq!(lines.len(), 1, "{answer}");
+    lines[0].split_whitespace().map(str::to_owned).collect()
+}
+
+/// `--config`: the file's domain and TTL are served, and `--domain` given
+/// on the command line wins over the file's (its TTL still holds).
+#[test]
+fn dig_gets_the_configuration_files_domain_and_ttl_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dns.yaml");
+    std::fs::write(
+        &config,
+        "domain: mesh.test\nttl: 7s\nupstream:\n  maxInFlight: 4\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    let (_child, port) = serve(&["--config", config]);
+    assert_eq!(
+        dig(port, "127.0.0.1", &["echo.default.svc.mesh.test", "A"]),
+        ["10.96.0.10"]
+    );
+    assert_eq!(
+        dig(port, "127.0.0.2", &["echo", "A"]),
+        ["echo.other.svc.mesh.test.", "10.96.0.20"]
+    );
+    assert_eq!(
+        answer_fields(port, "echo.default.svc.mesh.test"),
+        ["echo.default.svc.mesh.test.", "7", "IN", "A", "10.96.0.10"]
+    );
+    // cluster.local is not the domain now: forwarded, with no upstream.
+    let text = dig_full(port, &["echo.default.svc.cluster.local", "A"]);
+    assert!(text.contains("status: SERVFAIL"), "{text}");
+
+    let (_child, port) = serve(&["--config", config, "--domain", "cluster.local"]);
+    assert_eq!(
+        answer_fields(port, "echo.default.svc.cluster.local"),
+        [
+            "echo.default.svc.cluster.local.",
+            "7",
+            "IN",
+            "A",
+            "10.96.0.10"
+        ]
+    );
+    let text = dig_full(port, &["nope.default.svc.cluster.local", "A"]);
+    assert!(text.contains("status: NXDOMAIN"), "{text}");
 }
 
 /// SIGTERM drains `dns-serve`: it says so, prints how the drain ended, and

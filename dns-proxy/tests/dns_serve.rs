@@ -1,5 +1,7 @@
 //! The `dns-serve` example's command line: it answers from the records file
-//! shipped next to it, `--help` describes every flag, and bad flags are named.
+//! shipped next to it, with or without the configuration file shipped there
+//! too, `--help` describes every flag, and bad flags and configuration files
+//! are named.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -19,6 +21,31 @@ fn dns_serve() -> PathBuf {
 /// README tell users to run it on.
 fn sample() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dns-serve-sample/records.yaml")
+}
+
+/// The configuration file shipped next to the example (`--config`).
+fn sample_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dns-serve-sample/dns.yaml")
+}
+
+/// `dns-serve` on 127.0.0.1 with `args`, and the address it serves.
+fn start(args: &[&std::ffi::OsStr]) -> (Running, SocketAddr) {
+    let mut child = Running(
+        Command::new(dns_serve())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let server: SocketAddr = line
+        .strip_prefix("listening on ")
+        .expect("a listening line")
+        .parse()
+        .unwrap();
+    (child, server)
 }
 
 struct Running(Child);
@@ -142,12 +169,98 @@ fn answers_from_the_shipped_sample() {
     );
 }
 
+/// With the shipped configuration file (every field, the defaults but for
+/// an upstream): the same answers for the cluster domain.
+#[test]
+fn answers_from_the_shipped_samples_with_the_configuration_file() {
+    let records = sample();
+    let config = sample_config();
+    let (_child, server) = start(&[
+        "--records".as_ref(),
+        records.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    let noerror = ResponseCode::NoError;
+    assert_eq!(
+        ask(
+            server,
+            "127.0.0.1",
+            "echo.default.svc.cluster.local",
+            RecordType::A
+        ),
+        (noerror, ips(&["10.96.0.10"]))
+    );
+    assert_eq!(
+        ask(server, "127.0.0.2", "echo", RecordType::A),
+        (noerror, ips(&["10.96.0.20"]))
+    );
+    assert_eq!(
+        ask(
+            server,
+            "127.0.0.1",
+            "nope.default.svc.cluster.local",
+            RecordType::A
+        ),
+        (ResponseCode::NXDomain, vec![])
+    );
+}
+
+/// A configuration file that cannot be read, or that names a field wrongly
+/// or gives it a bad value, stops the example at start with the file and the
+/// field on stderr.
+#[test]
+fn bad_configuration_files_are_named_with_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = sample();
+    for (text, expected) in [
+        (None, "missing.yaml: "),
+        (Some("domian: cluster.local\n"), "unknown field `domian`"),
+        (Some("upstream:\n  timeout: soon\n"), "upstream.timeout: "),
+        (
+            Some("upstream:\n  servers: [10.0.0.10]\n"),
+            "upstream.servers[0]: ",
+        ),
+        // Read, but refused by the builder.
+        (
+            Some("upstream:\n  servers: [127.0.0.1:53]\n  attempts: 0\n"),
+            "upstream attempts must be at least 1",
+        ),
+        (Some("ttl: 1500ms\n"), "ttl 1.5s: "),
+    ] {
+        let path = dir.path().join(if text.is_some() {
+            "dns.yaml"
+        } else {
+            "missing.yaml"
+        });
+        if let Some(text) = text {
+            std::fs::write(&path, text).unwrap();
+        }
+        let output = Command::new(dns_serve())
+            .args(["--listen", "127.0.0.1:0", "--records"])
+            .arg(&records)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{text:?}");
+        assert!(output.stdout.is_empty(), "{text:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.starts_with("dns-serve: "), "{text:?}: {stderr}");
+        assert!(stderr.contains(expected), "{text:?}: {stderr}");
+        if text.is_some_and(|text| !text.contains("1500ms") && !text.contains("attempts")) {
+            assert!(stderr.contains("dns.yaml: "), "{text:?}: {stderr}");
+        }
+    }
+}
+
 #[test]
 fn help_describes_every_flag_and_the_sample() {
     let help = test_support::help(&dns_serve());
     for flag in [
         "--listen <IP:PORT>",
         "--records <FILE.yaml>",
+        "--config <FILE.yaml>",
         "--upstream <IP:PORT>",
         "--domain <DOMAIN>",
         "--max-in-flight <N>",
@@ -167,6 +280,28 @@ fn help_describes_every_flag_and_the_sample() {
         help.contains("--records dns-proxy/examples/dns-serve-sample/records.yaml"),
         "{help}"
     );
+    assert!(
+        help.contains("--config dns-proxy/examples/dns-serve-sample/dns.yaml"),
+        "{help}"
+    );
+    // The configuration file's format: every field.
+    for field in [
+        "domain:",
+        "ttl:",
+        "upstream:",
+        "servers:",
+        "timeout:",
+        "attempts:",
+        "cacheSize:",
+        "negativeMinTtl:",
+        "negativeMaxTtl:",
+        "maxInFlight:",
+        "handshakeLimits:",
+        "maxInProgress:",
+        "maxInProgressPerIp:",
+    ] {
+        assert!(help.contains(field), "{field} in {help}");
+    }
 }
 
 #[test]

@@ -4,11 +4,18 @@
 //! cargo run -p mesh-ca --example ca-server -- --dir /tmp/ca --listen 127.0.0.1:15012 \
 //!     --token secret=spiffe://cluster.local/ns/default/sa/shell \
 //!     [--token ...] [--trust-domain cluster.local] [--dns-name istiod.istio-system.svc] [--ip 127.0.0.1] \
-//!     [--node-agent <token>=<spiffe-id>@<node> ...] [--workload <node>=<spiffe-id> ...]
+//!     [--node-agent <token>=<spiffe-id>@<node> ...] [--workload <node>=<spiffe-id> ...] \
+//!     [--config mesh-ca/examples/ca-server-config.yaml]
 //! ```
 //!
 //! `--help` describes every flag; the flags are parsed with clap, so a
 //! missing or malformed one is named on stderr with exit status 2.
+//!
+//! `--config` reads a `mesh_ca::CaServerConfig` (YAML or JSON, with
+//! `mesh_net::config::from_yaml`): the serving certificate's names and
+//! validity, the handshake limits and the trusted node agents. Flags given
+//! too add to it: `--dns-name`, `--ip` and `--node-agent` extend its lists.
+//! `mesh-ca/examples/ca-server-config.yaml` is a sample with every field.
 //!
 //! `--node-agent` gives a node agent (e.g. a ztunnel) a token bound to its node;
 //! it may then ask for the certificates of the workloads `--workload` places on
@@ -28,9 +35,8 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
 use mesh_api::Identity;
-use mesh_ca::server::CaServerBuilder;
 use mesh_ca::{
-    Authenticated, Authority, CaServer, ClientCertificate, ServingNames, SigningPolicy,
+    Authenticated, Authority, CaServer, CaServerConfig, ClientCertificate, SigningPolicy,
     StaticNodeAuthorizer, StaticTokens, load_or_create, store,
 };
 
@@ -56,6 +62,20 @@ use mesh_ca::{
 /// --node-agent token bound to its node, and may then ask for the
 /// certificate of any workload --workload places on that node (Istio's
 /// ImpersonatedIdentity), and only those.
+///
+/// --config reads the server's settings from a YAML (or JSON) file, a
+/// mesh_ca::CaServerConfig (every field optional, camelCase, unknown
+/// fields refused):
+///
+///     servingNames:
+///       dnsNames: [istiod.istio-system.svc, localhost]
+///       ips: ["127.0.0.1"]
+///       validity: 8760h
+///     handshakeLimits: {timeout: 10s, maxInProgress: 1024, maxInProgressPerIp: 64}
+///     nodeAgents: [spiffe://cluster.local/ns/istio-system/sa/ztunnel]
+///
+/// Flags add to the file: --dns-name and --ip extend servingNames, and
+/// --node-agent extends nodeAgents. Tokens are secrets and stay flags.
 #[derive(Parser)]
 #[command(
     name = "ca-server",
@@ -69,7 +89,14 @@ use mesh_ca::{
         "      --listen 127.0.0.1:15012 \\\n",
         "      --token s3cret=spiffe://cluster.local/ns/default/sa/shell \\\n",
         "      --node-agent agent-token=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a \\\n",
-        "      --workload node-a=spiffe://cluster.local/ns/default/sa/echo",
+        "      --workload node-a=spiffe://cluster.local/ns/default/sa/echo\n",
+        "\n",
+        "With the shipped sample configuration (every field of the file), from\n",
+        "the repository root:\n",
+        "\n",
+        "  cargo run -p mesh-ca --example ca-server -- --dir /tmp/ca \\\n",
+        "      --listen 127.0.0.1:15012 --config mesh-ca/examples/ca-server-config.yaml \\\n",
+        "      --token s3cret=spiffe://cluster.local/ns/default/sa/shell",
     )
 )]
 struct Args {
@@ -145,9 +172,20 @@ struct Args {
     )]
     trust_domain: String,
 
+    /// The server's settings: a YAML (or JSON) CaServerConfig file.
+    ///
+    /// servingNames (dnsNames, ips, validity), handshakeLimits (timeout,
+    /// maxInProgress, maxInProgressPerIp) and nodeAgents (SPIFFE
+    /// identities); each optional, defaults as without the file. A
+    /// misspelt field or a bad value is named with the file. See
+    /// mesh-ca/examples/ca-server-config.yaml.
+    #[arg(long, value_name = "FILE", verbatim_doc_comment)]
+    config: Option<PathBuf>,
+
     /// An extra DNS name for the TLS serving certificate.
     ///
-    /// Clients check the name they dial against it. It always has
+    /// Clients check the name they dial against it. It always has the
+    /// --config file's servingNames.dnsNames, by default
     /// istiod.istio-system.svc, istiod.istio-system.svc.cluster.local and
     /// localhost. Repeatable.
     #[arg(long = "dns-name", value_name = "NAME", verbatim_doc_comment)]
@@ -155,8 +193,8 @@ struct Args {
 
     /// An extra IP address for the TLS serving certificate.
     ///
-    /// It always has 127.0.0.1 and the --listen IP (unless unspecified).
-    /// Repeatable.
+    /// It always has the --config file's servingNames.ips (by default
+    /// 127.0.0.1) and the --listen IP (unless unspecified). Repeatable.
     #[arg(long = "ip", value_name = "IP", verbatim_doc_comment)]
     ips: Vec<IpAddr>,
 }
@@ -195,7 +233,18 @@ fn workload(value: &str) -> Result<(String, Identity), String> {
     Ok((node, identity(&id)?))
 }
 
+/// The `--config` file, or the defaults without one.
+fn config(path: Option<&PathBuf>) -> Result<CaServerConfig, String> {
+    let Some(path) = path else {
+        return Ok(CaServerConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| format!("--config {}: {err}", path.display()))?;
+    mesh_net::config::from_yaml(&text, &path.display().to_string()).map_err(|err| err.to_string())
+}
+
 async fn run(args: Args) -> Result<(), String> {
+    let mut config = config(args.config.as_ref())?;
     let material = load_or_create(
         &args.dir,
         &args.trust_domain,
@@ -214,11 +263,13 @@ async fn run(args: Args) -> Result<(), String> {
     for (node, identity) in args.workloads {
         node_authorizer = node_authorizer.workload(node, identity);
     }
-    let node_agent_identities: Vec<Identity> = args
-        .node_agents
-        .iter()
-        .map(|(_, identity, _)| identity.clone())
-        .collect();
+    // The file's node agents, and those given with tokens here.
+    config.node_agents.extend(
+        args.node_agents
+            .iter()
+            .map(|(_, identity, _)| identity.clone()),
+    );
+    let with_node_agents = !config.node_agents.is_empty();
     for (token, identity, node) in args.node_agents {
         let caller = Authenticated {
             identity,
@@ -227,22 +278,19 @@ async fn run(args: Args) -> Result<(), String> {
         };
         tokens = tokens.caller(&token, caller);
     }
-    let mut serving = ServingNames::default();
+    let serving = &mut config.serving_names;
     serving.dns_names.extend(args.dns_names);
     serving.ips.extend(args.ips);
     if !args.listen.ip().is_unspecified() {
         serving.ips.push(args.listen.ip());
     }
     let mut builder = CaServer::builder()
+        .config(config)
         .authority(authority.clone())
         .authenticator(tokens)
-        .authenticator(ClientCertificate::new(authority.clone()).map_err(|err| err.to_string())?)
-        .serving_names(serving);
-    if !node_agent_identities.is_empty() {
-        builder = node_agent_identities
-            .into_iter()
-            .fold(builder, CaServerBuilder::node_agent)
-            .node_authorizer(node_authorizer);
+        .authenticator(ClientCertificate::new(authority.clone()).map_err(|err| err.to_string())?);
+    if with_node_agents {
+        builder = builder.node_authorizer(node_authorizer);
     }
     let server = builder.build().map_err(|err| err.to_string())?;
     let listener = tokio::net::TcpListener::bind(args.listen)

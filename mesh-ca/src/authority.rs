@@ -25,14 +25,25 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::csr::VerifiedCsr;
 use crate::store::CaMaterial;
 
-/// How long certificates live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How long certificates live, given to [`Authority::new`].
+///
+/// As configuration ([`mesh_net::config`]): `defaultTtl` (`"24h"`),
+/// `maxTtl` (`"90days"`), `backdate` (`"5m"`), durations as text, each
+/// optional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct SigningPolicy {
-    /// Validity when the request names none (Istio: 24 h).
+    /// `defaultTtl`: validity when the request names none (default, as
+    /// Istio's: 24 h).
+    #[serde(with = "mesh_net::config::duration")]
     pub default_ttl: Duration,
-    /// The longest validity granted, whatever is asked (Istio: 90 days).
+    /// `maxTtl`: the longest validity granted, whatever is asked (default, as
+    /// Istio's: 90 days).
+    #[serde(with = "mesh_net::config::duration")]
     pub max_ttl: Duration,
-    /// How far before "now" validity starts, for clock skew.
+    /// `backdate`: how far before "now" validity starts, for clock skew
+    /// (default 5 min).
+    #[serde(with = "mesh_net::config::duration")]
     pub backdate: Duration,
 }
 

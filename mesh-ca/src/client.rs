@@ -90,6 +90,63 @@ pub enum ClientError {
     Tls(String),
 }
 
+/// A [`CaClient`]'s plain settings, as configuration ([`mesh_net::config`]):
+/// camelCase names, every field optional, unknown fields refused.
+///
+/// ```yaml
+/// address: "10.0.0.1:15012"           # where the CA listens (required to build)
+/// serverName: istiod.istio-system.svc # the name its serving certificate must carry
+/// timeout: 10s                        # per call
+/// socketMark: 1337                    # SO_MARK on connections to the CA; unset: none
+/// ```
+///
+/// Not here: the bearer token and the client certificate are secrets, and the
+/// mesh roots are certificates: a binary reads them from files of its own and
+/// gives them with [`CaClientBuilder::token`],
+/// [`CaClientBuilder::client_certificate`] and [`CaClientBuilder::roots`];
+/// the crypto provider too is given to the builder.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CaClientConfig {
+    /// `address`: where the CA listens, as `IP:PORT` (default unset;
+    /// [`CaClientBuilder::build`] needs one, from here or
+    /// [`CaClientBuilder::address`]).
+    pub address: Option<SocketAddr>,
+    /// `serverName`: the name the CA's serving certificate must carry
+    /// (default `istiod.istio-system.svc`).
+    pub server_name: String,
+    /// `timeout`: per-call timeout, connecting included (default `10s`).
+    #[serde(with = "mesh_net::config::duration")]
+    pub timeout: Duration,
+    /// `socketMark`: a mark (`SO_MARK`) on the connections to the CA, e.g. a
+    /// data plane's own so its redirect rules let them pass (needs
+    /// `CAP_NET_ADMIN`); default unset: no mark.
+    pub socket_mark: Option<u32>,
+}
+
+impl Default for CaClientConfig {
+    fn default() -> Self {
+        Self {
+            address: None,
+            server_name: DEFAULT_SERVER_NAME.into(),
+            timeout: DEFAULT_TIMEOUT,
+            socket_mark: None,
+        }
+    }
+}
+
+impl From<CaClientConfig> for CaClientBuilder {
+    fn from(config: CaClientConfig) -> Self {
+        CaClientBuilder::default().config(config)
+    }
+}
+
+/// The name a CA's serving certificate carries by default (Istio's).
+const DEFAULT_SERVER_NAME: &str = "istiod.istio-system.svc";
+/// The default per-call timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Builds a [`CaClient`].
 #[derive(Debug)]
 pub struct CaClientBuilder {
@@ -107,18 +164,41 @@ impl Default for CaClientBuilder {
     fn default() -> Self {
         Self {
             address: None,
-            server_name: "istiod.istio-system.svc".into(),
+            server_name: DEFAULT_SERVER_NAME.into(),
             roots: Vec::new(),
             token: None,
             client_certificate: None,
             provider: None,
-            timeout: Duration::from_secs(10),
+            timeout: DEFAULT_TIMEOUT,
             mark: None,
         }
     }
 }
 
 impl CaClientBuilder {
+    /// Takes every field of `config`, as its setter would: the server name
+    /// and timeout are set, and the address and socket mark when the
+    /// configuration has them (unset, they keep what was given before). The
+    /// token, client certificate, roots and crypto provider are given with
+    /// their own methods.
+    pub fn config(mut self, config: CaClientConfig) -> Self {
+        let CaClientConfig {
+            address,
+            server_name,
+            timeout,
+            socket_mark,
+        } = config;
+        if address.is_some() {
+            self.address = address;
+        }
+        self.server_name = server_name;
+        self.timeout = timeout;
+        if socket_mark.is_some() {
+            self.mark = socket_mark;
+        }
+        self
+    }
+
     /// A mark (`SO_MARK`) on the connections to the CA, e.g. a data plane's
     /// own mark so its redirect rules let them pass (needs `CAP_NET_ADMIN`).
     pub fn socket_mark(mut self, mark: u32) -> Self {
@@ -362,5 +442,48 @@ impl CaClient {
             roots,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_is_the_builders_default() {
+        let config = CaClientConfig::default();
+        let builder = CaClientBuilder::default();
+        assert_eq!(config.address, builder.address);
+        assert_eq!(config.server_name, builder.server_name);
+        assert_eq!(config.timeout, builder.timeout);
+        assert_eq!(config.socket_mark, builder.mark);
+        let from = CaClientBuilder::from(config);
+        assert_eq!(from.address, builder.address);
+        assert_eq!(from.server_name, builder.server_name);
+        assert_eq!(from.timeout, builder.timeout);
+        assert_eq!(from.mark, builder.mark);
+    }
+
+    #[test]
+    fn config_sets_every_field_and_keeps_what_it_leaves_unset() {
+        let config = CaClientConfig {
+            address: Some(SocketAddr::from(([10, 0, 0, 1], 15012))),
+            server_name: "ca.example".into(),
+            timeout: Duration::from_millis(250),
+            socket_mark: Some(1337),
+        };
+        let builder = CaClientBuilder::default().config(config.clone());
+        assert_eq!(builder.address, config.address);
+        assert_eq!(builder.server_name, "ca.example");
+        assert_eq!(builder.timeout, Duration::from_millis(250));
+        assert_eq!(builder.mark, Some(1337));
+
+        let given = SocketAddr::from(([127, 0, 0, 1], 1));
+        let builder = CaClientBuilder::default()
+            .address(given)
+            .socket_mark(7)
+            .config(CaClientConfig::default());
+        assert_eq!(builder.address, Some(given));
+        assert_eq!(builder.mark, Some(7));
     }
 }

@@ -22,10 +22,10 @@ pub mod source;
 pub mod store;
 
 pub use authority::{Authority, IssueError, IssuedCertificate, SigningPolicy};
-pub use client::{CaClient, ClientError, WorkloadCertificate};
+pub use client::{CaClient, CaClientBuilder, CaClientConfig, ClientError, WorkloadCertificate};
 pub use csr::{CsrError, VerifiedCsr, verify_csr};
 pub use renewal::{Renewal, RenewalConfig};
-pub use server::{CaHandle, CaServer, ServingNames};
+pub use server::{CaHandle, CaServer, CaServerBuilder, CaServerConfig, ServingNames};
 pub use service::CaService;
 pub use source::{
     CertificateRequest, CertificateSource, Fetch, SourceError, StaticCertificates, StaticError,

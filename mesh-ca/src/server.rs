@@ -27,13 +27,23 @@ use mesh_net::grpc::{OpenConnections, ServerHandle, serve_router};
 use mesh_net::spiffe::MeshClientVerifier;
 
 /// The names the CA's serving certificate carries.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// As configuration ([`mesh_net::config`], the `servingNames` of a
+/// [`CaServerConfig`]): `dnsNames`, `ips` (text, `"127.0.0.1"`, `"::1"`) and
+/// `validity` (`"8760h"`), each optional; a list given replaces the default
+/// list.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServingNames {
-    /// DNS names clients dial (default: Istio's `istiod.istio-system.svc`).
+    /// `dnsNames`: DNS names clients dial (default: Istio's
+    /// `istiod.istio-system.svc` and `istiod.istio-system.svc.cluster.local`,
+    /// and `localhost`).
     pub dns_names: Vec<String>,
-    /// IP addresses clients dial.
+    /// `ips`: IP addresses clients dial (default: `127.0.0.1`).
     pub ips: Vec<IpAddr>,
-    /// Validity of the serving certificate.
+    /// `validity`: how long each serving certificate lives; it is re-issued
+    /// at half-life (default 365 days, `"8760h"`).
+    #[serde(with = "mesh_net::config::duration")]
     pub validity: Duration,
 }
 
@@ -48,6 +58,96 @@ impl Default for ServingNames {
             ips: vec![IpAddr::from([127, 0, 0, 1])],
             validity: Duration::from_secs(365 * 24 * 3600),
         }
+    }
+}
+
+/// A [`CaServer`]'s plain settings, as configuration ([`mesh_net::config`]):
+/// camelCase names, every field optional, unknown fields refused.
+///
+/// ```yaml
+/// servingNames:                 # the serving certificate (ServingNames)
+///   dnsNames: [istiod.istio-system.svc, istiod.istio-system.svc.cluster.local, localhost]
+///   ips: ["127.0.0.1"]
+///   validity: 8760h
+/// handshakeLimits:              # mesh_net::HandshakeLimits
+///   timeout: 10s
+///   maxInProgress: 1024
+///   maxInProgressPerIp: 64
+/// nodeAgents:                   # SPIFFE identities trusted to impersonate
+///   - spiffe://cluster.local/ns/istio-system/sa/ztunnel
+/// ```
+///
+/// What is not data stays with the builder: the [`Authority`] (and its
+/// [`SigningPolicy`](crate::SigningPolicy), which is serde too), the
+/// authenticators (their tokens and keys are secrets a binary reads from
+/// files of its own), the node authorizer and the crypto provider:
+///
+/// ```no_run
+/// # fn example(authority: std::sync::Arc<mesh_ca::Authority>, tokens: mesh_ca::StaticTokens,
+/// #     agents: mesh_ca::StaticNodeAuthorizer) -> Result<(), Box<dyn std::error::Error>> {
+/// let text = std::fs::read_to_string("ca.yaml")?;
+/// let config: mesh_ca::CaServerConfig = mesh_net::config::from_yaml(&text, "ca.yaml")?;
+/// let server = mesh_ca::CaServer::builder()
+///     .config(config)
+///     .authority(authority)
+///     .authenticator(tokens)
+///     .node_authorizer(agents)
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CaServerConfig {
+    /// `servingNames`: the names and validity of the serving certificate
+    /// (default [`ServingNames::default`]).
+    pub serving_names: ServingNames,
+    /// `handshakeLimits`: bounds on clients in handshake (default
+    /// [`HandshakeLimits::default`]: `timeout: 10s`, `maxInProgress: 1024`,
+    /// `maxInProgressPerIp: 64`).
+    pub handshake_limits: HandshakeLimits,
+    /// `nodeAgents`: identities trusted as node agents that may ask for
+    /// workload certificates (impersonation), as SPIFFE URIs
+    /// (`spiffe://cluster.local/ns/istio-system/sa/ztunnel`); default none.
+    /// Needs a node authorizer on the builder.
+    #[serde(with = "identities")]
+    pub node_agents: Vec<Identity>,
+}
+
+impl From<CaServerConfig> for CaServerBuilder {
+    fn from(config: CaServerConfig) -> Self {
+        CaServerBuilder::default().config(config)
+    }
+}
+
+/// SPIFFE identities as a list of URI strings, each checked when read (an
+/// error names the bad one and what is wrong with it).
+mod identities {
+    use mesh_api::Identity;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// One identity read from its URI.
+    struct Uri(Identity);
+
+    impl<'de> Deserialize<'de> for Uri {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let text = String::deserialize(deserializer)?;
+            text.parse().map(Uri).map_err(serde::de::Error::custom)
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        identities: &[Identity],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(identities.iter().map(Identity::as_uri))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Identity>, D::Error> {
+        let uris = Vec::<Uri>::deserialize(deserializer)?;
+        Ok(uris.into_iter().map(|Uri(identity)| identity).collect())
     }
 }
 
@@ -106,6 +206,23 @@ impl std::fmt::Debug for CaServerBuilder {
 }
 
 impl CaServerBuilder {
+    /// Takes every field of `config`, as its setter would: the serving
+    /// names and handshake limits are set, the node agents added to any
+    /// given before. What is not data (the authority, authenticators, node
+    /// authorizer, crypto provider) is still given with its own method;
+    /// [`CaServerBuilder::build`] checks the whole.
+    pub fn config(mut self, config: CaServerConfig) -> Self {
+        let CaServerConfig {
+            serving_names,
+            handshake_limits,
+            node_agents,
+        } = config;
+        self.serving = serving_names;
+        self.limits = handshake_limits;
+        self.node_agents.extend(node_agents);
+        self
+    }
+
     /// The authority that signs.
     pub fn authority(mut self, authority: Arc<Authority>) -> Self {
         self.authority = Some(authority);
@@ -351,3 +468,43 @@ impl CaServer {
 
 /// A running CA server.
 pub type CaHandle = ServerHandle<ServeError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_is_the_builders_default() {
+        let config = CaServerConfig::default();
+        let builder = CaServerBuilder::default();
+        assert_eq!(config.serving_names, builder.serving);
+        assert_eq!(config.handshake_limits, builder.limits);
+        assert!(config.node_agents.is_empty() && builder.node_agents.is_empty());
+        let from = CaServerBuilder::from(config);
+        assert_eq!(from.serving, builder.serving);
+        assert_eq!(from.limits, builder.limits);
+        assert!(from.node_agents.is_empty());
+    }
+
+    #[test]
+    fn config_sets_every_field() {
+        let agent: Identity = "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+            .parse()
+            .expect("identity");
+        let earlier: Identity = "spiffe://cluster.local/ns/istio-system/sa/agent"
+            .parse()
+            .expect("identity");
+        let mut config = CaServerConfig::default();
+        config.serving_names.dns_names = vec!["ca.example".into()];
+        config.serving_names.ips = vec![IpAddr::from([10, 0, 0, 1])];
+        config.serving_names.validity = Duration::from_secs(3600);
+        config.handshake_limits = HandshakeLimits::default().with_max_in_progress(7);
+        config.node_agents = vec![agent.clone()];
+        let builder = CaServerBuilder::default()
+            .node_agent(earlier.clone())
+            .config(config.clone());
+        assert_eq!(builder.serving, config.serving_names);
+        assert_eq!(builder.limits, config.handshake_limits);
+        assert_eq!(builder.node_agents, HashSet::from([agent, earlier]));
+    }
+}

@@ -1,7 +1,8 @@
 //! Configuration files: every component's `Config` is plain data with
 //! `Default`, serde, `camelCase` field names (as Istio's and Kubernetes'
 //! YAML), unknown fields refused, and durations written as humantime text
-//! (`"10s"`, `"150ms"`, `"1h 30m"`; [`duration`]). One YAML (or JSON) file can
+//! (`"10s"`, `"150ms"`, `"1h 30m"`; [`duration`]). Booleans are YAML 1.2's
+//! (`true`, `false`): `off`, `no` and `y` are text. One YAML (or JSON) file can
 //! hold the `Config`s of every component a binary runs.
 //!
 //! [`from_yaml`] reads such a file into any `Config`, with errors that name
@@ -48,7 +49,11 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str, source_name: &str) -> Result<T
     let value: serde_json::Value = if text.trim().is_empty() {
         serde_json::Value::Object(serde_json::Map::new())
     } else {
-        serde_saphyr::from_str(text)
+        // YAML 1.2 booleans only: `off`, `no`, `y` stay text (a node called
+        // `n` is not `false`).
+        let mut options = serde_saphyr::Options::default();
+        options.strict_booleans = true;
+        serde_saphyr::from_str_with_options(text, options)
             .map_err(|err| error(String::new(), err.without_snippet().to_string()))?
     };
     serde_path_to_error::deserialize(value)

@@ -54,6 +54,21 @@ fn text_that_is_not_yaml_names_the_file() {
     assert!(err.path.is_empty());
 }
 
+#[test]
+fn yaml_1_1_booleans_stay_text() {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Names {
+        node_id: String,
+        socks5: String,
+        on: bool,
+    }
+    let names: Names = from_yaml("nodeId: n\nsocks5: off\non: true\n", "names.yaml").expect("read");
+    assert_eq!(names.node_id, "n");
+    assert_eq!(names.socks5, "off");
+    assert!(names.on);
+}
+
 proptest! {
     #[test]
     fn arbitrary_text_never_panics(text in ".{0,200}") {

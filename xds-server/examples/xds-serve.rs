@@ -4,7 +4,8 @@
 //! cargo run -p podless-xds --example xds-serve -- --manifests <dir> --listen 127.0.0.1:15010 \
 //!     [--tls-cert chain.pem --tls-key key.pem] [--token <token>=<spiffe-id>]... \
 //!     [--ca-dir <dir> [--node-agent <token>=<spiffe-id>@<node>]...] \
-//!     [--cluster-id Kubernetes] [--domain cluster.local] [--trust-domain cluster.local]
+//!     [--cluster-id Kubernetes] [--domain cluster.local] [--trust-domain cluster.local] \
+//!     [--config xds-server/examples/xds-serve-config.yaml]
 //! ```
 //!
 //! On the shipped sample, from the repository root:
@@ -31,6 +32,14 @@
 //! for the workloads the manifests place on that node. Clients may also
 //! authenticate with a mesh certificate.
 //!
+//! `--config` reads a `xds_server::ControlPlaneConfig` (YAML or JSON, with
+//! `mesh_net::config::from_yaml`): the mesh settings (`mesh`), the xDS
+//! server's (`xds`), the CA's (`ca`, used with `--ca-dir`) and the shared
+//! port's handshake limits. Flags given too win: `--cluster-id`, `--domain`
+//! and `--trust-domain` replace the file's `mesh` values, `--node-agent`
+//! adds to `ca.nodeAgents`. `xds-server/examples/xds-serve-config.yaml` is a
+//! sample with every field.
+//!
 //! It prints `root certificate: <path>` (with `--ca-dir`) and then
 //! `listening on <addr>` once the directory is loaded and the server serves;
 //! Ctrl-C or SIGTERM stops it. SIGHUP reloads the CA's files from `--ca-dir`
@@ -44,14 +53,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use mesh_api::Identity;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use xds_server::{
-    Authenticated, Authenticators, ClientCertificate, ConfigSource, ControlPlane, ManifestDir,
-    MeshConfig, StaticTokens, Store, StoreNodeAuthorizer, XdsServer,
+    Authenticated, Authenticators, ClientCertificate, ConfigSource, ControlPlane,
+    ControlPlaneConfig, ManifestDir, MeshConfig, StaticTokens, Store, StoreNodeAuthorizer,
+    XdsServer,
 };
 
 /// Serve a directory of Kubernetes manifests to ztunnels over delta ADS.
@@ -76,6 +87,25 @@ use xds_server::{
 ///
 /// Ctrl-C or SIGTERM drains it (up to 5 s) and stops it; SIGHUP reloads the
 /// CA's files from --ca-dir (each step of a root rotation).
+///
+/// --config reads the control plane's settings from a YAML (or JSON) file,
+/// a xds_server::ControlPlaneConfig (every field optional, camelCase,
+/// unknown fields refused):
+///
+///     handshakeLimits: {timeout: 10s, maxInProgress: 1024, maxInProgressPerIp: 64}
+///     mesh: {clusterId: Kubernetes, domain: cluster.local, trustDomain: cluster.local,
+///            rootNamespace: istio-system, network: ""}
+///     xds:
+///       maxResponseBytes: 1048576
+///       handshakeLimits: {timeout: 10s}
+///     ca:                                   (used with --ca-dir)
+///       servingNames: {dnsNames: [istiod.istio-system.svc], ips: ["127.0.0.1"], validity: 8760h}
+///       handshakeLimits: {timeout: 10s}
+///       nodeAgents: [spiffe://cluster.local/ns/istio-system/sa/ztunnel]
+///
+/// Flags given too win: --cluster-id, --domain and --trust-domain replace
+/// the file's mesh values; --node-agent adds to ca.nodeAgents. Tokens and
+/// keys are secrets and stay flags and files of their own.
 #[derive(Parser)]
 #[command(
     name = "xds-serve",
@@ -85,7 +115,14 @@ use xds_server::{
         "policy), from the repository root:\n",
         "\n",
         "  cargo run -p podless-xds --example xds-serve -- \\\n",
-        "      --manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15010",
+        "      --manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15010\n",
+        "\n",
+        "and with the shipped configuration (every field of the file), serving\n",
+        "the CA too:\n",
+        "\n",
+        "  cargo run -p podless-xds --example xds-serve -- \\\n",
+        "      --manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15012 \\\n",
+        "      --config xds-server/examples/xds-serve-config.yaml --ca-dir /tmp/podless-ca",
     )
 )]
 struct Cli {
@@ -175,7 +212,21 @@ struct Cli {
     )]
     node_agents: Vec<(String, Identity, String)>,
 
+    /// The control plane's settings: a YAML (or JSON) ControlPlaneConfig file.
+    ///
+    /// handshakeLimits (the shared port's), mesh (clusterId, domain,
+    /// trustDomain, rootNamespace, network), xds (maxResponseBytes,
+    /// handshakeLimits) and ca (servingNames, handshakeLimits,
+    /// nodeAgents; used with --ca-dir); each optional, defaults as
+    /// without the file. A misspelt field or a bad value is named with
+    /// the file. Flags given too win. See
+    /// xds-server/examples/xds-serve-config.yaml.
+    #[arg(long, value_name = "FILE", verbatim_doc_comment)]
+    config: Option<PathBuf>,
+
     /// The cluster's id: part of every workload's uid (<id>//Pod/<ns>/<name>).
+    ///
+    /// Given, it replaces the --config file's mesh.clusterId.
     #[arg(
         long,
         value_name = "ID",
@@ -185,6 +236,8 @@ struct Cli {
     cluster_id: String,
 
     /// The cluster's DNS domain: services are <name>.<ns>.svc.<domain>.
+    ///
+    /// Given, it replaces the --config file's mesh.domain.
     #[arg(
         long,
         value_name = "DOMAIN",
@@ -195,7 +248,8 @@ struct Cli {
 
     /// The trust domain of workload identities (spiffe://<trust-domain>/...).
     ///
-    /// Also the CA's, with --ca-dir.
+    /// Also the CA's, with --ca-dir. Given, it replaces the --config
+    /// file's mesh.trustDomain.
     #[arg(
         long,
         value_name = "DOMAIN",
@@ -234,16 +288,44 @@ struct Args {
     tokens: Vec<(String, Identity)>,
     ca_dir: Option<PathBuf>,
     node_agents: Vec<(String, Identity, String)>,
-    mesh: MeshConfig,
+    /// The `--config` file (or the defaults) with the flags given applied.
+    config: ControlPlaneConfig,
 }
 
-impl From<Cli> for Args {
-    fn from(cli: Cli) -> Self {
-        let mut mesh = MeshConfig::default();
-        mesh.cluster_id = cli.cluster_id;
-        mesh.domain = cli.domain;
-        mesh.trust_domain = cli.trust_domain;
-        Self {
+impl Args {
+    /// The command line, and the `--config` file it names, read; a flag
+    /// given on the command line wins over the file.
+    fn parse() -> Result<Self, String> {
+        let matches = Cli::command().get_matches();
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| format!("--config {}: {err}", path.display()))?;
+                mesh_net::config::from_yaml(&text, &path.display().to_string())
+                    .map_err(|err| err.to_string())?
+            }
+            None => ControlPlaneConfig::default(),
+        };
+        // Without the flag, clap's default is MeshConfig's, which the file's
+        // value replaces.
+        let mesh = &mut config.mesh;
+        if given("cluster_id") || cli.config.is_none() {
+            mesh.cluster_id = cli.cluster_id;
+        }
+        if given("domain") || cli.config.is_none() {
+            mesh.domain = cli.domain;
+        }
+        if given("trust_domain") || cli.config.is_none() {
+            mesh.trust_domain = cli.trust_domain;
+        }
+        config.ca.node_agents.extend(
+            cli.node_agents
+                .iter()
+                .map(|(_, identity, _)| identity.clone()),
+        );
+        Ok(Self {
             manifests: cli.manifests,
             listen: cli.listen,
             // Clap has checked that both are given or neither.
@@ -251,8 +333,8 @@ impl From<Cli> for Args {
             tokens: cli.tokens,
             ca_dir: cli.ca_dir,
             node_agents: cli.node_agents,
-            mesh,
-        }
+            config,
+        })
     }
 }
 
@@ -286,7 +368,7 @@ fn ca(args: &Args, store: &Store, tokens: StaticTokens) -> Result<Option<WithCa>
     let Some(dir) = &args.ca_dir else {
         return Ok(None);
     };
-    let trust_domain = &args.mesh.trust_domain;
+    let trust_domain = &args.config.mesh.trust_domain;
     let material =
         mesh_ca::load_or_create(dir, trust_domain, Duration::from_secs(10 * 365 * 86400))
             .map_err(|err| format!("--ca-dir {}: {err}", dir.display()))?;
@@ -294,22 +376,22 @@ fn ca(args: &Args, store: &Store, tokens: StaticTokens) -> Result<Option<WithCa>
         mesh_ca::Authority::new(&material, trust_domain, mesh_ca::SigningPolicy::default())
             .map_err(|err| err.to_string())?,
     );
-    let mut serving = mesh_ca::ServingNames::default();
+    // The file's CA settings (node agents from --node-agent included), and
+    // the --listen IP on the serving certificate.
+    let mut config = args.config.ca.clone();
     if !args.listen.ip().is_unspecified() {
-        serving.ips.push(args.listen.ip());
+        config.serving_names.ips.push(args.listen.ip());
     }
     let client_certificates =
         ClientCertificate::new(authority.clone()).map_err(|err| err.to_string())?;
     let authenticators = Authenticators::new().with(tokens).with(client_certificates);
-    let mut builder = mesh_ca::CaServer::builder()
+    let ca = mesh_ca::CaServer::builder()
+        .config(config)
         .authority(authority.clone())
         .authenticators(authenticators.clone())
-        .serving_names(serving)
-        .node_authorizer(StoreNodeAuthorizer::new(store.clone()));
-    for (_, identity, _) in &args.node_agents {
-        builder = builder.node_agent(identity.clone());
-    }
-    let ca = builder.build().map_err(|err| err.to_string())?;
+        .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
+        .build()
+        .map_err(|err| err.to_string())?;
     Ok(Some(WithCa {
         ca,
         authority,
@@ -319,7 +401,7 @@ fn ca(args: &Args, store: &Store, tokens: StaticTokens) -> Result<Option<WithCa>
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let store = Store::new(args.mesh.clone());
+    let store = Store::new(args.config.mesh.clone());
     let mut manifests = ManifestDir::new(&args.manifests);
     manifests.sync(&store).map_err(|err| err.to_string())?;
     for problem in manifests.problems().current() {
@@ -355,6 +437,7 @@ async fn run(args: Args) -> Result<(), String> {
         None => Authenticators::new().with(tokens),
     };
     let mut builder = XdsServer::builder()
+        .config(args.config.xds)
         .store(store.clone())
         .authenticators(authenticators);
     if let Some((cert, key)) = &args.tls {
@@ -376,6 +459,7 @@ async fn run(args: Args) -> Result<(), String> {
             reload_from = args.ca_dir.clone().map(|dir| (dir, authority));
             println!("root certificate: {}", root.display());
             ControlPlane::builder()
+                .config(args.config.clone())
                 .xds(xds)
                 .ca(ca)
                 .build()
@@ -418,8 +502,15 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    // Arguments first: a bad one is reported (exit status 2) before anything starts.
-    let args = Args::from(Cli::parse());
+    // Arguments first: a bad one is reported (exit status 2) before anything
+    // starts, and so is a --config file that cannot be read (exit status 1).
+    let args = match Args::parse() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("xds-serve: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
         .with_writer(std::io::stderr)

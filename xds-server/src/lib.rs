@@ -22,12 +22,14 @@ mod translate;
 pub use ads::AdsService;
 pub use auth::StoreNodeAuthorizer;
 // How clients authenticate (shared with the CA).
-pub use control_plane::{ControlPlane, ControlPlaneBuilder, ControlPlaneHandle};
+pub use control_plane::{
+    ControlPlane, ControlPlaneBuilder, ControlPlaneConfig, ControlPlaneHandle,
+};
 pub use mesh_net::auth::{
     Authenticated, Authenticator, Authenticators, ClientCertificate, JwtAuthenticator, StaticTokens,
 };
 pub use object::{Kind, Manifest, Object, ObjectError, ObjectKey, parse_manifest};
-pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder};
+pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder, XdsServerConfig};
 pub use source::{ConfigSource, ManifestDir, SourceError};
 pub use store::{Batch, Store, StoreStats};
 pub use translate::{DATAPLANE_MODE_LABEL, MeshConfig};

@@ -32,7 +32,7 @@ pub enum BuildError {
     )]
     NoClientAuth,
     /// `max_response_bytes` is zero.
-    #[error("max_response_bytes must be at least 1")]
+    #[error("max_response_bytes (maxResponseBytes in a config) must be at least 1")]
     ZeroResponseSize,
     /// A required part is missing.
     #[error("missing {0}: call ControlPlane::builder().{0}(..)")]
@@ -52,6 +52,51 @@ pub enum ServeError {
     /// The server's task failed.
     #[error("server task: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// An [`XdsServer`]'s plain settings, as configuration
+/// ([`mesh_net::config`]): camelCase names, every field optional, unknown
+/// fields refused.
+///
+/// ```yaml
+/// maxResponseBytes: 1048576   # responses larger than this are split
+/// handshakeLimits:            # mesh_net::HandshakeLimits
+///   timeout: 10s
+///   maxInProgress: 1024
+///   maxInProgressPerIp: 64
+/// ```
+///
+/// The store, the authenticators and the TLS configuration are not data:
+/// they are given to the builder (`XdsServer::builder().config(config)
+/// .store(store).authenticators(..)`). The mesh-wide settings the store
+/// translates with are a [`MeshConfig`](crate::MeshConfig), given to
+/// [`Store::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct XdsServerConfig {
+    /// `maxResponseBytes`: responses larger than this are split in several
+    /// (default 1 MiB, `1048576`; at least 1).
+    pub max_response_bytes: usize,
+    /// `handshakeLimits`: bounds on clients in handshake (default
+    /// [`HandshakeLimits::default`]: `timeout: 10s`, `maxInProgress: 1024`,
+    /// `maxInProgressPerIp: 64`).
+    pub handshake_limits: HandshakeLimits,
+}
+
+impl Default for XdsServerConfig {
+    fn default() -> Self {
+        Self {
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            handshake_limits: HandshakeLimits::default(),
+        }
+    }
+}
+
+impl From<XdsServerConfig> for XdsServerBuilder {
+    fn from(config: XdsServerConfig) -> Self {
+        XdsServerBuilder::default().config(config)
+    }
 }
 
 /// A builder of [`XdsServer`].
@@ -77,6 +122,20 @@ impl Default for XdsServerBuilder {
 }
 
 impl XdsServerBuilder {
+    /// Takes every field of `config`, as its setter would. The store,
+    /// authenticators and TLS are given with their own methods;
+    /// [`XdsServerBuilder::build`] checks the whole (a `maxResponseBytes` of
+    /// 0 is refused there).
+    pub fn config(mut self, config: XdsServerConfig) -> Self {
+        let XdsServerConfig {
+            max_response_bytes,
+            handshake_limits,
+        } = config;
+        self.max_response_bytes = max_response_bytes;
+        self.limits = handshake_limits;
+        self
+    }
+
     /// The store to serve.
     pub fn store(mut self, store: Store) -> Self {
         self.store = Some(store);
@@ -214,3 +273,30 @@ pub(crate) fn close_streams_when(service: &AdsService, stopping: CancellationTok
 
 /// A running xDS server (shutting down ends open streams; clients reconnect).
 pub type XdsHandle = ServerHandle<ServeError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_is_the_builders_default() {
+        let config = XdsServerConfig::default();
+        let builder = XdsServerBuilder::default();
+        assert_eq!(config.max_response_bytes, builder.max_response_bytes);
+        assert_eq!(config.handshake_limits, builder.limits);
+        let from = XdsServerBuilder::from(config);
+        assert_eq!(from.max_response_bytes, builder.max_response_bytes);
+        assert_eq!(from.limits, builder.limits);
+    }
+
+    #[test]
+    fn config_sets_every_field() {
+        let config = XdsServerConfig {
+            max_response_bytes: 4096,
+            handshake_limits: HandshakeLimits::default().with_max_in_progress_per_ip(3),
+        };
+        let builder = XdsServerBuilder::default().config(config);
+        assert_eq!(builder.max_response_bytes, 4096);
+        assert_eq!(builder.limits, config.handshake_limits);
+    }
+}

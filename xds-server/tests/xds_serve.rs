@@ -267,6 +267,7 @@ fn help_describes_every_flag_and_the_sample() {
         "--cluster-id <ID>",
         "--domain <DOMAIN>",
         "--trust-domain <DOMAIN>",
+        "--config <FILE>",
         "--help",
     ] {
         assert!(help.contains(flag), "{flag} in {help}");
@@ -278,6 +279,19 @@ fn help_describes_every_flag_and_the_sample() {
         help.contains("--manifests xds-server/examples/xds-serve-sample --listen 127.0.0.1:15010"),
         "{help}"
     );
+    // The configuration file: its sections and fields, and the sample.
+    for field in [
+        "handshakeLimits",
+        "maxInProgressPerIp",
+        "clusterId",
+        "rootNamespace",
+        "maxResponseBytes",
+        "servingNames",
+        "nodeAgents",
+        "--config xds-server/examples/xds-serve-config.yaml",
+    ] {
+        assert!(help.contains(field), "{field} in {help}");
+    }
 }
 
 #[test]
@@ -323,4 +337,175 @@ fn bad_arguments_name_the_flags() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).expect("UTF-8");
     assert!(stderr.contains("--listen"), "{stderr}");
+}
+
+/// The configuration shipped next to the example.
+fn sample_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/xds-serve-config.yaml")
+}
+
+/// The workload uids a wildcard client of `addr` gets for the sample.
+async fn sample_uids(addr: std::net::SocketAddr) -> Vec<String> {
+    let mut client = AdsClient::open(addr, vec![wildcard(ADDRESS, BTreeMap::new())]).await;
+    let mut view = View::default();
+    client
+        .collect_until(&mut view, |v| v.addresses.len() == 3)
+        .await;
+    view.addresses
+        .keys()
+        .filter(|name| name.contains("//Pod/"))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn serves_the_shipped_sample_with_the_shipped_config_and_its_ca() {
+    let ca = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start(
+        &sample(),
+        &[
+            "--config",
+            sample_config().to_str().expect("path"),
+            "--ca-dir",
+            ca.path().to_str().expect("path"),
+            "--node-agent",
+            "agent=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a",
+        ],
+    );
+    let root = std::fs::read_to_string(ca.path().join("root-cert.pem")).expect("root written");
+    let roots = rustls_pki_types::pem::PemObject::pem_slice_iter(root.as_bytes())
+        .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
+        .expect("PEM");
+    // A name only the file puts on the serving certificate.
+    let agent = mesh_ca::CaClient::builder()
+        .address(addr)
+        .server_name("control-plane.podless.internal")
+        .roots(roots)
+        .token("agent")
+        .build()
+        .expect("client");
+    let checkout =
+        mesh_api::Identity::parse_uri("spiffe://cluster.local/ns/shop/sa/checkout").expect("id");
+    let issued = agent
+        .certificate(&checkout, true, None)
+        .await
+        .expect("checkout runs on node-a");
+    assert_eq!(issued.identity, checkout);
+    // The file's cluster id names the workloads.
+    let response = first_response(agent.channel(), Some("agent"))
+        .await
+        .expect("xDS over TLS");
+    let names: Vec<_> = response.resources.iter().map(|r| r.name.as_str()).collect();
+    assert!(names.contains(&"podless//Pod/shop/checkout-0"), "{names:?}");
+}
+
+#[tokio::test]
+async fn flags_win_over_the_config_file() {
+    let config = sample_config();
+    let config = config.to_str().expect("path");
+    let (_server, addr) = start(&sample(), &["--config", config]);
+    let uids = sample_uids(addr).await;
+    assert!(
+        uids.iter().all(|uid| uid.starts_with("podless//")),
+        "{uids:?}"
+    );
+    let (_server, addr) = start(&sample(), &["--config", config, "--cluster-id", "flagged"]);
+    let uids = sample_uids(addr).await;
+    assert_eq!(uids.len(), 2);
+    assert!(
+        uids.iter().all(|uid| uid.starts_with("flagged//")),
+        "{uids:?}"
+    );
+    // Without the file, the flag's default.
+    let (_server, addr) = start(&sample(), &[]);
+    let uids = sample_uids(addr).await;
+    assert!(
+        uids.iter().all(|uid| uid.starts_with("Kubernetes//")),
+        "{uids:?}"
+    );
+}
+
+#[test]
+fn a_bad_config_file_is_named_with_its_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("cp.yaml");
+    for (text, expected) in [
+        (
+            "xds:\n  maxResponseByte: 1\n",
+            "xds.maxResponseByte: unknown field `maxResponseByte`",
+        ),
+        ("mesh:\n  clusterId: [a]\n", "mesh.clusterId: "),
+        (
+            "ca:\n  nodeAgents: [ztunnel]\n",
+            "ca.nodeAgents[0]: invalid SPIFFE identity \"ztunnel\"",
+        ),
+        (
+            "xds:\n  maxResponseBytes: 0\n",
+            "maxResponseBytes in a config) must be at least 1",
+        ),
+    ] {
+        std::fs::write(&config, text).expect("write");
+        let output = Command::new(xds_serve())
+            .arg("--manifests")
+            .arg(sample())
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(1), "{text}");
+        let stderr = String::from_utf8(output.stderr).expect("UTF-8");
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+    }
+    let output = Command::new(xds_serve())
+        .arg("--manifests")
+        .arg(sample())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            "/nonexistent/cp.yaml",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).expect("UTF-8");
+    assert!(stderr.contains("--config /nonexistent/cp.yaml"), "{stderr}");
+}
+
+#[test]
+fn the_shipped_config_has_every_field() {
+    let text = std::fs::read_to_string(sample_config()).expect("read");
+    let config: xds_server::ControlPlaneConfig =
+        mesh_net::config::from_yaml(&text, "xds-serve-config.yaml").expect("valid");
+    let defaults = xds_server::ControlPlaneConfig::default();
+    assert!(config.handshake_limits.is_some());
+    assert_ne!(config.mesh.cluster_id, defaults.mesh.cluster_id);
+    assert_ne!(config.xds, defaults.xds);
+    assert_ne!(config.xds.handshake_limits, defaults.xds.handshake_limits);
+    assert_ne!(config.ca.serving_names, defaults.ca.serving_names);
+    assert_ne!(config.ca.handshake_limits, defaults.ca.handshake_limits);
+    assert_ne!(config.ca.node_agents, defaults.ca.node_agents);
+    // Every field written out: the text names each one.
+    for field in [
+        "handshakeLimits:",
+        "timeout:",
+        "maxInProgress:",
+        "maxInProgressPerIp:",
+        "mesh:",
+        "clusterId:",
+        "domain:",
+        "trustDomain:",
+        "rootNamespace:",
+        "network:",
+        "xds:",
+        "maxResponseBytes:",
+        "ca:",
+        "servingNames:",
+        "dnsNames:",
+        "ips:",
+        "validity:",
+        "nodeAgents:",
+    ] {
+        assert!(text.contains(field), "{field}");
+    }
 }

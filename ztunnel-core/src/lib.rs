@@ -31,18 +31,22 @@ pub mod xds;
 mod test_support;
 
 pub use certs::{
-    CertError, CertLease, CertManager, CertManagerBuilder, CertificateRequest, CertificateSource,
-    StaticCertificates,
+    CertError, CertLease, CertManager, CertManagerBuilder, CertManagerConfig, CertificateRequest,
+    CertificateSource, StaticCertificates,
 };
 pub use dns::StateDns;
 pub use proxy::{
-    ConnectionError, IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelHandle,
+    ConnectionError, IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelConfig,
+    ZtunnelHandle,
 };
 pub use state::{ProxyState, Rejected, SharedState};
 pub use telemetry::ConnectionRecord;
-pub use xds::{SyncState, XdsClient, XdsClientBuilder, XdsClientHandle, XdsNotReady};
+pub use xds::{
+    SyncState, XdsClient, XdsClientBuilder, XdsClientConfig, XdsClientHandle, XdsNotReady,
+};
 
 // What an embedder needs from the crates in the API, at matching versions.
+pub use mesh_ca::RenewalConfig;
 pub use mesh_net::{Drained, HandshakeLimits};
 pub use prometheus_client;
 pub use tonic;

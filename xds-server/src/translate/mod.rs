@@ -19,21 +19,38 @@ pub(crate) type Labels = BTreeMap<String, String>;
 /// The label that enrolls a namespace or a pod in the ambient mesh.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
-/// Mesh-wide facts the translation needs.
+/// Mesh-wide facts the translation needs, given to
+/// [`Store::new`](crate::Store::new).
+///
+/// As configuration ([`mesh_net::config`]; the `mesh` of a
+/// [`ControlPlaneConfig`](crate::ControlPlaneConfig)): camelCase names,
+/// every field optional, unknown fields refused.
+///
+/// ```yaml
+/// clusterId: Kubernetes
+/// domain: cluster.local
+/// trustDomain: cluster.local
+/// rootNamespace: istio-system
+/// network: ""
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 #[non_exhaustive]
 pub struct MeshConfig {
-    /// The cluster's id (`Kubernetes` by default): part of every pod's uid.
+    /// `clusterId`: the cluster's id (default `Kubernetes`): part of every
+    /// pod's uid.
     pub cluster_id: String,
-    /// The cluster's DNS domain (`cluster.local`): services are
-    /// `<name>.<ns>.svc.<domain>`.
+    /// `domain`: the cluster's DNS domain (default `cluster.local`): services
+    /// are `<name>.<ns>.svc.<domain>`.
     pub domain: String,
-    /// The trust domain of workload identities (`cluster.local`).
+    /// `trustDomain`: the trust domain of workload identities (default
+    /// `cluster.local`).
     pub trust_domain: String,
-    /// Policies in this namespace apply mesh-wide (`istio-system`).
+    /// `rootNamespace`: policies in this namespace apply mesh-wide (default
+    /// `istio-system`).
     pub root_namespace: String,
-    /// The network of pods and services; empty for the default network.
+    /// `network`: the network of pods and services (default empty: the
+    /// default network).
     pub network: String,
 }
 

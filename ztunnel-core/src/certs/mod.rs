@@ -84,6 +84,48 @@ pub enum BuildError {
     NoSource,
 }
 
+/// A certificate manager's plain data, as configuration
+/// ([`mesh_net::config`]): what [`CertManagerBuilder`] takes besides its
+/// certificate source, which stays builder-only. Every field is optional;
+/// [`Default`] gives the builder's defaults. In YAML:
+///
+/// ```yaml
+/// impersonate: false
+/// renewal: {ttl: null, initialBackoff: 1s, maxBackoff: 150s}  # ttl null: the CA's default
+/// ```
+///
+/// ```
+/// use std::time::Duration;
+/// use ztunnel_core::CertManagerConfig;
+///
+/// let config: CertManagerConfig = mesh_net::config::from_yaml(
+///     "impersonate: true\nrenewal: {ttl: 24h}\n",
+///     "certificates.yaml",
+/// )?;
+/// assert!(config.impersonate);
+/// assert_eq!(config.renewal.ttl, Some(Duration::from_secs(86400)));
+/// # Ok::<(), mesh_net::config::ConfigError>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CertManagerConfig {
+    /// `impersonate`: ask for certificates on behalf of workloads (a node
+    /// agent, whose credentials are its own) rather than as the caller itself
+    /// (default `false`).
+    pub impersonate: bool,
+    /// `renewal`: validity asked for and retry backoff, a
+    /// [`RenewalConfig`] (default: `ttl: null`, the CA's default;
+    /// `initialBackoff: 1s`; `maxBackoff: 150s`).
+    pub renewal: RenewalConfig,
+}
+
+impl From<CertManagerConfig> for CertManagerBuilder {
+    fn from(config: CertManagerConfig) -> Self {
+        Self::default().config(config)
+    }
+}
+
 /// A builder of [`CertManager`].
 #[derive(Debug, Default)]
 pub struct CertManagerBuilder {
@@ -93,6 +135,19 @@ pub struct CertManagerBuilder {
 }
 
 impl CertManagerBuilder {
+    /// Takes every field of `config` (each replaces what was set before):
+    /// call it first, then the source and any overrides, e.g.
+    /// `CertManager::builder().config(config).client(ca)`.
+    pub fn config(mut self, config: CertManagerConfig) -> Self {
+        let CertManagerConfig {
+            impersonate,
+            renewal,
+        } = config;
+        self.impersonate = impersonate;
+        self.renewal = renewal;
+        self
+    }
+
     /// The CA to fetch from (`mesh-ca`, or istiod): the source (required:
     /// this or [`CertManagerBuilder::source`]).
     pub fn client(self, client: CaClient) -> Self {
@@ -363,5 +418,42 @@ impl Drop for CertLease {
                 renewals.remove(&self.identity);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builders compare by what they hold (no `PartialEq`: the source is a
+    /// trait object).
+    fn holds(builder: &CertManagerBuilder) -> String {
+        format!("{builder:?}")
+    }
+
+    #[test]
+    fn the_default_config_is_the_builders_default() {
+        assert_eq!(
+            holds(&CertManagerBuilder::from(CertManagerConfig::default())),
+            holds(&CertManager::builder())
+        );
+    }
+
+    #[test]
+    fn config_applies_every_field_as_its_setter_does() {
+        let renewal = RenewalConfig {
+            ttl: Some(Duration::from_secs(3600)),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(20),
+        };
+        let config = CertManagerConfig {
+            impersonate: true,
+            renewal,
+        };
+        let by_setters = CertManager::builder().impersonate(true).renewal(renewal);
+        assert_eq!(holds(&CertManagerBuilder::from(config)), holds(&by_setters));
+        let default = CertManagerConfig::default();
+        assert_ne!(config.impersonate, default.impersonate);
+        assert_ne!(config.renewal, default.renewal);
     }
 }

@@ -1,6 +1,7 @@
 //! Building a proxy instance ([`ZtunnelBuilder`]: checked and assembled,
-//! nothing bound or spawned) and starting it on the caller's [`Listeners`]
-//! ([`Ztunnel::spawn`]), which gives its [`ZtunnelHandle`].
+//! nothing bound or spawned; its plain data also from a [`ZtunnelConfig`])
+//! and starting it on the caller's [`Listeners`] ([`Ztunnel::spawn`]), which
+//! gives its [`ZtunnelHandle`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -55,6 +56,112 @@ pub struct Listeners {
     pub socks5: Option<TcpListener>,
 }
 
+/// A proxy instance's plain data, as configuration ([`mesh_net::config`]):
+/// what [`ZtunnelBuilder`] takes besides its runtime parts (the state, the
+/// certificate manager, a metrics registry, a crypto provider, a demander),
+/// which stay builder-only. Every field is optional; [`Default`] gives the
+/// builder's defaults. In YAML:
+///
+/// ```yaml
+/// workloadUid: Kubernetes//Pod/default/shell   # required, here or with the builder
+/// identity: null          # or spiffe://cluster.local/ns/default/sa/shell
+/// network: ""
+/// socketMark: 1337        # null for none
+/// certificateWait: 10s
+/// hbonePort: 15008
+/// handshakeLimits: {timeout: 10s, maxInProgress: 1024, maxInProgressPerIp: 64}
+/// ```
+///
+/// ```
+/// use ztunnel_core::{ZtunnelBuilder, ZtunnelConfig};
+///
+/// let config: ZtunnelConfig = mesh_net::config::from_yaml(
+///     "workloadUid: Kubernetes//Pod/default/shell\nsocketMark: null\n",
+///     "proxy.yaml",
+/// )?;
+/// assert_eq!(config.socket_mark, None);
+/// assert_eq!(config.hbone_port, 15008); // the default
+/// let builder = ZtunnelBuilder::from(config); // then .state(..).certificates(..)
+/// # let _ = builder;
+/// # Ok::<(), mesh_net::config::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ZtunnelConfig {
+    /// `workloadUid`: the uid of the served workload (default none: then
+    /// [`ZtunnelBuilder::workload_uid`] is required).
+    pub workload_uid: Option<String>,
+    /// `identity`: the served workload's SPIFFE identity as a URI, if it
+    /// should not be derived from the state (default none).
+    #[serde(with = "identity_uri")]
+    pub identity: Option<Identity>,
+    /// `network`: the network of the served workload (default `""`, the
+    /// default network).
+    pub network: String,
+    /// `socketMark`: the mark on the proxy's own sockets (default 1337;
+    /// `null` for none, e.g. where no redirect rules exist).
+    pub socket_mark: Option<u32>,
+    /// `certificateWait`: how long a connection waits for the served
+    /// workload's certificate (default `10s`).
+    #[serde(with = "mesh_net::config::duration")]
+    pub certificate_wait: Duration,
+    /// `hbonePort`: the port peers accept HBONE on (default 15008).
+    pub hbone_port: u16,
+    /// `handshakeLimits`: bounds on connections in handshake on the HBONE
+    /// and SOCKS5 listeners (default [`HandshakeLimits::default`]: `timeout:
+    /// 10s`, `maxInProgress: 1024`, `maxInProgressPerIp: 64`).
+    pub handshake_limits: HandshakeLimits,
+}
+
+impl Default for ZtunnelConfig {
+    fn default() -> Self {
+        Self {
+            workload_uid: None,
+            identity: None,
+            network: String::new(),
+            socket_mark: Some(PROXY_MARK),
+            certificate_wait: DEFAULT_CERTIFICATE_WAIT,
+            hbone_port: HBONE_PORT,
+            handshake_limits: HandshakeLimits::default(),
+        }
+    }
+}
+
+impl From<ZtunnelConfig> for ZtunnelBuilder {
+    fn from(config: ZtunnelConfig) -> Self {
+        Self::default().config(config)
+    }
+}
+
+/// How long a connection waits for the served workload's certificate, unless
+/// told otherwise.
+const DEFAULT_CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
+
+/// An optional [`Identity`] as its SPIFFE URI.
+mod identity_uri {
+    use mesh_api::Identity;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        identity: &Option<Identity>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        identity
+            .as_ref()
+            .map(Identity::as_uri)
+            .serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Identity>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|uri| Identity::parse_uri(&uri).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
 /// A builder of [`Ztunnel`].
 #[derive(Debug)]
 pub struct ZtunnelBuilder {
@@ -82,7 +189,7 @@ impl Default for ZtunnelBuilder {
             network: String::new(),
             mark: Some(PROXY_MARK),
             provider: None,
-            certificate_wait: Duration::from_secs(10),
+            certificate_wait: DEFAULT_CERTIFICATE_WAIT,
             hbone_port: HBONE_PORT,
             metrics: None,
             demander: None,
@@ -92,6 +199,30 @@ impl Default for ZtunnelBuilder {
 }
 
 impl ZtunnelBuilder {
+    /// Takes every field of `config` (each replaces what was set before, an
+    /// absent `workloadUid` or `identity` included): call it first, then the
+    /// runtime parts and any overrides, e.g.
+    /// `Ztunnel::builder().config(config).state(state).certificates(certs)`.
+    pub fn config(mut self, config: ZtunnelConfig) -> Self {
+        let ZtunnelConfig {
+            workload_uid,
+            identity,
+            network,
+            socket_mark,
+            certificate_wait,
+            hbone_port,
+            handshake_limits,
+        } = config;
+        self.workload_uid = workload_uid;
+        self.identity = identity;
+        self.network = network;
+        self.mark = socket_mark;
+        self.certificate_wait = certificate_wait;
+        self.hbone_port = hbone_port;
+        self.handshake_limits = handshake_limits;
+        self
+    }
+
     /// The mesh state (kept up to date by an [`crate::XdsClient`], or by the
     /// embedder). Required.
     pub fn state(mut self, state: SharedState) -> Self {
@@ -302,5 +433,67 @@ impl Ztunnel {
         Ok(ZtunnelHandle::supervise(
             ctx, tasks, addresses, socks5, accepting,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builders compare by what they hold (no `PartialEq`: some parts are
+    /// runtime handles).
+    fn holds(builder: &ZtunnelBuilder) -> String {
+        format!("{builder:?}")
+    }
+
+    #[test]
+    fn the_default_config_is_the_builders_default() {
+        assert_eq!(
+            holds(&ZtunnelBuilder::from(ZtunnelConfig::default())),
+            holds(&Ztunnel::builder())
+        );
+    }
+
+    #[test]
+    fn config_applies_every_field_as_its_setter_does() {
+        let identity =
+            Identity::parse_uri("spiffe://cluster.local/ns/default/sa/shell").expect("identity");
+        let limits = HandshakeLimits::default()
+            .with_timeout(Duration::from_secs(3))
+            .with_max_in_progress(7)
+            .with_max_in_progress_per_ip(2);
+        let config = ZtunnelConfig {
+            workload_uid: Some("Kubernetes//Pod/default/shell".into()),
+            identity: Some(identity.clone()),
+            network: "net-1".into(),
+            socket_mark: None,
+            certificate_wait: Duration::from_millis(1500),
+            hbone_port: 15999,
+            handshake_limits: limits,
+        };
+        let by_setters = Ztunnel::builder()
+            .workload_uid("Kubernetes//Pod/default/shell")
+            .identity(identity)
+            .network("net-1")
+            .socket_mark(None)
+            .certificate_wait(Duration::from_millis(1500))
+            .hbone_port(15999)
+            .handshake_limits(limits);
+        assert_eq!(
+            holds(&ZtunnelBuilder::from(config.clone())),
+            holds(&by_setters)
+        );
+        // Every field differs from its default, so none was left out above.
+        let default = ZtunnelConfig::default();
+        assert_ne!(config.workload_uid, default.workload_uid);
+        assert_ne!(config.identity, default.identity);
+        assert_ne!(config.network, default.network);
+        assert_ne!(config.socket_mark, default.socket_mark);
+        assert_ne!(config.certificate_wait, default.certificate_wait);
+        assert_ne!(config.hbone_port, default.hbone_port);
+        assert_ne!(config.handshake_limits, default.handshake_limits);
+        // A later setter overrides the config.
+        let overridden = Ztunnel::builder().config(config).hbone_port(15008);
+        assert_eq!(overridden.hbone_port, 15008);
     }
 }

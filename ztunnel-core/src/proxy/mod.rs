@@ -72,7 +72,7 @@ pub mod route;
 pub mod socks5;
 
 pub use baggage::baggage;
-pub use builder::{BuildError, Listeners, Ztunnel, ZtunnelBuilder};
+pub use builder::{BuildError, Listeners, Ztunnel, ZtunnelBuilder, ZtunnelConfig};
 pub use context::IdentityError;
 pub use error::ConnectionError;
 pub use handle::{ServeError, ZtunnelHandle};

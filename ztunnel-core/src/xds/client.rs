@@ -74,19 +74,115 @@ pub enum BuildError {
     Header(&'static str),
 }
 
+/// An xDS client's plain data, as configuration ([`mesh_net::config`]):
+/// what [`XdsClientBuilder`] takes besides the channel, the bearer token (a
+/// secret, read by the binary from wherever it keeps it) and the state, which
+/// stay builder-only. Every field is optional; [`Default`] gives the
+/// builder's defaults. In YAML:
+///
+/// ```yaml
+/// nodeId: ztunnel~10.0.0.2~shell.default~default.svc.cluster.local  # required, here or with the builder
+/// clusterId: Kubernetes
+/// onDemand: false
+/// maxBackoff: 15s
+/// ```
+///
+/// ```
+/// use std::time::Duration;
+/// use ztunnel_core::XdsClientConfig;
+///
+/// let config: XdsClientConfig =
+///     mesh_net::config::from_yaml("nodeId: ztunnel~a\nmaxBackoff: 1m\n", "xds.yaml")?;
+/// assert_eq!(config.max_backoff, Duration::from_secs(60));
+/// assert_eq!(config.cluster_id, "Kubernetes"); // the default
+/// # Ok::<(), mesh_net::config::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct XdsClientConfig {
+    /// `nodeId`: the node id, ztunnel's form
+    /// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` (default none: then
+    /// [`XdsClientBuilder::node_id`] is required).
+    pub node_id: Option<String>,
+    /// `clusterId`: the `clusterid` header (default `Kubernetes`).
+    pub cluster_id: String,
+    /// `onDemand`: ask for `Address` resources one name at a time instead of
+    /// all of them (default `false`).
+    pub on_demand: bool,
+    /// `maxBackoff`: the longest wait between reconnection attempts (default
+    /// `15s`).
+    #[serde(with = "mesh_net::config::duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for XdsClientConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            on_demand: false,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+impl From<XdsClientConfig> for XdsClientBuilder {
+    fn from(config: XdsClientConfig) -> Self {
+        Self::default().config(config)
+    }
+}
+
+/// The `clusterid` header, unless told otherwise.
+const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+/// The longest wait between reconnection attempts, unless told otherwise.
+const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(15);
+
 /// A builder of [`XdsClient`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct XdsClientBuilder {
     channel: Option<Channel>,
     node_id: Option<String>,
-    cluster_id: Option<String>,
+    cluster_id: String,
     token: Option<String>,
     state: Option<SharedState>,
-    max_backoff: Option<Duration>,
+    max_backoff: Duration,
     on_demand: bool,
 }
 
+impl Default for XdsClientBuilder {
+    fn default() -> Self {
+        Self {
+            channel: None,
+            node_id: None,
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            token: None,
+            state: None,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            on_demand: false,
+        }
+    }
+}
+
 impl XdsClientBuilder {
+    /// Takes every field of `config` (each replaces what was set before, an
+    /// absent `nodeId` included): call it first, then the channel, the token
+    /// and any overrides, e.g.
+    /// `XdsClient::builder().config(config).channel(channel).token(token)`.
+    pub fn config(mut self, config: XdsClientConfig) -> Self {
+        let XdsClientConfig {
+            node_id,
+            cluster_id,
+            on_demand,
+            max_backoff,
+        } = config;
+        self.node_id = node_id;
+        self.cluster_id = cluster_id;
+        self.on_demand = on_demand;
+        self.max_backoff = max_backoff;
+        self
+    }
+
     /// Ask for `Address` resources one name at a time, through
     /// [`XdsClient::demander`], instead of all of them (default: all).
     pub fn on_demand(mut self, on_demand: bool) -> Self {
@@ -109,7 +205,7 @@ impl XdsClientBuilder {
 
     /// The `clusterid` header (default `Kubernetes`).
     pub fn cluster_id(mut self, id: impl Into<String>) -> Self {
-        self.cluster_id = Some(id.into());
+        self.cluster_id = id.into();
         self
     }
 
@@ -127,7 +223,7 @@ impl XdsClientBuilder {
 
     /// The longest wait between reconnection attempts (default 15 s).
     pub fn max_backoff(mut self, backoff: Duration) -> Self {
-        self.max_backoff = Some(backoff);
+        self.max_backoff = backoff;
         self
     }
 
@@ -137,8 +233,6 @@ impl XdsClientBuilder {
         let node_id = self.node_id.ok_or(BuildError::NoNodeId)?;
         let cluster_id: MetadataValue<_> = self
             .cluster_id
-            .as_deref()
-            .unwrap_or("Kubernetes")
             .parse()
             .map_err(|_| BuildError::Header("the cluster id"))?;
         let authorization = self
@@ -156,7 +250,7 @@ impl XdsClientBuilder {
             authorization,
             state: self.state.unwrap_or_default(),
             known: KnownVersions::default(),
-            max_backoff: self.max_backoff.unwrap_or(Duration::from_secs(15)),
+            max_backoff: self.max_backoff,
             sync: watch::Sender::new(SyncState::default()),
             on_demand: self.on_demand.then(|| {
                 let (sender, receiver) = mpsc::channel(256);
@@ -583,5 +677,63 @@ impl OnDemand {
                 self.waiting.push((name, done));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builders compare by what they hold (no `PartialEq`: the channel is a
+    /// runtime handle).
+    fn holds(builder: &XdsClientBuilder) -> String {
+        format!("{builder:?}")
+    }
+
+    #[test]
+    fn the_default_config_is_the_builders_default() {
+        assert_eq!(
+            holds(&XdsClientBuilder::from(XdsClientConfig::default())),
+            holds(&XdsClient::builder())
+        );
+    }
+
+    #[test]
+    fn config_applies_every_field_as_its_setter_does() {
+        let config = XdsClientConfig {
+            node_id: Some("ztunnel~10.0.0.2~shell.default~default.svc.cluster.local".into()),
+            cluster_id: "east".into(),
+            on_demand: true,
+            max_backoff: Duration::from_secs(90),
+        };
+        let by_setters = XdsClient::builder()
+            .node_id("ztunnel~10.0.0.2~shell.default~default.svc.cluster.local")
+            .cluster_id("east")
+            .on_demand(true)
+            .max_backoff(Duration::from_secs(90));
+        assert_eq!(
+            holds(&XdsClientBuilder::from(config.clone())),
+            holds(&by_setters)
+        );
+        let default = XdsClientConfig::default();
+        assert_ne!(config.node_id, default.node_id);
+        assert_ne!(config.cluster_id, default.cluster_id);
+        assert_ne!(config.on_demand, default.on_demand);
+        assert_ne!(config.max_backoff, default.max_backoff);
+    }
+
+    #[tokio::test]
+    async fn the_default_cluster_id_and_backoff_reach_the_client() {
+        let channel = Channel::from_static("http://127.0.0.1:1").connect_lazy();
+        let client = XdsClient::builder()
+            .config(XdsClientConfig {
+                node_id: Some("n".into()),
+                ..XdsClientConfig::default()
+            })
+            .channel(channel)
+            .build()
+            .expect("built");
+        assert_eq!(client.cluster_id, "Kubernetes");
+        assert_eq!(client.max_backoff, Duration::from_secs(15));
     }
 }

@@ -6,5 +6,5 @@ mod client;
 pub use apply::{KnownVersions, apply_response};
 pub use client::{
     BuildError, Demander, RunError, StreamError, SyncState, XdsClient, XdsClientBuilder,
-    XdsClientHandle, XdsNotReady,
+    XdsClientConfig, XdsClientHandle, XdsNotReady,
 };
