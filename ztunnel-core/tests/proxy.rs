@@ -435,9 +435,9 @@ async fn bytes_sent_before_the_answer_arrive_first_and_a_refusal_still_refuses()
         .request(tls, key, unserved, &[])
         .await
         .expect("request");
-    pending
-        .send_early(bytes::Bytes::from_static(b"ignored"))
-        .expect("early bytes");
+    // The server may have refused (and closed the stream) before these are
+    // sent: then sending them fails, which is as good as ignoring them.
+    let _ = pending.send_early(bytes::Bytes::from_static(b"ignored"));
     assert!(
         matches!(
             pending.established().await,
