@@ -32,6 +32,10 @@ use sockets::{SocketPool, UpstreamConnections, UpstreamRuntime};
 
 mod sockets;
 
+/// The most [`UpstreamConfig::max_in_flight`] may be: each question in flight
+/// holds a socket, and far fewer descriptors are there to hold.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 1 << 20;
+
 /// The default of [`UpstreamConfig::max_in_flight`].
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
@@ -102,6 +106,12 @@ impl UpstreamConfig {
         }
         if self.max_in_flight == 0 {
             return Err("max_in_flight must be at least 1".into());
+        }
+        if self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
+            return Err(format!(
+                "max_in_flight {} is more than {MAX_IN_FLIGHT_LIMIT}",
+                self.max_in_flight
+            ));
         }
         let total = u32::try_from(self.attempts)
             .ok()

@@ -200,6 +200,24 @@ async fn a_file_with_every_field_builds_a_proxy_that_serves_with_it() {
 }
 
 #[test]
+fn more_in_flight_than_descriptors_could_hold_is_refused() {
+    let config: DnsConfig = from_yaml(
+        "upstream:\n  servers: [127.0.0.1:53]\n  maxInFlight: 18446744073709551615\n",
+        "dns.yaml",
+    )
+    .expect("read");
+    let built = DnsProxy::builder()
+        .config(config)
+        .mesh(mesh("cluster.local"))
+        .build();
+    assert!(
+        matches!(&built, Err(BuildError::Upstream(problem)) if problem.contains("max_in_flight")),
+        "{:?}",
+        built.err()
+    );
+}
+
+#[test]
 fn misspelt_fields_and_bad_values_are_refused_naming_the_field() {
     let refused = |text: &str| {
         from_yaml::<DnsConfig>(text, "dns.yaml")

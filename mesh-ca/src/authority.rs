@@ -57,6 +57,38 @@ impl Default for SigningPolicy {
     }
 }
 
+/// The longest validity any duration of a [`SigningPolicy`] may give (100
+/// years): beyond it, dates leave what X.509 and the clock can hold.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(100 * 365 * 86400);
+
+impl SigningPolicy {
+    /// Whether the durations make sense: validities above zero, the default
+    /// within the maximum, none beyond [`MAX_VALIDITY`], a backdate of at
+    /// most a day.
+    pub fn check(&self) -> Result<(), AuthorityError> {
+        let wrong = |message: String| Err(AuthorityError::Policy(message));
+        if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
+            return wrong("defaultTtl and maxTtl must be above zero".into());
+        }
+        if self.max_ttl > MAX_VALIDITY {
+            return wrong(format!(
+                "maxTtl {:?} is beyond {MAX_VALIDITY:?}",
+                self.max_ttl
+            ));
+        }
+        if self.default_ttl > self.max_ttl {
+            return wrong(format!(
+                "defaultTtl {:?} is beyond maxTtl {:?}",
+                self.default_ttl, self.max_ttl
+            ));
+        }
+        if self.backdate > Duration::from_secs(86400) {
+            return wrong(format!("backdate {:?} is more than a day", self.backdate));
+        }
+        Ok(())
+    }
+}
+
 /// A signed certificate with its chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedCertificate {
@@ -97,6 +129,9 @@ pub enum AuthorityError {
     /// The signing key or certificate is unusable.
     #[error("unusable CA material: {0}")]
     Material(String),
+    /// The signing policy's durations are out of bounds.
+    #[error("signing policy: {0}")]
+    Policy(String),
 }
 
 /// The current signing key and chain.
@@ -182,6 +217,7 @@ impl Authority {
         trust_domain: impl Into<String>,
         policy: SigningPolicy,
     ) -> Result<Self, AuthorityError> {
+        policy.check()?;
         Ok(Self {
             trust_domain: trust_domain.into(),
             policy,

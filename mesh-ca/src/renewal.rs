@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::WorkloadCertificate;
-use crate::source::{CertificateRequest, CertificateSource};
+use crate::source::{CertificateRequest, CertificateSource, SourceError};
 
 /// How a [`Renewal`] behaves. As configuration ([`mesh_net::config`]):
 /// `ttl`, `initialBackoff`, `maxBackoff`, durations as text (`"24h"`), each
@@ -99,6 +99,40 @@ impl Drop for Renewal {
     }
 }
 
+/// The shortest wait before asking the source again after a success.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a source answered, if it can be used for `request`: for the identity
+/// asked (both the answer's `identity` and its leaf's SPIFFE URI: a source
+/// is not trusted to name its certificates right) and not expired. Anything
+/// else is a failed renewal, retried with backoff.
+fn usable(
+    request: &CertificateRequest,
+    certificate: WorkloadCertificate,
+) -> Result<WorkloadCertificate, SourceError> {
+    let asked = &request.identity;
+    if &certificate.identity != asked {
+        return Err(format!(
+            "the source answered for {}, not {asked}",
+            certificate.identity
+        )
+        .into());
+    }
+    let leaf = certificate
+        .chain
+        .first()
+        .ok_or("the source answered with an empty chain")?;
+    let named = mesh_net::spiffe_identity(leaf)
+        .map_err(|err| format!("the source's certificate for {asked}: {err}"))?;
+    if &named != asked {
+        return Err(format!("the source's certificate for {asked} names {named}").into());
+    }
+    if certificate.not_after <= SystemTime::now() {
+        return Err(format!("the source's certificate for {asked} has expired").into());
+    }
+    Ok(certificate)
+}
+
 /// Time from now until `at` (zero if past).
 fn until(at: SystemTime) -> Duration {
     at.duration_since(SystemTime::now()).unwrap_or_default()
@@ -116,15 +150,31 @@ async fn renew(
     loop {
         // A fetch under way is not cut short by a stop: it ends first (a
         // drain counts it as left).
-        let delay = match source.fetch(&request).await {
+        let fetched = source
+            .fetch(&request)
+            .await
+            .and_then(|certificate| usable(&request, certificate));
+        let delay = match fetched {
             Ok(certificate) => {
                 backoff.reset();
-                // At half-life, but never sooner than half of what is left:
-                // a backdated short-lived certificate is past its half-life on
-                // arrival and must not be renewed in a loop.
-                let renew_in = until(certificate.half_life()).max(until(certificate.not_after) / 2);
-                tracing::debug!(%identity, ?renew_in, "certificate renewed");
-                publish.send_replace(Some(Arc::new(certificate)));
+                // At half-life, but never sooner than half of what is left
+                // (a backdated short-lived certificate is past its half-life
+                // on arrival), nor sooner than a second (a source that keeps
+                // answering with the same ageing certificate is not asked in a
+                // loop).
+                let renew_in = until(certificate.half_life())
+                    .max(until(certificate.not_after) / 2)
+                    .max(MIN_RENEWAL_INTERVAL);
+                let unchanged = publish
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|current| current.chain.first() == certificate.chain.first());
+                if unchanged {
+                    tracing::debug!(%identity, ?renew_in, "the source has no newer certificate yet");
+                } else {
+                    tracing::debug!(%identity, ?renew_in, "certificate renewed");
+                    publish.send_replace(Some(Arc::new(certificate)));
+                }
                 renew_in
             }
             Err(err) => {

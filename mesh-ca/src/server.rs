@@ -151,6 +151,10 @@ mod identities {
     }
 }
 
+/// The shortest validity of the CA's serving certificate: it is re-issued at
+/// half-life, on a handshake, so shorter would mean signing constantly.
+const MIN_SERVING_VALIDITY: Duration = Duration::from_secs(3600);
+
 /// Why a CA server could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -164,6 +168,14 @@ pub enum BuildError {
     /// Node agents were named but no node authorizer can check their requests.
     #[error("trusted node agents were given without a node authorizer")]
     NodeAgentsWithoutAuthorizer,
+    /// The authenticators let anonymous callers through: the CA signs only
+    /// for a caller it knows.
+    #[error("the CA's authenticators may not be anonymous")]
+    AnonymousCallers,
+    /// The serving certificate's validity is too short to serve with, or
+    /// beyond what a certificate can hold.
+    #[error("servingNames.validity {0:?} must be between 1 hour and 100 years")]
+    ServingValidity(Duration),
     /// The serving certificate or TLS configuration failed.
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -280,6 +292,13 @@ impl CaServerBuilder {
         let authority = self.authority.ok_or(BuildError::NoAuthority)?;
         if self.authenticators.names().is_empty() {
             return Err(BuildError::NoAuthenticator);
+        }
+        if self.authenticators.is_anonymous() {
+            return Err(BuildError::AnonymousCallers);
+        }
+        let validity = self.serving.validity;
+        if validity < MIN_SERVING_VALIDITY || validity > crate::authority::MAX_VALIDITY {
+            return Err(BuildError::ServingValidity(validity));
         }
         if !self.node_agents.is_empty() && self.node_authorizer.is_none() {
             return Err(BuildError::NodeAgentsWithoutAuthorizer);

@@ -448,3 +448,60 @@ fn the_readme_samples_are_valid_and_show_the_defaults() {
     let policy: SigningPolicy = from_yaml(&blocks[2], "README policy").expect("valid");
     assert_eq!(policy, SigningPolicy::default());
 }
+
+#[test]
+fn durations_out_of_bounds_are_refused_before_serving() {
+    let material =
+        mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(365 * 86400))
+            .expect("material");
+    let authority = || {
+        Arc::new(
+            Authority::new(&material, "cluster.local", SigningPolicy::default())
+                .expect("authority"),
+        )
+    };
+    let build = |yaml: &str, authenticators: mesh_ca::Authenticators| {
+        let config: CaServerConfig = from_yaml(yaml, "ca.yaml").expect("read");
+        CaServer::builder()
+            .config(config)
+            .authority(authority())
+            .authenticators(authenticators)
+            .build()
+    };
+    let tokens = || mesh_ca::Authenticators::new().with(StaticTokens::new());
+    for yaml in [
+        "servingNames:\n  validity: 0s\n",
+        "servingNames:\n  validity: 59m\n",
+        "servingNames:\n  validity: 1000years\n",
+    ] {
+        assert!(
+            matches!(
+                build(yaml, tokens()),
+                Err(mesh_ca::server::BuildError::ServingValidity(_))
+            ),
+            "{yaml}"
+        );
+    }
+    assert!(build("servingNames:\n  validity: 1h\n", tokens()).is_ok());
+    // A CA signs only for callers it knows.
+    assert!(matches!(
+        build(
+            "",
+            mesh_ca::Authenticators::anonymous().with(StaticTokens::new())
+        ),
+        Err(mesh_ca::server::BuildError::AnonymousCallers)
+    ));
+
+    for yaml in [
+        "maxTtl: 1000years\n",
+        "defaultTtl: 0s\n",
+        "defaultTtl: 100days\nmaxTtl: 90days\n",
+        "backdate: 2days\n",
+    ] {
+        let policy: SigningPolicy = from_yaml(yaml, "policy.yaml").expect("read");
+        let err = Authority::new(&material, "cluster.local", policy)
+            .err()
+            .unwrap_or_else(|| panic!("{yaml} accepted"));
+        assert!(err.to_string().starts_with("signing policy: "), "{err}");
+    }
+}

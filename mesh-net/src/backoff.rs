@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
+/// The shortest first delay: a backoff configured to start at zero (or a
+/// nanosecond) starts here, so that it grows instead of spinning.
+pub const MIN_DELAY: Duration = Duration::from_millis(1);
+
 /// Exponential backoff with jitter; [`Backoff::reset`] after a success.
 #[derive(Debug)]
 pub struct Backoff {
@@ -22,7 +26,9 @@ pub struct Backoff {
 impl Backoff {
     /// Delays from about `initial` doubling up to about `max` (see the
     /// module docs for the exact ranges).
+    /// Both are at least [`MIN_DELAY`]: a zero start would never grow.
     pub fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(MIN_DELAY);
         let max = max.max(initial);
         // backon adds a jitter in [0, step) to each step: halving both
         // bounds gives steps of [d/2, d).
@@ -80,6 +86,17 @@ mod tests {
                 .insert(Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).next_delay());
         }
         assert!(first.len() > 1, "20 clients got the same first delay");
+    }
+
+    #[test]
+    fn a_zero_start_still_grows() {
+        let mut backoff = Backoff::new(Duration::ZERO, Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
+        assert!(
+            delays.iter().all(|delay| *delay >= MIN_DELAY / 2),
+            "{delays:?}"
+        );
+        assert!(delays[11] >= Duration::from_millis(500), "{delays:?}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ use crate::Throttle;
 const LOG_EVERY: Duration = Duration::from_secs(5);
 /// The first wait after `accept` failed for want of resources.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// A deadline that will not come: what a timeout too long for the clock
+/// means (about 30 years).
+const FAR_FUTURE: Duration = Duration::from_secs(86400 * 365 * 30);
 /// The longest wait after `accept` failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -364,7 +367,10 @@ impl Slots {
         let handshake = Handshake {
             slots: self.clone(),
             id,
-            deadline: Instant::now() + limits.timeout,
+            // A timeout too long for the clock is as good as none.
+            deadline: Instant::now()
+                .checked_add(limits.timeout)
+                .unwrap_or_else(|| Instant::now() + FAR_FUTURE),
             evicted: signal,
         };
         (handshake, evicted)
@@ -396,6 +402,15 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpSocket;
+
+    #[tokio::test]
+    async fn a_timeout_too_long_for_the_clock_is_no_deadline() {
+        let (mut acceptor, address) =
+            acceptor(HandshakeLimits::default().with_timeout(Duration::MAX)).await;
+        let _client = TcpStream::connect(address).await.unwrap();
+        let (_stream, _peer, handshake) = acceptor.accept().await;
+        assert!(handshake.deadline() > Instant::now() + Duration::from_secs(86400 * 365));
+    }
 
     async fn acceptor(limits: HandshakeLimits) -> (Acceptor, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

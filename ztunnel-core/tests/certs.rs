@@ -248,3 +248,61 @@ async fn any_source_plugs_in_and_is_asked_as_the_manager_is_configured() {
         Err(BuildError::NoSource)
     ));
 }
+
+/// A source that answers every request with one fixed certificate.
+#[derive(Debug)]
+struct Always(mesh_ca::WorkloadCertificate);
+
+impl CertificateSource for Always {
+    fn fetch<'a>(&'a self, _request: &'a CertificateRequest) -> Fetch<'a> {
+        Box::pin(std::future::ready(Ok(self.0.clone())))
+    }
+}
+
+#[tokio::test]
+async fn a_source_is_not_believed_on_whose_or_how_old_its_certificates_are() {
+    let authority = in_memory_ca(&[]).authority.clone();
+    let shell = identity("spiffe://cluster.local/ns/default/sa/shell");
+    let echo = identity("spiffe://cluster.local/ns/default/sa/echo");
+    let wait = Duration::from_millis(500);
+    let manager = |certificate| {
+        CertManager::builder()
+            .source(Always(certificate))
+            .build()
+            .expect("built")
+    };
+
+    // Echo's certificate, handed out for shell.
+    let certs = manager(sign(&authority, &echo));
+    assert!(matches!(
+        certs.certificate(&shell, wait).await,
+        Err(CertError::Unavailable { .. })
+    ));
+    certs.shutdown();
+
+    // Echo's certificate, labelled as shell's.
+    let mut relabelled = sign(&authority, &echo);
+    relabelled.identity = shell.clone();
+    let certs = manager(relabelled);
+    assert!(matches!(
+        certs.certificate(&shell, wait).await,
+        Err(CertError::Unavailable { .. })
+    ));
+    certs.shutdown();
+
+    // Shell's own, but expired.
+    let mut expired = sign(&authority, &shell);
+    expired.not_after = std::time::SystemTime::UNIX_EPOCH;
+    let certs = manager(expired);
+    assert!(matches!(
+        certs.certificate(&shell, wait).await,
+        Err(CertError::Unavailable { .. })
+    ));
+    certs.shutdown();
+
+    // Shell's own and valid: served.
+    let certs = manager(sign(&authority, &shell));
+    let served = certs.certificate(&shell, WAIT).await.expect("served");
+    assert_eq!(served.identity, shell);
+    certs.shutdown();
+}

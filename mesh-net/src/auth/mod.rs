@@ -115,6 +115,9 @@ pub trait Authenticator: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Authenticated>, String>>;
 }
 
+/// At most one refusal line per service this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The authenticators of one service, tried in order, and how it refuses
 /// (`Unauthenticated`, logged at most once every 5 s with a count, so an
 /// operator sees a client's bad credentials and a client retrying in a loop
@@ -150,7 +153,7 @@ impl Authenticators {
             service: "gRPC",
             authenticators: Vec::new(),
             anonymous: false,
-            refusals: Arc::new(Mutex::new(Throttle::new(Duration::from_secs(5)))),
+            refusals: Arc::new(Mutex::new(Throttle::new(REFUSAL_LOG_INTERVAL))),
         }
     }
 
@@ -175,9 +178,12 @@ impl Authenticators {
         self
     }
 
-    /// Names the service in refusal logs (`"xDS"`, `"CA"`).
+    /// Names the service in refusal logs (`"xDS"`, `"CA"`), with a rate
+    /// limit of its own: one set shared by two services logs each one's
+    /// refusals.
     pub fn for_service(mut self, service: &'static str) -> Self {
         self.service = service;
+        self.refusals = Arc::new(Mutex::new(Throttle::new(REFUSAL_LOG_INTERVAL)));
         self
     }
 

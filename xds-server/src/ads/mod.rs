@@ -69,7 +69,7 @@ impl AdsService {
         Self {
             inner: Arc::new(Inner {
                 store,
-                auth,
+                auth: auth.for_service("xDS"),
                 max_response_bytes,
                 shutdown,
                 streams: AtomicUsize::new(0),

@@ -307,8 +307,8 @@ impl Default for ListenersConfig {
 struct Listen(Option<SocketAddr>);
 
 impl<'de> serde::Deserialize<'de> for Listen {
-    /// An address, or `off`; also `false`, as which YAML 1.1 reads a bare
-    /// `off` (and `mesh_net::config::from_yaml` reads YAML 1.1 booleans).
+    /// An address, or `off`; also `false` (what `off` means in YAML 1.1;
+    /// `mesh_net::config::from_yaml` reads YAML 1.2, where `off` is text).
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl serde::de::Visitor<'_> for Visitor {

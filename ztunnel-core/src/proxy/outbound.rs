@@ -428,7 +428,13 @@ async fn open_hbone(
         })?
     {
         early = first.len() as u64;
-        pending.send_early(first).map_err(hbone)?;
+        // A server that refuses at once may have closed the stream already:
+        // then its answer, not this send's failure, says why.
+        if let Err(failed) = pending.send_early(first) {
+            let answer = pending.established().await.map_err(hbone)?;
+            drop(answer);
+            return Err(hbone(failed));
+        }
     }
     let stream = pending.established().await.map_err(hbone)?;
     Ok((stream, early))
