@@ -904,6 +904,23 @@ fn main() {
     for (carrier, figures) in carriers.iter().zip(&mut figures).skip(1) {
         let proxies = launcher.start(*carrier);
         figures.idle = proxies.iter().map(rss).collect();
+        for (proxy, name) in proxies.iter().zip(["client", "server"]) {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).expect("status");
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with(key))
+                    .map_or("?", |line| line[key.len()..].trim())
+                    .to_owned()
+            };
+            println!(
+                "{:>7} {name} proxy idle: RssAnon {}, RssFile {}",
+                carrier.name(),
+                field("RssAnon:"),
+                field("RssFile:")
+            );
+        }
         figures.loaded = if options.wants("memory") {
             let _open = on(&client, open_many(at(ECHO), options.connections));
             std::thread::sleep(Duration::from_millis(500));
