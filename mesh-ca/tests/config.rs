@@ -13,7 +13,6 @@ use mesh_ca::{
 use mesh_net::HandshakeLimits;
 use mesh_net::config::{ConfigError, from_yaml};
 use proptest::prelude::*;
-use test_support::{Ended, connect_from, ended, still_open};
 
 fn id(uri: &str) -> Identity {
     uri.parse().expect("identity")
@@ -279,23 +278,7 @@ async fn a_server_built_from_yaml_serves_as_configured() {
 
     // At most 2 clients of one address in handshake: of 5 idle ones (the
     // 2-minute deadline far off), the 3 oldest were closed to make room.
-    let mut idle = Vec::new();
-    for _ in 0..5 {
-        idle.push(
-            connect_from([127, 0, 0, 9].into(), address)
-                .await
-                .expect("connect"),
-        );
-    }
-    for stream in idle.drain(..3) {
-        assert_eq!(
-            ended(Ok(stream), Duration::from_secs(20)).await,
-            Ended::Closed
-        );
-    }
-    for stream in &mut idle {
-        assert!(still_open(stream).await, "the newest wait for the deadline");
-    }
+    test_support::assert_oldest_crowded_out(address, [127, 0, 0, 9].into(), 5, 3).await;
     handle.shutdown();
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The example `name` of `package`, next to the running test's `deps/`
@@ -97,6 +97,54 @@ pub async fn connect_from(source: IpAddr, to: SocketAddr) -> io::Result<TcpStrea
     };
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(to).await
+}
+
+/// A SOCKS5 CONNECT (no authentication) through the listener at `socks5` to
+/// the IPv4 `target`: the reply code (0 is success) and the stream.
+pub async fn socks5(socks5: SocketAddr, target: SocketAddr) -> io::Result<(u8, TcpStream)> {
+    let mut stream = TcpStream::connect(socks5).await?;
+    stream.write_all(&[5, 1, 0]).await?;
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).await?;
+    if choice != [5, 0] {
+        return Err(io::Error::other(format!("SOCKS5 method choice {choice:?}")));
+    }
+    let SocketAddr::V4(v4) = target else {
+        return Err(io::Error::other("an IPv4 target only"));
+    };
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&v4.ip().octets());
+    request.extend_from_slice(&v4.port().to_be_bytes());
+    stream.write_all(&request).await?;
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).await?;
+    Ok((reply[1], stream))
+}
+
+/// Opens `opened` idle connections to `address` from `source`, against a
+/// listener that lets fewer of them wait in handshake: asserts that the
+/// `closed` oldest are closed to make room (within 20 s) and the rest still
+/// wait.
+pub async fn assert_oldest_crowded_out(
+    address: SocketAddr,
+    source: IpAddr,
+    opened: usize,
+    closed: usize,
+) {
+    let mut idle = Vec::new();
+    for _ in 0..opened {
+        idle.push(connect_from(source, address).await.expect("connect"));
+    }
+    for stream in idle.drain(..closed) {
+        assert_eq!(
+            ended(Ok(stream), Duration::from_secs(20)).await,
+            Ended::Closed,
+            "one of the oldest in handshake"
+        );
+    }
+    for stream in &mut idle {
+        assert!(still_open(stream).await, "the newest wait for the deadline");
+    }
 }
 
 /// Log lines written while it is a subscriber's writer (e.g.

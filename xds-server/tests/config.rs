@@ -14,7 +14,6 @@ use mesh_ca::{Authenticated, Authority, CaClient, CaServer, ClientCertificate, S
 use mesh_net::HandshakeLimits;
 use mesh_net::config::{ConfigError, from_yaml};
 use proptest::prelude::*;
-use test_support::{Ended, connect_from, ended, still_open};
 use xds_server::{
     Authenticators, ControlPlane, ControlPlaneConfig, MeshConfig, Store, StoreNodeAuthorizer,
     XdsServer, XdsServerConfig,
@@ -393,23 +392,7 @@ spec:
     // The shared port's limits (at most 2 in handshake from one address),
     // not the xDS server's (50) nor the CA's (60): of 5 idle connections,
     // the 3 oldest were closed to make room.
-    let mut idle = Vec::new();
-    for _ in 0..5 {
-        idle.push(
-            connect_from([127, 0, 0, 9].into(), address)
-                .await
-                .expect("connect"),
-        );
-    }
-    for stream in idle.drain(..3) {
-        assert_eq!(
-            ended(Ok(stream), Duration::from_secs(20)).await,
-            Ended::Closed
-        );
-    }
-    for stream in &mut idle {
-        assert!(still_open(stream).await, "the newest wait for the deadline");
-    }
+    test_support::assert_oldest_crowded_out(address, [127, 0, 0, 9].into(), 5, 3).await;
     handle.shutdown();
 }
 

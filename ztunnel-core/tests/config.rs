@@ -8,11 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_api::names::ip_to_wire;
-use mesh_api::workload::address::Type;
-use mesh_api::workload::{Address, TunnelProtocol, Workload, WorkloadStatus};
+use mesh_api::workload::{TunnelProtocol, Workload, WorkloadStatus};
 use mesh_net::config::{ConfigError, from_yaml};
 use proptest::prelude::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ztunnel_core::{
     CertManager, CertManagerBuilder, CertManagerConfig, HandshakeLimits, Listeners, RenewalConfig,
@@ -22,7 +20,7 @@ use ztunnel_core::{
 
 mod support;
 
-use support::mesh::{echo_app, identity, in_memory_ca, round_trip};
+use support::mesh::{echo_app, identity, in_memory_ca, put, round_trip};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -299,20 +297,6 @@ fn workload(namespace: &str, name: &str, ip: &str) -> Workload {
     }
 }
 
-fn put(state: &SharedState, workload: Workload) {
-    let name = workload.uid.clone();
-    state
-        .update(|s| {
-            s.apply_address(
-                &name,
-                Address {
-                    r#type: Some(Type::Workload(workload)),
-                },
-            )
-        })
-        .expect("workload");
-}
-
 /// HBONE listeners on one port for echo (127.0.0.2) and shell (127.0.0.3).
 async fn hbone_listeners() -> (TcpListener, TcpListener) {
     for _ in 0..20 {
@@ -379,24 +363,12 @@ async fn instance(
     handle
 }
 
-/// Connects through `proxy`'s SOCKS5 listener to `target`.
+/// Connects through `proxy`'s SOCKS5 listener to `target` (success answered
+/// once the tunnel is up).
 async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(proxy.socks5_addr().expect("socks5"))
-        .await
-        .expect("connect");
-    stream.write_all(&[5, 1, 0]).await.expect("greeting");
-    let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice).await.expect("choice");
-    let SocketAddr::V4(v4) = target else {
-        panic!("IPv4 here")
-    };
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&v4.ip().octets());
-    request.extend_from_slice(&v4.port().to_be_bytes());
-    stream.write_all(&request).await.expect("request");
-    let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply).await.expect("reply");
-    assert_eq!(reply[1], 0, "SOCKS5 success");
+    let socks5 = proxy.socks5_addr().expect("a SOCKS5 listener");
+    let (reply, stream) = test_support::socks5(socks5, target).await.expect("SOCKS5");
+    assert_eq!(reply, 0, "SOCKS5 success");
     stream
 }
 

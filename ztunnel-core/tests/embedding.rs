@@ -145,22 +145,9 @@ async fn resolve(dns: SocketAddr, name: &str) -> std::net::IpAddr {
 /// Connects through `proxy`'s SOCKS5 listener to `target` (success answered
 /// once the tunnel is up).
 async fn socks5(proxy: &ZtunnelHandle, target: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(proxy.socks5_addr().expect("socks5"))
-        .await
-        .expect("connect");
-    stream.write_all(&[5, 1, 0]).await.expect("greeting");
-    let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice).await.expect("choice");
-    let SocketAddr::V4(v4) = target else {
-        panic!("IPv4 here")
-    };
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&v4.ip().octets());
-    request.extend_from_slice(&v4.port().to_be_bytes());
-    stream.write_all(&request).await.expect("request");
-    let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply).await.expect("reply");
-    assert_eq!(reply[1], 0, "SOCKS5 success");
+    let socks5 = proxy.socks5_addr().expect("a SOCKS5 listener");
+    let (reply, stream) = test_support::socks5(socks5, target).await.expect("SOCKS5");
+    assert_eq!(reply, 0, "SOCKS5 success");
     stream
 }
 

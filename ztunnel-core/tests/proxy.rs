@@ -31,7 +31,7 @@ use ztunnel_core::{CertManager, Listeners, SharedState, Ztunnel, ZtunnelHandle};
 
 mod support;
 
-use support::mesh::{Ca, ca, echo_app, identity, in_memory_ca, round_trip};
+use support::mesh::{Ca, ca, echo_app, identity, in_memory_ca, put, round_trip};
 
 const WAIT: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
@@ -66,20 +66,6 @@ fn echo_workload(app_port: u16, policies: &[&str]) -> Workload {
     );
     echo.authorization_policies = policies.iter().map(|p| (*p).to_owned()).collect();
     echo
-}
-
-fn put(state: &SharedState, workload: Workload) {
-    let name = workload.uid.clone();
-    state
-        .update(|s| {
-            s.apply_address(
-                &name,
-                Address {
-                    r#type: Some(Type::Workload(workload)),
-                },
-            )
-        })
-        .expect("workload");
 }
 
 fn echo_service(state: &SharedState, target_port: u16) {
@@ -178,21 +164,7 @@ async fn socks5_reply_at(
     socks5: SocketAddr,
     target: SocketAddr,
 ) -> std::io::Result<(u8, TcpStream)> {
-    let mut stream = TcpStream::connect(socks5).await?;
-    stream.write_all(&[5, 1, 0]).await?;
-    let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice).await?;
-    assert_eq!(choice, [5, 0]);
-    let SocketAddr::V4(v4) = target else {
-        panic!("IPv4 only here")
-    };
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&v4.ip().octets());
-    request.extend_from_slice(&v4.port().to_be_bytes());
-    stream.write_all(&request).await?;
-    let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply).await?;
-    Ok((reply[1], stream))
+    test_support::socks5(socks5, target).await
 }
 
 /// Connects through `proxy`'s SOCKS5 listener to `target`.

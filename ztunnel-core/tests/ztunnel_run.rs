@@ -14,11 +14,15 @@ use mesh_api::Identity;
 use mesh_ca::{Authenticated, Authority, CaServer, StaticTokens};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use xds_server::{
     Authenticators, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
 };
 use ztunnel_core::{CertManager, Listeners, XdsClient, Ztunnel};
+
+mod support;
+
+use support::mesh::echo_app;
 
 /// The `ztunnel-run` example, built by cargo with the tests.
 fn ztunnel_run() -> PathBuf {
@@ -339,38 +343,10 @@ spec: {serviceAccountName: shell, nodeName: node-a, containers: []}
 status: {podIP: 127.0.0.3, conditions: [{type: Ready, status: 'True'}]}
 ";
 
-/// An application that echoes what it reads.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind app");
-    let address = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-    address
-}
-
 /// Through the SOCKS5 listener at `socks5` to `target`, and back.
 async fn through_socks5(socks5: SocketAddr, target: SocketAddr) -> Vec<u8> {
-    let mut stream = TcpStream::connect(socks5).await.expect("connect");
-    stream.write_all(&[5, 1, 0]).await.expect("greeting");
-    let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice).await.expect("choice");
-    let SocketAddr::V4(v4) = target else {
-        panic!("IPv4 here")
-    };
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&v4.ip().octets());
-    request.extend_from_slice(&v4.port().to_be_bytes());
-    stream.write_all(&request).await.expect("request");
-    let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply).await.expect("reply");
-    assert_eq!(reply[1], 0, "SOCKS5 success");
+    let (reply, mut stream) = test_support::socks5(socks5, target).await.expect("SOCKS5");
+    assert_eq!(reply, 0, "SOCKS5 success");
     stream
         .write_all(b"configured by file")
         .await
@@ -387,7 +363,7 @@ async fn through_socks5(socks5: SocketAddr, target: SocketAddr) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sample_config_runs_against_a_control_plane() {
     // The control plane: xDS and the CA on one TLS port, in this process.
-    let app = echo_app().await;
+    let app = echo_app("127.0.0.2").await;
     let store = Store::new(MeshConfig::default());
     for object in parse_manifest(CLUSTER).expect("YAML").objects {
         store.apply(object).expect("valid");

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::Identity;
+use mesh_api::workload::Address;
+use mesh_api::workload::Workload;
+use mesh_api::workload::address::Type;
 use mesh_ca::{
     Authenticated, Authority, CaClient, CaMaterial, CaServer, RenewalConfig, SigningPolicy,
     StaticNodeAuthorizer, StaticTokens, WorkloadCertificate,
@@ -15,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use ztunnel_core::{CertManager, StaticCertificates};
+use ztunnel_core::{CertManager, SharedState, StaticCertificates};
 
 /// A SPIFFE identity from its URI.
 pub fn identity(uri: &str) -> Identity {
@@ -175,4 +178,19 @@ pub async fn round_trip(mut stream: TcpStream, size: usize) -> std::io::Result<b
     sent?;
     read?;
     Ok(received == payload)
+}
+
+/// Puts `workload` into `state` (as the xDS client would).
+pub fn put(state: &SharedState, workload: Workload) {
+    let name = workload.uid.clone();
+    state
+        .update(|s| {
+            s.apply_address(
+                &name,
+                Address {
+                    r#type: Some(Type::Workload(workload)),
+                },
+            )
+        })
+        .expect("workload");
 }
