@@ -729,6 +729,11 @@ async fn the_admin_server_reports_readiness_config_and_istio_metrics() {
     assert!(round_trip(to_pod, 1000).await.expect("round trip"));
 
     assert_eq!(get(address, "/healthz/ready").await.0, 200);
+    let (status, index) = get(address, "/").await;
+    assert_eq!(status, 200);
+    for path in ["/config_dump", "/healthz/ready", "/metrics"] {
+        assert!(index.contains(path), "{index}");
+    }
     let (status, dump) = get(address, "/config_dump").await;
     assert_eq!(status, 200);
     let dump: serde_json::Value = serde_json::from_str(&dump).expect("JSON");

@@ -102,8 +102,26 @@ impl Admin {
                 self.config_dump().to_string(),
             ),
             "/metrics" | "/stats/prometheus" => self.metrics(),
+            "/" => reply(StatusCode::OK, "text/plain", self.index()),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
+    }
+
+    /// What this listener serves, one path a line (as ztunnel's admin index).
+    fn index(&self) -> String {
+        const ALL: [(&str, &str); 4] = [
+            ("/config_dump", "the proxy's state as JSON"),
+            (
+                "/healthz/ready",
+                "200 once the served workload has its certificate",
+            ),
+            ("/metrics", "Prometheus metrics (also /stats/prometheus)"),
+            ("/stats/prometheus", "Prometheus metrics"),
+        ];
+        ALL.iter()
+            .filter(|(path, _)| self.paths.is_empty() || self.paths.contains(path))
+            .map(|(path, what)| format!("{path}: {what}\n"))
+            .collect()
     }
 
     async fn ready(&self) -> Response<Full<Bytes>> {
