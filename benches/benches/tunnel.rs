@@ -45,6 +45,8 @@ struct Options {
     baseline: Option<PathBuf>,
     /// Runtime threads of the baseline's proxies (default: as ours).
     baseline_threads: Option<usize>,
+    /// With `--ztunnel`: also ours and ztunnel facing each other, each way.
+    mixed: bool,
     /// Figures to measure (`single`, `eight`, `rr`, `rate`, `memory`); all when empty.
     /// `attacks` (only when named) runs the attacks on our proxy instead.
     only: Vec<String>,
@@ -69,6 +71,7 @@ fn options() -> Options {
         ztunnel: None,
         baseline: None,
         baseline_threads: None,
+        mixed: false,
         only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -84,6 +87,7 @@ fn options() -> Options {
             "--connections" => options.connections = number() as usize,
             "--proxy-threads" => options.proxy_threads = number() as usize,
             "--baseline-threads" => options.baseline_threads = Some(number() as usize),
+            "--mixed" => options.mixed = true,
             "--ztunnel" => {
                 options.ztunnel = Some(args.next().expect("--ztunnel needs a path").into());
             }
@@ -346,6 +350,11 @@ enum Carrier {
     Ztunnel,
     /// An earlier build of ours in each pod (`--baseline`).
     Baseline,
+    /// Ours in the client pod, a real ztunnel in the server pod (`--mixed`):
+    /// HBONE from our client side to ztunnel's server side.
+    OursToZtunnel,
+    /// A real ztunnel in the client pod, ours in the server pod (`--mixed`).
+    ZtunnelToOurs,
 }
 
 impl Carrier {
@@ -355,6 +364,8 @@ impl Carrier {
             Self::Ours => "ours",
             Self::Ztunnel => "ztunnel",
             Self::Baseline => "before",
+            Self::OursToZtunnel => "ours→zt",
+            Self::ZtunnelToOurs => "zt→ours",
         }
     }
 }
@@ -381,8 +392,17 @@ impl Launcher<'_> {
             .workloads
             .iter()
             .zip(PODS)
-            .filter_map(|(netns, (name, uid))| match carrier {
+            .enumerate()
+            .filter_map(|(pod, (netns, (name, uid)))| match carrier {
                 Carrier::Plain => None,
+                Carrier::OursToZtunnel | Carrier::ZtunnelToOurs => {
+                    let ours_in_client = carrier == Carrier::OursToZtunnel;
+                    Some(if (pod == 0) == ours_in_client {
+                        self.ours(netns, uid, self.ztunnel_run, self.options.proxy_threads)
+                    } else {
+                        self.ztunnel(netns, name)
+                    })
+                }
                 Carrier::Ours => {
                     Some(self.ours(netns, uid, self.ztunnel_run, self.options.proxy_threads))
                 }
@@ -806,6 +826,9 @@ fn main() {
     }
     if options.ztunnel.is_some() {
         carriers.push(Carrier::Ztunnel);
+        if options.mixed {
+            carriers.extend([Carrier::OursToZtunnel, Carrier::ZtunnelToOurs]);
+        }
     }
     let mut figures: Vec<Figures> = carriers.iter().map(|_| Figures::default()).collect();
     for round in 1..=options.rounds {
