@@ -159,6 +159,7 @@ fn flags_override_the_file_and_the_rest_stays() {
     std::fs::write(
         &file,
         "controlPlane: 10.0.0.1:15012
+controlPlaneName: cp.example
 root: /etc/root.pem
 tokenFile: /etc/token
 workerThreads: 2
@@ -175,6 +176,7 @@ certificates: {renewal: {ttl: 1h}}
     let file = file.to_str().expect("UTF-8");
     let config = printed(&["--config", file]);
     assert_eq!(config["workerThreads"], 2);
+    assert_eq!(config["controlPlaneName"], "cp.example");
     assert_eq!(config["listeners"]["admin"], "off");
     assert_eq!(config["certificates"]["renewal"]["ttl"], "1h");
     assert_eq!(
@@ -186,6 +188,8 @@ certificates: {renewal: {ttl: 1h}}
         file,
         "--control-plane",
         "10.9.9.9:15012",
+        "--control-plane-name",
+        "istiod.istio-system.svc",
         "--root",
         "/other/root.pem",
         "--token",
@@ -212,6 +216,7 @@ certificates: {renewal: {ttl: 1h}}
     ]);
     for (path, value) in [
         ("/controlPlane", Value::from("10.9.9.9:15012")),
+        ("/controlPlaneName", Value::from("istiod.istio-system.svc")),
         ("/root", Value::from("/other/root.pem")),
         // A token on the command line wins over the file's token file, and is
         // not printed.

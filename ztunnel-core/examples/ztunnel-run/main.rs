@@ -110,6 +110,7 @@ listener, then `ready` once the workload is known and has its certificate
 Everything may also come from one YAML (or JSON) file, `--config FILE`:
 
   controlPlane: 10.0.0.1:15012        # --control-plane
+  controlPlaneName: istiod.istio-system.svc  # --control-plane-name
   root: /etc/podless/root-cert.pem    # --root
   tokenFile: /var/run/secrets/token   # --token-file (or --token)
   workerThreads: 1                    # --worker-threads
@@ -157,6 +158,11 @@ struct Args {
     /// 10.0.0.1:15012. Required, here or as `controlPlane` in the file.
     #[arg(long, value_name = "ADDR")]
     control_plane: Option<SocketAddr>,
+    /// The name the control plane's serving certificate carries, checked
+    /// when connecting (default istiod.istio-system.svc, as istiod's and
+    /// xds-serve's); `controlPlaneName` in the file.
+    #[arg(long, value_name = "NAME")]
+    control_plane_name: Option<String>,
     /// PEM file of the mesh's root certificate(s), to verify the control
     /// plane. Required, here or as `root` in the file.
     #[arg(long, value_name = "PEM")]
@@ -225,12 +231,18 @@ struct Args {
     on_demand: bool,
 }
 
+/// The name istiod's serving certificate carries, and xds-serve's by default.
+const DEFAULT_CONTROL_PLANE_NAME: &str = "istiod.istio-system.svc";
+
 /// The whole binary's configuration: `--config`'s file, then the flags.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 struct RunConfig {
     /// `controlPlane`: xDS and the CA on one TLS port. Required.
     control_plane: Option<SocketAddr>,
+    /// `controlPlaneName`: the name in its serving certificate (default
+    /// `istiod.istio-system.svc`).
+    control_plane_name: String,
     /// `root`: PEM file of the mesh's root certificates. Required.
     root: Option<PathBuf>,
     /// `tokenFile`: the file holding the bearer token (or `--token`).
@@ -255,6 +267,7 @@ impl Default for RunConfig {
         certificates.impersonate = true;
         Self {
             control_plane: None,
+            control_plane_name: DEFAULT_CONTROL_PLANE_NAME.to_owned(),
             root: None,
             token_file: None,
             worker_threads: 1,
@@ -386,6 +399,7 @@ fn settings(args: Args) -> Result<Settings, String> {
         config: _,
         print_config: _,
         control_plane,
+        control_plane_name,
         root,
         token,
         token_file,
@@ -414,6 +428,7 @@ fn settings(args: Args) -> Result<Settings, String> {
         flag.map(Some)
     }
     set(&mut config.control_plane, some(control_plane));
+    set(&mut config.control_plane_name, control_plane_name);
     set(&mut config.root, some(root));
     if token.is_some() {
         // A token given on the command line wins over the file's token file.
@@ -488,7 +503,7 @@ async fn run(config: RunConfig, token: String) -> Result<(), String> {
         .ok_or_else(|| missing("--workload-uid", "proxy.workloadUid"))?;
     let mut ca = CaClient::builder()
         .address(control_plane)
-        .server_name("istiod.istio-system.svc")
+        .server_name(config.control_plane_name.clone())
         .roots(roots)
         .token(token.clone());
     // The control plane's connections must not be captured by the redirect
