@@ -325,6 +325,9 @@ impl Args {
                 .iter()
                 .map(|(_, identity, _)| identity.clone()),
         );
+        if cli.ca_dir.is_none() && config.ca != mesh_ca::CaServerConfig::default() {
+            eprintln!("xds-serve: warning: the file's `ca` section is not used without --ca-dir");
+        }
         Ok(Self {
             manifests: cli.manifests,
             listen: cli.listen,

@@ -509,3 +509,25 @@ fn the_shipped_config_has_every_field() {
         assert!(text.contains(field), "{field}");
     }
 }
+
+#[test]
+fn a_ca_section_without_ca_dir_is_warned_about() {
+    let config = sample_config();
+    let ca_dir = tempfile::tempdir().expect("tempdir");
+    let run = |extra: &[&str]| {
+        let output = Command::new(xds_serve())
+            .args(["--config", config.to_str().expect("path")])
+            .args(["--manifests", "/nonexistent/podless-manifests"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .expect("xds-serve");
+        assert!(!output.status.success(), "no manifests: an error");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let warning = "the file's `ca` section is not used without --ca-dir";
+    let stderr = run(&[]);
+    assert!(stderr.contains(warning), "{stderr}");
+    let stderr = run(&["--ca-dir", ca_dir.path().to_str().expect("path")]);
+    assert!(!stderr.contains(warning), "{stderr}");
+}
