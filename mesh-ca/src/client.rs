@@ -13,7 +13,6 @@ use mesh_api::ca::IstioCertificateRequest;
 use mesh_api::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use prost_types::{Struct, Value, value::Kind};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
-use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -23,6 +22,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::service::IMPERSONATED_IDENTITY;
 use mesh_net::grpc::{TlsChannel, tls_channel};
+use mesh_net::spiffe::{BundleError, root_store};
 use mesh_net::spiffe_identity;
 
 /// A workload certificate with its key.
@@ -262,16 +262,10 @@ impl CaClientBuilder {
         let provider = self
             .provider
             .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-        let mut roots = RootCertStore::empty();
-        for root in &self.roots {
-            roots
-                .add(root.clone())
-                .map_err(|err| ClientError::Tls(err.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(ClientError::Tls("no mesh roots given".into()));
-        }
-        let roots = Arc::new(roots);
+        let roots = Arc::new(root_store(&self.roots).map_err(|err| match err {
+            BundleError::Empty => ClientError::Tls("no mesh roots given".into()),
+            other => ClientError::Tls(other.to_string()),
+        })?);
         let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|err| ClientError::Tls(err.to_string()))?
@@ -416,12 +410,7 @@ impl CaClient {
         if &granted != identity {
             return Err(bad(format!("asked for {identity}, got {granted}")));
         }
-        let mut store = RootCertStore::empty();
-        for root in &roots {
-            store
-                .add(root.clone())
-                .map_err(|err| bad(format!("a root in the trust bundle: {err}")))?;
-        }
+        let store = root_store(&roots).map_err(|err| bad(err.to_string()))?;
         WebPkiClientVerifier::builder_with_provider(Arc::new(store), self.provider.clone())
             .build()
             .map_err(|err| bad(format!("the trust bundle: {err}")))?

@@ -290,7 +290,7 @@ impl CaServerBuilder {
     /// Validates and assembles: issues the serving certificate; binds nothing.
     pub fn build(self) -> Result<CaServer, BuildError> {
         let authority = self.authority.ok_or(BuildError::NoAuthority)?;
-        if self.authenticators.names().is_empty() {
+        if self.authenticators.is_empty() {
             return Err(BuildError::NoAuthenticator);
         }
         if self.authenticators.is_anonymous() {

@@ -145,17 +145,7 @@ async fn with_a_ca_dir_serves_the_ca_beside_xds_and_lets_node_agents_impersonate
             "agent=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a",
         ],
     );
-    let root = std::fs::read_to_string(ca.path().join("root-cert.pem")).expect("root written");
-    let roots = rustls_pki_types::pem::PemObject::pem_slice_iter(root.as_bytes())
-        .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
-        .expect("PEM");
-    let agent = mesh_ca::CaClient::builder()
-        .address(addr)
-        .server_name("istiod.istio-system.svc")
-        .roots(roots)
-        .token("agent")
-        .build()
-        .expect("client");
+    let agent = agent_client(ca.path(), addr, "istiod.istio-system.svc");
     let echo =
         mesh_api::Identity::parse_uri("spiffe://cluster.local/ns/default/sa/echo").expect("id");
     let issued = agent
@@ -372,18 +362,8 @@ async fn serves_the_shipped_sample_with_the_shipped_config_and_its_ca() {
             "agent=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a",
         ],
     );
-    let root = std::fs::read_to_string(ca.path().join("root-cert.pem")).expect("root written");
-    let roots = rustls_pki_types::pem::PemObject::pem_slice_iter(root.as_bytes())
-        .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
-        .expect("PEM");
     // A name only the file puts on the serving certificate.
-    let agent = mesh_ca::CaClient::builder()
-        .address(addr)
-        .server_name("control-plane.podless.internal")
-        .roots(roots)
-        .token("agent")
-        .build()
-        .expect("client");
+    let agent = agent_client(ca.path(), addr, "control-plane.podless.internal");
     let checkout =
         mesh_api::Identity::parse_uri("spiffe://cluster.local/ns/shop/sa/checkout").expect("id");
     let issued = agent
@@ -530,4 +510,20 @@ fn a_ca_section_without_ca_dir_is_warned_about() {
     assert!(stderr.contains(warning), "{stderr}");
     let stderr = run(&["--ca-dir", ca_dir.path().to_str().expect("path")]);
     assert!(!stderr.contains(warning), "{stderr}");
+}
+
+/// The node agent's CA client (token `agent`) to the control plane at `addr`,
+/// trusting the root xds-serve wrote in `ca_dir`, dialling `server_name`.
+fn agent_client(ca_dir: &Path, addr: std::net::SocketAddr, server_name: &str) -> mesh_ca::CaClient {
+    let root = std::fs::read_to_string(ca_dir.join("root-cert.pem")).expect("root written");
+    let roots = rustls_pki_types::pem::PemObject::pem_slice_iter(root.as_bytes())
+        .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
+        .expect("PEM");
+    mesh_ca::CaClient::builder()
+        .address(addr)
+        .server_name(server_name)
+        .roots(roots)
+        .token("agent")
+        .build()
+        .expect("client")
 }

@@ -187,6 +187,11 @@ impl Authenticators {
         self
     }
 
+    /// Whether no authenticator was added (an anonymous set may have none).
+    pub fn is_empty(&self) -> bool {
+        self.authenticators.is_empty()
+    }
+
     /// Whether any caller could ever be accepted.
     pub fn is_configured(&self) -> bool {
         self.anonymous || !self.authenticators.is_empty()
