@@ -17,6 +17,10 @@
 //! - [`config`]: reading components' `Config`s from YAML, with errors that
 //!   name the field.
 //! - [`throttle`]: logging a recurring event at a bounded rate.
+//! - [`netns`]: network namespaces: running code and programs inside one,
+//!   opening sockets in one.
+//! - [`zds`]: the ZDS transport (one protobuf message per `SOCK_SEQPACKET`
+//!   datagram, a network namespace passed along as a file descriptor).
 
 pub mod auth;
 pub mod backoff;
@@ -25,8 +29,10 @@ pub mod grpc;
 pub mod lifecycle;
 pub mod listen;
 pub mod mark;
+pub mod netns;
 pub mod spiffe;
 pub mod throttle;
+pub mod zds;
 
 pub use auth::{
     Authenticated, Authenticator, Authenticators, Caller, ClientCertificate, JwtAuthenticator,

@@ -13,7 +13,10 @@
 //! - [`hbone`]: HBONE, client and server side by side: the client's
 //!   connections and their pool, the server, the request headers, the wire
 //!   constants.
-//! - [`net`]: below both: sockets and the byte copies.
+//! - [`net`]: below both: sockets (in the process's network namespace or a
+//!   pod's) and the byte copies.
+//! - [`node`]: node mode: one node proxy serving every pod the node agent
+//!   hands over by ZDS, each with its own instance inside the pod.
 //! - [`telemetry`]: one record per connection, handed when it ends to the
 //!   access log and the metrics (Istio's names).
 
@@ -21,6 +24,7 @@ pub mod certs;
 pub mod dns;
 pub mod hbone;
 pub mod net;
+pub mod node;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
@@ -35,6 +39,7 @@ pub use certs::{
     CertificateSource, StaticCertificates,
 };
 pub use dns::StateDns;
+pub use node::{NodeProxy, NodeProxyBuilder, NodeProxyConfig, NodeProxyHandle};
 pub use proxy::{
     ConnectionError, IdentityError, Listeners, ServeError, Ztunnel, ZtunnelBuilder, ZtunnelConfig,
     ZtunnelHandle,

@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
-use crate::net::socket;
+use crate::net::socket::{self, SocketNamespace};
 use crate::tls::{TlsError, WorkloadTls, check_server_identity};
 
 /// Why an HBONE stream could not be opened.
@@ -181,6 +181,8 @@ pub(super) struct Dial<'a> {
     pub(super) expected: &'a [Identity],
     /// The mark on the socket.
     pub(super) mark: Option<u32>,
+    /// Where the socket is made.
+    pub(super) namespace: &'a SocketNamespace,
     /// Its keep-alive.
     pub(super) keep_alive: KeepAlive,
 }
@@ -206,7 +208,7 @@ impl Connection {
         shutdown: &CancellationToken,
     ) -> Result<(Arc<Self>, StreamSlot), HboneError> {
         let address = dial.address;
-        let tcp = socket::connect_from(address, dial.source_ip, dial.mark)
+        let tcp = socket::connect_from_in(dial.namespace, address, dial.source_ip, dial.mark)
             .await
             .map_err(|source| HboneError::Connect { address, source })?;
         let stream = TlsConnector::from(tls.client.clone())

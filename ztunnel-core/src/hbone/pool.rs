@@ -24,6 +24,7 @@ use super::client::{
     Connection, Dial, HboneError, HboneStream, KeepAlive, PendingStream, StreamSlot,
 };
 use super::{PING_INTERVAL, POOL_IDLE_TIMEOUT};
+use crate::net::socket::SocketNamespace;
 use crate::tls::WorkloadTls;
 
 /// What a pooled connection is shared by.
@@ -52,6 +53,7 @@ struct Inner {
     /// open one, and why the last open failed.
     opening: Mutex<HashMap<PoolKey, Arc<Gate>>>,
     mark: Option<u32>,
+    namespace: SocketNamespace,
     shutdown: CancellationToken,
     keep_alive: KeepAlive,
 }
@@ -108,10 +110,36 @@ impl HbonePool {
         Self::with_keep_alive(mark, shutdown, PING_INTERVAL, POOL_IDLE_TIMEOUT)
     }
 
+    /// [`HbonePool::new`] whose connections start in `namespace` (node
+    /// mode: the served pod's).
+    pub fn in_namespace(
+        mark: Option<u32>,
+        namespace: SocketNamespace,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        Self::assemble(mark, namespace, shutdown, PING_INTERVAL, POOL_IDLE_TIMEOUT)
+    }
+
     /// [`HbonePool::new`] with its own PING interval and idle timeout (WIRE.md
     /// §4 gives 10 s and 5 minutes).
     pub fn with_keep_alive(
         mark: Option<u32>,
+        shutdown: &CancellationToken,
+        ping_interval: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self::assemble(
+            mark,
+            SocketNamespace::process(),
+            shutdown,
+            ping_interval,
+            idle_timeout,
+        )
+    }
+
+    fn assemble(
+        mark: Option<u32>,
+        namespace: SocketNamespace,
         shutdown: &CancellationToken,
         ping_interval: Duration,
         idle_timeout: Duration,
@@ -121,6 +149,7 @@ impl HbonePool {
                 connections: Mutex::new(HashMap::new()),
                 opening: Mutex::new(HashMap::new()),
                 mark,
+                namespace,
                 shutdown: shutdown.child_token(),
                 keep_alive: KeepAlive {
                     ping_interval,
@@ -258,6 +287,7 @@ impl HbonePool {
             source_ip: key.source_ip,
             expected: &key.expected,
             mark: self.inner.mark,
+            namespace: &self.inner.namespace,
             keep_alive: self.inner.keep_alive,
         };
         let (connection, slot) = Connection::open(tls, dial, &self.inner.shutdown).await?;

@@ -1,12 +1,16 @@
 //! Socket options the proxy needs from the OS: the original destination of a
 //! redirected connection, the mark that keeps the proxy's own connections out
-//! of the redirect rules (WIRE.md §6), `TCP_NODELAY`, and resets.
+//! of the redirect rules (WIRE.md §6), `TCP_NODELAY`, and resets; and the
+//! network namespace sockets are made in ([`SocketNamespace`]: the process's,
+//! or in node mode the served pod's).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::Arc;
 
+use mesh_net::netns::Netns;
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 pub use mesh_net::PROXY_MARK;
 
@@ -39,10 +43,86 @@ pub fn original_destination(stream: &TcpStream, source: SocketAddr) -> io::Resul
     original.or_else(|_| stream.local_addr())
 }
 
+/// Where a proxy instance makes its sockets: in the process's own network
+/// namespace (dedicated mode: the process runs in its workload's), or inside
+/// the served pod's (node mode: listeners, connections to peers and to the
+/// application all start in the pod, as if the proxy ran there). Cheap to
+/// clone.
+#[derive(Clone, Debug, Default)]
+pub struct SocketNamespace {
+    pod: Option<Arc<PodNamespace>>,
+}
+
+#[derive(Debug)]
+struct PodNamespace {
+    pod: Netns,
+    /// The namespace the process's threads are in (they never leave it but
+    /// for a socket's creation).
+    home: Netns,
+}
+
+impl SocketNamespace {
+    /// The process's own namespace.
+    pub fn process() -> Self {
+        Self::default()
+    }
+
+    /// Inside `pod`; the calling thread's namespace is where every thread
+    /// of the process returns after making a socket.
+    pub fn pod(pod: Netns) -> io::Result<Self> {
+        Ok(Self {
+            pod: Some(Arc::new(PodNamespace {
+                pod,
+                home: Netns::current()?,
+            })),
+        })
+    }
+
+    /// The pod's namespace, if not the process's.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.pod.as_ref().map(|inside| &inside.pod)
+    }
+
+    /// Runs `make` (which creates a socket) in this namespace.
+    pub fn make<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        match &self.pod {
+            None => make(),
+            Some(inside) => inside.pod.enter_from(&inside.home, make)?,
+        }
+    }
+
+    /// A TCP socket of `address`'s family, in this namespace.
+    pub fn tcp_socket_for(&self, address: SocketAddr) -> io::Result<TcpSocket> {
+        self.make(|| tcp_socket_for(address))
+    }
+
+    /// [`listen_with_nodelay`], in this namespace.
+    pub fn listen(&self, address: SocketAddr) -> io::Result<TcpListener> {
+        self.make(|| listen_with_nodelay(address))
+    }
+
+    /// A UDP socket bound to `address`, in this namespace (needs a tokio
+    /// runtime).
+    pub fn udp(&self, address: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = self.make(|| std::net::UdpSocket::bind(address))?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket)
+    }
+}
+
 /// Connects to `address` from a socket carrying `mark` (when set), with
 /// `TCP_NODELAY`.
 pub async fn connect(address: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     connect_from(address, None, mark).await
+}
+
+/// [`connect`] from a socket made in `namespace`.
+pub async fn connect_in(
+    namespace: &SocketNamespace,
+    address: SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<TcpStream> {
+    connect_from_in(namespace, address, None, mark).await
 }
 
 /// [`connect`] from the local address `source` (when set). The port is
@@ -53,7 +133,17 @@ pub async fn connect_from(
     source: Option<IpAddr>,
     mark: Option<u32>,
 ) -> io::Result<TcpStream> {
-    let socket = tcp_socket_for(address)?;
+    connect_from_in(&SocketNamespace::process(), address, source, mark).await
+}
+
+/// [`connect_from`] with a socket made in `namespace`.
+pub async fn connect_from_in(
+    namespace: &SocketNamespace,
+    address: SocketAddr,
+    source: Option<IpAddr>,
+    mark: Option<u32>,
+) -> io::Result<TcpStream> {
+    let socket = namespace.tcp_socket_for(address)?;
     if let Some(mark) = mark {
         mesh_net::set_mark(&socket, mark)?;
     }

@@ -23,9 +23,9 @@ use super::handle::{Tasks, ZtunnelHandle};
 use super::{inbound, outbound, plaintext};
 use crate::certs::CertManager;
 use crate::hbone::{HBONE_PORT, HbonePool};
-use crate::net::socket::PROXY_MARK;
 #[cfg(doc)]
 use crate::net::socket::listen_with_nodelay;
+use crate::net::socket::{PROXY_MARK, SocketNamespace};
 use crate::state::SharedState;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::TlsConfigs;
@@ -177,6 +177,7 @@ pub struct ZtunnelBuilder {
     metrics: Option<Metrics>,
     demander: Option<Demander>,
     handshake_limits: HandshakeLimits,
+    sockets: SocketNamespace,
 }
 
 impl Default for ZtunnelBuilder {
@@ -194,6 +195,7 @@ impl Default for ZtunnelBuilder {
             metrics: None,
             demander: None,
             handshake_limits: HandshakeLimits::default(),
+            sockets: SocketNamespace::process(),
         }
     }
 }
@@ -291,6 +293,22 @@ impl ZtunnelBuilder {
         self
     }
 
+    /// Counts connections into metrics already registered (shared by the
+    /// instances of a node proxy).
+    pub fn shared_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Where the instance makes its sockets (default: the process's
+    /// namespace; a node proxy gives each instance its pod's). Its
+    /// [`Listeners`] are the caller's to bind there
+    /// ([`SocketNamespace::listen`]).
+    pub fn sockets(mut self, sockets: SocketNamespace) -> Self {
+        self.sockets = sockets;
+        self
+    }
+
     /// Looks up unknown destinations (and the served workload) on demand,
     /// through an on-demand [`crate::XdsClient`]'s [`Demander`].
     pub fn demander(mut self, demander: Demander) -> Self {
@@ -329,7 +347,8 @@ impl ZtunnelBuilder {
             tls: TlsConfigs::new(provider),
             certificate_wait: self.certificate_wait,
             hbone_port: self.hbone_port,
-            pool: HbonePool::new(self.mark, &shutdown),
+            pool: HbonePool::in_namespace(self.mark, self.sockets.clone(), &shutdown),
+            sockets: self.sockets,
             live: Arc::new(LiveConnections::default()),
             baggage: BaggageCache::default(),
             metrics: self.metrics,

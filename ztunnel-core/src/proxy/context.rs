@@ -18,6 +18,7 @@ use super::baggage::BaggageCache;
 use super::route::workload_identity;
 use crate::certs::{CertError, CertLease, CertManager};
 use crate::hbone::HbonePool;
+use crate::net::socket::SocketNamespace;
 use crate::state::SharedState;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{TlsConfigs, TlsError, WorkloadTls};
@@ -53,6 +54,8 @@ pub(super) struct Context {
     pub(super) identity: Option<Identity>,
     pub(super) network: String,
     pub(super) mark: Option<u32>,
+    /// Where its sockets are made (node mode: in the served pod).
+    pub(super) sockets: SocketNamespace,
     pub(super) tls: TlsConfigs,
     pub(super) certificate_wait: Duration,
     pub(super) hbone_port: u16,

@@ -110,7 +110,7 @@ async fn establish_stream(ctx: Arc<Context>, request: ConnectRequest) -> Option<
         return None;
     }
     let registered = ctx.live.register(inbound);
-    let upstream = match socket::connect(destination, ctx.mark).await {
+    let upstream = match socket::connect_in(&ctx.sockets, destination, ctx.mark).await {
         Ok(upstream) => upstream,
         Err(source) => {
             let error = ConnectionError::ApplicationUnreachable {

@@ -249,7 +249,7 @@ async fn forward(
             destination,
             source,
         }),
-        Ok(Route::Passthrough(address)) => plain(address, ctx.mark).await,
+        Ok(Route::Passthrough(address)) => plain(ctx, address).await,
         Ok(Route::Mesh(upstream)) => {
             record.destination = Some(upstream.address);
             record.destination_workload = Some(upstream.workload.clone());
@@ -261,7 +261,7 @@ async fn forward(
                     .await
                     .map(|(stream, early)| Link::Hbone(stream, early))
             } else {
-                plain(upstream.address, ctx.mark).await
+                plain(ctx, upstream.address).await
             }
         }
     };
@@ -298,8 +298,8 @@ fn is_local(ctx: &Context, ip: std::net::IpAddr) -> bool {
 }
 
 /// A plain TCP connection to `address`.
-async fn plain(address: SocketAddr, mark: Option<u32>) -> Result<Link, ConnectionError> {
-    socket::connect(address, mark)
+async fn plain(ctx: &Context, address: SocketAddr) -> Result<Link, ConnectionError> {
+    socket::connect_in(&ctx.sockets, address, ctx.mark)
         .await
         .map(Link::Plain)
         .map_err(|source| ConnectionError::Connect {

@@ -76,7 +76,7 @@ async fn connection(ctx: Arc<Context>, mut tcp: TcpStream, source: SocketAddr) {
     };
     recorder.record.destination_workload = Some(workload);
     let registered = ctx.live.register(inbound);
-    let mut upstream = match socket::connect(destination, ctx.mark).await {
+    let mut upstream = match socket::connect_in(&ctx.sockets, destination, ctx.mark).await {
         Ok(upstream) => upstream,
         Err(source) => {
             let error = ConnectionError::ApplicationUnreachable {

@@ -1,0 +1,447 @@
+//! Node mode end to end, in namespaces: a node namespace with a bridge, pods
+//! made by the CNI chain (`shell` and `echo` in `default`, `shell` in
+//! `other`), the control plane (xDS and the CA, in this process on
+//! loopback), the node agent, and `ztunnel-core`'s node proxy serving every
+//! pod from inside its namespace with the pod's own certificate (asked for
+//! by impersonation). The applications know nothing of the mesh.
+//!
+//! Needs root (namespaces, nftables, iptables), as CI runs. Every check runs
+//! with both redirection backends.
+
+#[macro_use]
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cni_plugin::agent::{DATAPLANE_MODE_LABEL, labels};
+use mesh_api::Identity;
+use mesh_ca::{Authenticated, Authority, CaClient, CaServer, RenewalConfig, StaticTokens};
+use mesh_net::netns::Netns;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use xds_server::{
+    Authenticators, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
+};
+use ztunnel_core::node::{NodeProxy, NodeProxyConfig, NodeProxyHandle};
+use ztunnel_core::{CertManager, SharedState, XdsClient};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+const VIP: &str = "10.96.0.10";
+
+/// The control plane in this process, on loopback.
+struct ControlPlaneParts {
+    store: Store,
+    authority: Arc<Authority>,
+    address: SocketAddr,
+    handle: xds_server::ControlPlaneHandle,
+}
+
+async fn control_plane() -> ControlPlaneParts {
+    let store = Store::new(MeshConfig::default());
+    let manifest = format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: other, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}
+"
+    );
+    for object in parse_manifest(&manifest).expect("YAML").objects {
+        store.apply(object).expect("valid");
+    }
+    let material = mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
+        .expect("CA material");
+    let authority = Arc::new(
+        Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
+    );
+    let agent =
+        Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
+    let tokens = StaticTokens::new().caller(
+        "node-a-token",
+        Authenticated {
+            identity: agent.clone(),
+            node: Some("node-a".into()),
+            pod: None,
+        },
+    );
+    let ca = CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(tokens.clone())
+        .node_agent(agent)
+        .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
+        .build()
+        .expect("CA");
+    let xds = XdsServer::builder()
+        .store(store.clone())
+        .authenticators(Authenticators::new().with(tokens))
+        .build()
+        .expect("xDS");
+    let handle = ControlPlane::builder()
+        .xds(xds)
+        .ca(ca)
+        .build()
+        .expect("control plane")
+        .spawn(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        .expect("spawned");
+    handle.ready(PATIENCE).await.expect("control plane ready");
+    ControlPlaneParts {
+        store,
+        authority,
+        address: handle.local_addr(),
+        handle,
+    }
+}
+
+/// The node's data plane: an xDS client, an impersonating certificate
+/// manager, and the node proxy following the agent's ZDS socket.
+struct DataPlane {
+    state: SharedState,
+    xds: ztunnel_core::XdsClientHandle,
+    certs: CertManager,
+    registry: Arc<std::sync::Mutex<Registry>>,
+}
+
+impl DataPlane {
+    async fn start(control: &ControlPlaneParts) -> Self {
+        let ca = CaClient::builder()
+            .address(control.address)
+            .server_name("istiod.istio-system.svc")
+            .roots(control.authority.roots().iter().cloned())
+            .token("node-a-token")
+            .build()
+            .expect("CA client");
+        let xds = XdsClient::builder()
+            .channel(ca.channel())
+            .node_id("ztunnel~10.85.0.1~ztunnel-node-a.istio-system~istio-system.svc.cluster.local")
+            .token("node-a-token")
+            .build()
+            .expect("xDS client");
+        let state = xds.state();
+        let xds = xds.spawn();
+        xds.ready(PATIENCE).await.expect("synced");
+        let certs = CertManager::builder()
+            .client(ca)
+            .impersonate(true)
+            .renewal(RenewalConfig::default())
+            .build()
+            .expect("certificate manager");
+        Self {
+            state,
+            xds,
+            certs,
+            registry: Arc::default(),
+        }
+    }
+
+    fn node_proxy(&self, node: &Node) -> NodeProxyHandle {
+        let mut config = NodeProxyConfig::default();
+        config.zds_socket = node.zds_socket();
+        let mut registry = self.registry.lock().expect("registry");
+        *registry = Registry::default();
+        NodeProxy::builder()
+            .config(config)
+            .state(self.state.clone())
+            .certificates(self.certs.clone())
+            .metrics(&mut registry)
+            .build()
+            .expect("node proxy")
+            .spawn()
+    }
+
+    fn metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(
+            &mut text,
+            &self.registry.lock().expect("registry"),
+        )
+        .expect("encode");
+        text
+    }
+
+    /// Waits until the state knows a workload at `ip`.
+    async fn knows(&self, ip: IpAddr) {
+        let mut changes = self.state.changes();
+        tokio::time::timeout(PATIENCE, async {
+            while self.state.read().workload_by_ip("", ip).is_none() {
+                let _ = changes.changed().await;
+            }
+        })
+        .await
+        .expect("the workload reached the data plane");
+    }
+}
+
+/// Adds a pod through the CNI chain, then tells the control plane its IP
+/// (as a kubelet would report it).
+async fn add_pod(
+    node: &Node,
+    control: &ControlPlaneParts,
+    data_plane: &DataPlane,
+    namespace: &str,
+    name: &str,
+    app: &str,
+) -> (Pod, IpAddr, Value) {
+    let pod = node.pod(namespace, name);
+    let added = node.chain("ADD", &pod, None).await;
+    assert!(added.exit_ok, "{added:?}");
+    let result = added.json();
+    let ip: IpAddr = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|ip| ip.parse().ok())
+        .expect("an address");
+    let manifest = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}
+spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
+status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
+"
+    );
+    for object in parse_manifest(&manifest).expect("YAML").objects {
+        control.store.apply(object).expect("valid");
+    }
+    data_plane.knows(ip).await;
+    (pod, ip, result)
+}
+
+/// An echo server on 0.0.0.0:8080 inside `netns`.
+fn echo_app(netns: &Netns) {
+    let listener = netns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:8080"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Connects from inside `netns` to `target`.
+async fn connect_from(netns: &Netns, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = netns.enter(tokio::net::TcpSocket::new_v4).expect("enter")?;
+    tokio::time::timeout(PATIENCE, socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))?
+}
+
+/// Sends `message` from `netns` to `target` and reads back the echo; the
+/// error if the connection failed.
+async fn round_trip(netns: &Netns, target: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = connect_from(netns, target).await?;
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut echoed = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut echoed))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    Ok(echoed)
+}
+
+/// Runs `dig` inside the pod: the redirect rules send it to the pod's DNS
+/// proxy whatever server it asks.
+async fn dig(pod: &Pod, name: &str) -> String {
+    let output = tokio::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns.name,
+            "dig",
+            "+short",
+            "+time=5",
+            "+tries=1",
+        ])
+        .arg("@10.85.0.1")
+        .arg(name)
+        .output()
+        .await
+        .expect("dig");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+const ALLOW_ONLY_DEFAULT_SHELL: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-shell, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/default/sa/shell]}
+";
+
+both_backends!(pods_on_one_node_are_served_from_inside_their_namespaces);
+
+async fn pods_on_one_node_are_served_from_inside_their_namespaces(backend: Backend) {
+    let control = control_plane().await;
+    let data_plane = DataPlane::start(&control).await;
+    let mut node = Node::new(backend);
+    node.pods
+        .set_namespace("other", labels([(DATAPLANE_MODE_LABEL, "ambient")]));
+    node.start_agent();
+    node.agent().ready(PATIENCE).await.expect("agent ready");
+    let node_proxy = data_plane.node_proxy(&node);
+    node_proxy.ready(PATIENCE).await.expect("node proxy synced");
+
+    let (echo, echo_ip, _) = add_pod(&node, &control, &data_plane, "default", "echo", "echo").await;
+    let (shell, _, _) = add_pod(&node, &control, &data_plane, "default", "shell", "shell").await;
+    let (other, _, _) = add_pod(&node, &control, &data_plane, "other", "shell", "shell").await;
+    assert_eq!(node_proxy.pods().len(), 3);
+    echo_app(&echo.netns.open());
+    let shell_ns = shell.netns.open();
+    let other_ns = other.netns.open();
+
+    // By pod IP and by the service's VIP, through HBONE with each pod's own
+    // identity (the destination side counts the source's principal).
+    let by_ip = SocketAddr::new(echo_ip, 8080);
+    let by_vip: SocketAddr = format!("{VIP}:80").parse().expect("VIP");
+    assert_eq!(
+        round_trip(&shell_ns, by_ip, b"by ip").await.expect("by IP"),
+        b"by ip"
+    );
+    assert_eq!(
+        round_trip(&shell_ns, by_vip, b"by vip")
+            .await
+            .expect("by VIP"),
+        b"by vip"
+    );
+    let metrics = data_plane.metrics();
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("istio_tcp_connections_opened_total")
+                && line.contains("reporter=\"destination\"")
+                && line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/shell\"")
+        ),
+        "{metrics}"
+    );
+    // By name: the pod's DNS is captured and answered from the mesh.
+    assert_eq!(dig(&shell, "echo.default.svc.cluster.local").await, VIP);
+
+    // A policy admits default/shell and resets other/shell.
+    for object in parse_manifest(ALLOW_ONLY_DEFAULT_SHELL)
+        .expect("YAML")
+        .objects
+    {
+        control.store.apply(object).expect("valid");
+    }
+    let mut changes = data_plane.state.changes();
+    tokio::time::timeout(PATIENCE, async {
+        while data_plane.state.read().counts().2 == 0 {
+            let _ = changes.changed().await;
+        }
+    })
+    .await
+    .expect("the policy reached the data plane");
+    assert_eq!(
+        round_trip(&shell_ns, by_vip, b"allowed")
+            .await
+            .expect("allowed"),
+        b"allowed"
+    );
+    let denied = round_trip(&other_ns, by_vip, b"denied").await;
+    assert!(denied.as_ref().map_or(true, Vec::is_empty), "{denied:?}");
+
+    // The node proxy restarts: every pod is served again from the snapshot.
+    node_proxy.shutdown();
+    node_proxy.join().await;
+    let node_proxy = data_plane.node_proxy(&node);
+    node_proxy
+        .ready(PATIENCE)
+        .await
+        .expect("node proxy synced again");
+    assert_eq!(node_proxy.pods().len(), 3);
+    assert_eq!(
+        round_trip(&shell_ns, by_ip, b"resumed")
+            .await
+            .expect("resumed"),
+        b"resumed"
+    );
+
+    // The agent restarts while a connection flows: it keeps flowing, and a
+    // pod added afterwards is captured.
+    let mut flowing = connect_from(&shell_ns, by_ip).await.expect("connect");
+    flowing.write_all(b"before").await.expect("write");
+    node.stop_agent().await;
+    node.start_agent();
+    node.agent()
+        .ready(PATIENCE)
+        .await
+        .expect("agent ready again");
+    let mut view = node.agent().watch();
+    tokio::time::timeout(PATIENCE, view.wait_for(|view| view.data_planes == 1))
+        .await
+        .expect("the node proxy reconnected")
+        .expect("agent running");
+    flowing.write_all(b" and after").await.expect("write");
+    flowing.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    flowing.read_to_end(&mut echoed).await.expect("read");
+    assert_eq!(echoed, b"before and after");
+    let (late, late_ip, _) = add_pod(&node, &control, &data_plane, "default", "late", "late").await;
+    assert!(node.captured(&late));
+    echo_app(&late.netns.open());
+    assert_eq!(
+        round_trip(&shell_ns, SocketAddr::new(late_ip, 8080), b"late")
+            .await
+            .expect("late"),
+        b"late"
+    );
+
+    // A pod relabelled out of the mesh is released live.
+    node.pods.set_pod(
+        "default",
+        "late",
+        "late",
+        labels([(DATAPLANE_MODE_LABEL, "none")]),
+    );
+    tokio::time::timeout(PATIENCE, async {
+        while node_proxy.pods().iter().any(|pod| pod.name == "late") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the node proxy let go of the pod");
+    assert!(!node.captured(&late));
+
+    // Deleting a pod leaves no rules and no listeners.
+    let deleted = node.chain("DEL", &echo, None).await;
+    assert!(deleted.exit_ok, "{deleted:?}");
+    assert!(!node.captured(&echo));
+    tokio::time::timeout(PATIENCE, async {
+        while node_proxy.pods().iter().any(|pod| pod.name == "echo") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the node proxy let go of the pod");
+    let echo_ns = echo.netns.open();
+    for port in [15001, 15006, 15008, 15053] {
+        let refused = connect_from(&echo_ns, SocketAddr::from(([127, 0, 0, 1], port))).await;
+        assert!(refused.is_err(), "port {port} still listens");
+    }
+
+    let _ = node_proxy.drain(PATIENCE).await;
+    node.stop_agent().await;
+    let _ = data_plane.xds.drain(PATIENCE).await;
+    let _ = data_plane.certs.drain(PATIENCE).await;
+    let _ = control.handle.drain(PATIENCE).await;
+}
