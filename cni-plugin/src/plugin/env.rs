@@ -220,6 +220,29 @@ mod tests {
         assert_eq!(err.msg, "CNI_NETNS is not set");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_cni_args_parse_or_name_the_bad_part(text in ".{0,200}") {
+            if let Err(err) = env(&[("CNI_ARGS", &text)]).pod() {
+                proptest::prop_assert_eq!(err.code, ErrorCode::InvalidEnvironment);
+                proptest::prop_assert!(err.details.starts_with("CNI_ARGS part "));
+            }
+        }
+
+        #[test]
+        fn the_pod_comes_back_from_the_args_a_runtime_writes(
+            namespace in "[a-z0-9-]{1,20}",
+            name in "[a-z0-9.-]{1,40}",
+            uid in "[a-f0-9-]{0,36}",
+        ) {
+            let args = format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+            );
+            let pod = env(&[("CNI_ARGS", &args)]).pod().expect("valid").expect("a pod");
+            proptest::prop_assert_eq!(pod, PodRef { namespace, name, uid });
+        }
+    }
+
     #[test]
     fn only_cni_variables_are_kept() {
         let env = Environment::from_vars([
