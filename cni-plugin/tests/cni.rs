@@ -215,6 +215,18 @@ mod plugin_alone {
         ]
     }
 
+    #[test]
+    fn help_says_what_it_is_and_a_stray_argument_is_refused() {
+        let help = test_support::help(std::path::Path::new(PLUGIN));
+        assert!(help.contains("agentSocket"), "{help}");
+        let stray = std::process::Command::new(PLUGIN)
+            .arg("ADD")
+            .output()
+            .expect("run");
+        assert_eq!(stray.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&stray.stderr).contains("CNI_COMMAND"));
+    }
+
     #[tokio::test]
     async fn version_lists_both_spec_versions() {
         let node = Node::new(Backend::Nftables);
