@@ -28,6 +28,8 @@ pub struct Attachment {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodAttachment {
+    /// The network's name (the configuration's `name`).
+    pub network: String,
     /// The attachment.
     pub attachment: Attachment,
     /// The pod's network namespace (`CNI_NETNS`; may be gone on DEL).
@@ -52,9 +54,11 @@ pub enum AgentRequest {
     Check(PodAttachment),
     /// STATUS: can the agent capture pods now?
     Status,
-    /// GC: release every pod whose attachment is not listed.
+    /// GC: release every pod of `network` whose attachment is not listed.
     Gc {
-        /// The attachments the runtime still has.
+        /// The network's name.
+        network: String,
+        /// The attachments the runtime still has on it.
         valid: Vec<Attachment>,
     },
 }
@@ -96,6 +100,7 @@ mod tests {
     #[test]
     fn requests_round_trip_and_name_what_was_wrong() {
         let add = AgentRequest::Add(PodAttachment {
+            network: "podnet".into(),
             attachment: Attachment {
                 container_id: "c1".into(),
                 ifname: "eth0".into(),
@@ -113,10 +118,12 @@ mod tests {
         let err = decode::<AgentRequest>(br#"{"request":"add","bogus":1}"#, "request").unwrap_err();
         assert!(err.starts_with("malformed request: "), "{err}");
         let gc: AgentRequest = decode(
-            br#"{"request":"gc","valid":[{"containerID":"c","ifname":"eth0"}]}"#,
+            br#"{"request":"gc","network":"podnet","valid":[{"containerID":"c","ifname":"eth0"}]}"#,
             "request",
         )
         .expect("gc");
-        assert!(matches!(gc, AgentRequest::Gc { valid } if valid.len() == 1));
+        assert!(
+            matches!(gc, AgentRequest::Gc { valid, network } if valid.len() == 1 && network == "podnet")
+        );
     }
 }

@@ -133,6 +133,14 @@ async fn a_pod_that_is_not_enrolled_passes_untouched(backend: Backend) {
     let deleted = node.chain("DEL", &pod, Some(&added.json())).await;
     assert!(deleted.exit_ok, "{deleted:?}");
     assert!(node.agent().view().pods.is_empty());
+
+    // A pod whose namespace the source does not know yet cannot be judged
+    // (its namespace may enrol it): try again later, no rules.
+    let unjudged = node.pod("nowhere", "web");
+    let added = node.chain("ADD", &unjudged, None).await;
+    assert_eq!(added.error_code(), 11, "{added:?}");
+    assert!(!node.captured(&unjudged));
+    node.chain("DEL", &unjudged, None).await;
     node.stop_agent().await;
 }
 
@@ -250,7 +258,7 @@ mod plugin_alone {
         let pod = TestNetns::new("pod");
         let netns = pod.path();
         let add = env("ADD", &netns);
-        // Not JSON.
+        // JSON, but not an object.
         let called = node.call("podless-cni", &add, &json!("{")).await;
         assert_eq!(called.error_code(), 7, "{called:?}");
         let mut program = tokio::process::Command::new(PLUGIN);
@@ -341,6 +349,12 @@ mod plugin_alone {
         let called = node.call("podless-cni", &add, &conf(&node, "1.1.0")).await;
         assert!(called.exit_ok, "{called:?}");
         assert_eq!(next(&mut data_plane).await, shell.seen_add());
+        // Without the runtime's list, nothing is collected.
+        let called = node
+            .call("podless-cni", &env("GC", ""), &conf(&node, "1.1.0"))
+            .await;
+        assert!(called.exit_ok, "{called:?}");
+        assert!(node.captured(&shell), "GC without a list released a pod");
         let mut gc = conf(&node, "1.1.0");
         gc["cni.dev/valid-attachments"] = json!([{"containerID": "other", "ifname": "eth0"}]);
         let called = node.call("podless-cni", &env("GC", ""), &gc).await;

@@ -330,6 +330,17 @@ async fn pods_on_one_node_are_served_from_inside_their_namespaces(backend: Backe
             |line| line.starts_with("istio_tcp_connections_opened_total")
                 && line.contains("reporter=\"destination\"")
                 && line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/shell\"")
+                && line.contains(
+                    "destination_principal=\"spiffe://cluster.local/ns/default/sa/echo\""
+                )
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("istio_tcp_connections_opened_total")
+                && line.contains("reporter=\"source\"")
+                && line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/shell\"")
         ),
         "{metrics}"
     );

@@ -121,6 +121,8 @@ impl Agent {
         match event {
             Event::Plugin(request, reply) => {
                 let response = self.request(request).await;
+                // What the plugin was told is already visible.
+                self.publish();
                 let _ = reply.send(response);
             }
             Event::DataPlane(socket) => {
@@ -164,11 +166,13 @@ impl Agent {
                     }
                 }
             }
-            AgentRequest::Gc { valid } => {
+            AgentRequest::Gc { network, valid } => {
                 let stale: Vec<String> = self
                     .held
                     .iter()
-                    .filter(|(_, held)| !valid.contains(&held.record.attachment))
+                    .filter(|(_, held)| {
+                        held.record.network == network && !valid.contains(&held.record.attachment)
+                    })
                     .map(|(uid, _)| uid.clone())
                     .collect();
                 for uid in stale {
@@ -214,6 +218,7 @@ impl Agent {
         let mut held = Held {
             record: PodRecord {
                 uid: uid.clone(),
+                network: pod.network,
                 attachment: pod.attachment,
                 pod: pod.pod,
                 netns: path,
@@ -241,6 +246,10 @@ impl Agent {
                 AgentResponse::Ok
             }
             Err(err) => {
+                // A data plane that took it lets go again (another refused).
+                for failed in self.data_planes.del(&uid).await {
+                    tracing::debug!("pod {}: {failed}", held.record.pod);
+                }
                 if let Err(remove) = self.remove_rules(&held.netns).await {
                     tracing::warn!("pod {}: removing its rules: {remove}", held.record.pod);
                 }
@@ -273,18 +282,29 @@ impl Agent {
                     },
                 }
             }
-            Some(_) => AgentResponse::NotEnrolled,
-            None => match self.pods.pod(&pod.pod.namespace, &pod.pod.name) {
+            _ => match self.pods.pod(&pod.pod.namespace, &pod.pod.name) {
                 Some(PodInfo { enrolled: true, .. }) => AgentResponse::Failed {
-                    message: "enrolled, but the node agent holds no capture for it".into(),
+                    message: "enrolled, but not captured".into(),
                 },
                 _ => AgentResponse::NotEnrolled,
             },
         }
     }
 
-    /// Enrols and releases held pods whose enrollment changed.
+    /// Enrols and releases held pods whose enrollment changed (a capture
+    /// that failed is tried again), and forgets pods whose network
+    /// namespace is gone (a DEL that never came).
     pub(crate) async fn reconcile(&mut self) {
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, held)| !std::path::Path::new(&held.record.netns).exists())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            tracing::info!("pod {uid}: its network namespace is gone: released");
+            self.release(&uid).await;
+        }
         let changed: Vec<(String, bool)> = self
             .held
             .iter()

@@ -54,6 +54,11 @@ use self::zds_server::DataPlanes;
 use crate::protocol::Attachment;
 use crate::redirect::{RedirectBackend, RedirectSpec, Redirection};
 
+/// How often the agent reconciles its pods with the pod source without
+/// being told of a change: a capture that failed is tried again, and a pod
+/// whose namespace is gone (its DEL never came) is released.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How long the agent waits for a data plane's ack by default (WIRE.md §5).
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -255,20 +260,36 @@ impl NodeAgent {
         let task = tokio::spawn(async move {
             agent.recover().await;
             recovered.send_replace(true);
+            let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut source_open = true;
             loop {
+                // Stopping cuts short what is in progress: a pod half set up
+                // is set up again by the runtime's retry (ADD is idempotent).
+                let work = async {
+                    tokio::select! {
+                        event = inbox.recv() => match event {
+                            Some(event) => {
+                                agent.handle(event).await;
+                                true
+                            }
+                            None => false,
+                        },
+                        changed = changes.changed(), if source_open => {
+                            // A source that is gone changes nothing more.
+                            source_open = changed.is_ok();
+                            agent.reconcile().await;
+                            true
+                        }
+                        _ = tick.tick() => {
+                            agent.reconcile().await;
+                            true
+                        }
+                    }
+                };
                 tokio::select! {
                     () = agent_stop.cancelled() => break,
-                    event = inbox.recv() => match event {
-                        Some(event) => agent.handle(event).await,
-                        None => break,
-                    },
-                    changed = changes.changed() => {
-                        if changed.is_err() {
-                            // The source is gone: nothing changes any more.
-                            changes = watch::channel(0).1;
-                        }
-                        agent.reconcile().await;
-                    }
+                    go_on = work => if !go_on { break },
                 }
             }
         });

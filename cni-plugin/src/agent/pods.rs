@@ -53,8 +53,9 @@ impl PodInfo {
 
 /// Pods as the control plane sees them.
 pub trait PodSource: Send + Sync + std::fmt::Debug + 'static {
-    /// The pod `namespace/name` now, or `None` if the source does not know
-    /// it (yet).
+    /// The pod `namespace/name` now, or `None` if the source cannot answer
+    /// (yet): the pod, or its namespace, is unknown. `None` never changes a
+    /// running pod's capture, and makes its ADD "try again later".
     fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo>;
 
     /// A receiver whose value changes whenever any pod's answer may have
@@ -150,11 +151,14 @@ impl PodSource for MemoryPods {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (service_account, labels) =
             memory.pods.get(&(namespace.to_owned(), name.to_owned()))?;
+        // Without its namespace a pod cannot be judged (its label may be
+        // the namespace's).
+        let namespace_labels = memory.namespaces.get(namespace)?;
         Some(PodInfo::new(
             namespace,
             name,
             service_account,
-            enrolled(labels, memory.namespaces.get(namespace)),
+            enrolled(labels, Some(namespace_labels)),
         ))
     }
 

@@ -24,6 +24,9 @@ const MAX_RECORD_SIZE: u64 = 64 * 1024;
 pub(crate) struct PodRecord {
     /// The uid the data plane knows it by.
     pub(crate) uid: String,
+    /// The network it is attached to.
+    #[serde(default)]
+    pub(crate) network: String,
     /// The runtime's attachment.
     pub(crate) attachment: Attachment,
     /// The pod.
@@ -48,9 +51,13 @@ impl Records {
         Self { dir }
     }
 
+    /// A file name for `uid` whatever it holds (`/`, dots, any length):
+    /// its FNV-1a hash; the record itself names the uid.
     fn path(dir: &Path, uid: &str) -> PathBuf {
-        let name: String = uid.bytes().map(|byte| format!("{byte:02x}")).collect();
-        dir.join(format!("{name}.json"))
+        let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        dir.join(format!("{hash:016x}.json"))
     }
 
     /// Writes (replaces) a record atomically.
@@ -135,6 +142,7 @@ mod tests {
     fn record(uid: &str) -> PodRecord {
         PodRecord {
             uid: uid.into(),
+            network: "podnet".into(),
             attachment: Attachment {
                 container_id: format!("c-{uid}"),
                 ifname: "eth0".into(),
@@ -156,6 +164,8 @@ mod tests {
         let records = Records::new(Some(dir.path().join("pods")));
         records.save(&record("a/b")).expect("save");
         records.save(&record("c")).expect("save");
+        records.save(&record(&"x".repeat(300))).expect("a long uid");
+        records.remove(&"x".repeat(300)).expect("remove");
         records.remove("c").expect("remove");
         records.remove("never").expect("remove twice is fine");
         std::fs::write(dir.path().join("pods/bad.json"), "{").expect("write");

@@ -73,14 +73,19 @@ impl DataPlanes {
         snapshot: &[Workload<'_>],
     ) -> Result<(), String> {
         for workload in snapshot {
-            request(
-                &socket,
-                &add(workload),
-                Some(workload.netns),
-                self.ack_timeout,
-            )
-            .await
-            .map_err(|err| format!("snapshot, pod {}: {err}", workload.uid))?;
+            let message = add(workload);
+            match request(&socket, &message, Some(workload.netns), self.ack_timeout).await {
+                Ok(()) => {}
+                // One pod the data plane cannot serve does not keep it from
+                // the others: its traffic stays captured, and refused.
+                Err(Failure::Refused(err)) => tracing::warn!(
+                    "snapshot, pod {}: the node proxy refused it: {err}",
+                    workload.uid
+                ),
+                Err(Failure::Lost(err)) => {
+                    return Err(format!("snapshot, pod {}: {err}", workload.uid));
+                }
+            }
         }
         let sent = WorkloadRequest {
             payload: Some(Payload::SnapshotSent(SnapshotSent {})),

@@ -80,7 +80,12 @@ fn call(env: &Environment, stdin: &[u8]) -> Result<(String, Option<String>), Cni
     match env.command()? {
         Command::Version => Ok((version_json(stdin), None)),
         Command::Add => add(env, &conf()?).map(|out| (out, None)),
-        Command::Del => Ok((String::new(), del(env, &conf()?))),
+        // DEL never fails on what it is given: a pod must always be
+        // deletable (an unreadable configuration is logged).
+        Command::Del => Ok(match conf() {
+            Ok(conf) => (String::new(), del(env, &conf)),
+            Err(err) => (String::new(), Some(format!("DEL: {err}"))),
+        }),
         Command::Check => check(env, &conf()?).map(|()| (String::new(), None)),
         Command::Status => status(&conf()?).map(|()| (String::new(), None)),
         Command::Gc => gc(&conf()?).map(|log| (String::new(), log)),
@@ -128,6 +133,7 @@ fn attachment(
         return Ok(None);
     }
     Ok(Some(PodAttachment {
+        network: conf.name.clone(),
         attachment: Attachment {
             container_id,
             ifname,
@@ -248,10 +254,17 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
 
 fn gc(conf: &NetConf) -> Result<Option<String>, CniError> {
     needs_1_1(conf, Command::Gc)?;
-    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    // Without the list there is nothing to tell stale from live: collect
+    // nothing (releasing everything would uncapture running pods).
+    let Some(valid) = conf.valid_attachments.clone() else {
+        return Ok(Some(
+            "GC without cni.dev/valid-attachments: nothing collected".into(),
+        ));
+    };
+    let network = conf.name.clone();
     // Best effort, like DEL: an agent that is down has nothing to collect
     // now, and will be asked again.
-    Ok(match ask(conf, &AgentRequest::Gc { valid }) {
+    Ok(match ask(conf, &AgentRequest::Gc { network, valid }) {
         Ok(AgentResponse::Ok) => None,
         Ok(other) => Some(format!("GC: the node agent answered {other:?}")),
         Err(err) => Some(format!("GC: {err}")),

@@ -10,6 +10,9 @@ use mesh_net::netns::Netns;
 
 use super::RedirectError;
 
+/// How long a firewall program may run before it is killed.
+const PROGRAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One program of a backend, run inside a namespace.
 #[derive(Debug)]
 pub(super) struct Program<'a> {
@@ -75,7 +78,36 @@ impl Program<'_> {
                 return Err(self.spawn_error(netns, command, err));
             }
         }
-        let output = match child.wait_with_output() {
+        // A program that hangs (a stuck lock, a kernel in trouble) is killed:
+        // the agent must not wedge on one pod.
+        let pid = child.id();
+        let (finished, watch) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let expired = matches!(
+                watch.recv_timeout(PROGRAM_TIMEOUT),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if expired && let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            expired
+        });
+        let waited = child.wait_with_output();
+        let _ = finished.send(());
+        if watchdog.join().unwrap_or(false) {
+            return Err(self.spawn_error(
+                netns,
+                command,
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("killed after {PROGRAM_TIMEOUT:?}"),
+                ),
+            ));
+        }
+        let output = match waited {
             Ok(output) => output,
             Err(source) => return Err(self.spawn_error(netns, command, source)),
         };

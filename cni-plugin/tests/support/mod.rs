@@ -50,7 +50,7 @@ impl TestNetns {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "plcni{}-{role}{}",
-            std::process::id() % 100_000,
+            std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         run("ip", &["netns", "add", &name]);

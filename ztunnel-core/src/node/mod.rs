@@ -267,6 +267,15 @@ impl Pods {
         self.lock().insert(uid, pod);
     }
 
+    /// Whether `uid` is served, and if so whether in `netns`.
+    fn serves_in(&self, uid: &str, netns: &mesh_net::netns::Netns) -> Option<bool> {
+        let running = self.lock();
+        let pod = running.get(uid)?;
+        Some(pod.sockets.netns().is_some_and(|served| {
+            mesh_net::netns::same_namespace(served.fd(), netns.fd()).unwrap_or(false)
+        }))
+    }
+
     fn uids(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
     }
@@ -422,10 +431,7 @@ impl NodeProxyHandle {
     pub fn shutdown(&self) {
         self.stop.cancel();
         for pod in self.pods.lock().values() {
-            pod.proxy.shutdown();
-            if let Some(dns) = &pod.dns {
-                dns.shutdown();
-            }
+            pod.shutdown();
         }
     }
 

@@ -23,6 +23,8 @@ use crate::proxy::{Listeners, Ztunnel, ZtunnelHandle};
 #[derive(Debug)]
 pub(super) struct Pod {
     pub(super) info: WorkloadInfo,
+    /// Where its sockets are made (its network namespace).
+    pub(super) sockets: SocketNamespace,
     pub(super) proxy: ZtunnelHandle,
     pub(super) dns: Option<DnsHandle>,
 }
@@ -70,6 +72,33 @@ impl Pod {
             }
             None => None,
         };
+        let started = Self::start_proxy(shared, &info, identity, &sockets, listeners);
+        match started {
+            Ok(proxy) => Ok(Self {
+                info,
+                sockets,
+                proxy,
+                dns,
+            }),
+            Err(err) => {
+                // Nothing of the pod is left running (its sockets would hold
+                // its namespace, and its ports for the next try).
+                if let Some(dns) = &dns {
+                    dns.shutdown();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn start_proxy(
+        shared: &NodeProxyShared,
+        info: &WorkloadInfo,
+        identity: Identity,
+        sockets: &SocketNamespace,
+        listeners: Listeners,
+    ) -> Result<ZtunnelHandle, String> {
+        let config = &shared.config;
         let uid = format!(
             "{}//Pod/{}/{}",
             config.cluster_id, info.namespace, info.name
@@ -80,7 +109,7 @@ impl Pod {
             .identity(identity)
             .state(shared.state.clone())
             .certificates(shared.certs.clone())
-            .sockets(sockets)
+            .sockets(sockets.clone())
             .crypto_provider(shared.provider.clone());
         if let Some(metrics) = &shared.metrics {
             builder = builder.shared_metrics(metrics.clone());
@@ -88,12 +117,19 @@ impl Pod {
         if let Some(demander) = &shared.demander {
             builder = builder.demander(demander.clone());
         }
-        let proxy = builder
+        builder
             .build()
             .map_err(|err| err.to_string())?
             .spawn(listeners)
-            .map_err(|err| format!("starting the proxy: {err}"))?;
-        Ok(Self { info, proxy, dns })
+            .map_err(|err| format!("starting the proxy: {err}"))
+    }
+
+    /// Stops now.
+    pub(super) fn shutdown(&self) {
+        self.proxy.shutdown();
+        if let Some(dns) = &self.dns {
+            dns.shutdown();
+        }
     }
 
     /// Stops taking connections and lets open ones finish, up to `deadline`.

@@ -69,10 +69,14 @@ async fn serve(
         };
         let error = match received {
             Ok(received) => {
-                backoff.reset();
+                if matches!(received.message.payload, Some(Payload::SnapshotSent(_))) {
+                    // A connection that got this far was a good one.
+                    backoff.reset();
+                }
                 handle(
                     shared,
                     pods,
+                    stop,
                     received.message,
                     received.fd,
                     &mut listed,
@@ -104,6 +108,7 @@ async fn serve(
 async fn handle(
     shared: &NodeProxyShared,
     pods: &Pods,
+    stop: &CancellationToken,
     request: WorkloadRequest,
     fd: Option<std::os::fd::OwnedFd>,
     listed: &mut HashSet<String>,
@@ -120,9 +125,6 @@ async fn handle(
             if *in_snapshot {
                 listed.insert(add.uid.clone());
             }
-            if pods.contains(&add.uid) {
-                return String::new();
-            }
             let description = format!(
                 "the network namespace of pod {}/{}",
                 info.namespace, info.name
@@ -131,7 +133,19 @@ async fn handle(
                 Ok(netns) => netns,
                 Err(err) => return format!("AddWorkload {}: {err}", add.uid),
             };
+            match pods.serves_in(&add.uid, &netns) {
+                // Already served, in this namespace (a new snapshot).
+                Some(true) => return String::new(),
+                // The same uid in another namespace: a new sandbox.
+                Some(false) => pods.remove_and_drain(&add.uid, shared.config.pod_drain),
+                None => {}
+            }
             match Pod::start(shared, info, netns) {
+                Ok(pod) if stop.is_cancelled() => {
+                    // The node proxy is stopping: it serves nothing new.
+                    pod.shutdown();
+                    "the node proxy is stopping".into()
+                }
                 Ok(pod) => {
                     tracing::info!(
                         "serving pod {}/{} ({})",

@@ -100,6 +100,7 @@ async fn establish_stream(ctx: Arc<Context>, request: ConnectRequest) -> Option<
             }
         }
     };
+    recorder.record.destination_identity = ctx.identity_of(Some(&workload)).ok();
     recorder.record.destination_workload = Some(workload.clone());
     if !decision.is_allowed() {
         let error = ConnectionError::Denied {

@@ -227,6 +227,8 @@ async fn forward(
     let route_now = |record: &mut ConnectionRecord| {
         let state = ctx.state.read();
         let served = state.workload(&ctx.served_uid).cloned();
+        // The client is the served workload: its identity is the source's.
+        record.source_identity = ctx.identity_of(served.as_deref()).ok();
         record.source_workload.clone_from(&served);
         route(
             &state,

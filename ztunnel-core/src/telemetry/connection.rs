@@ -57,7 +57,8 @@ pub struct ConnectionRecord {
     pub direction: Direction,
     /// The client's address.
     pub source: SocketAddr,
-    /// The client's verified identity (HBONE only).
+    /// The client's identity: the peer's, verified (inbound HBONE), or the
+    /// served workload's (outbound).
     pub source_identity: Option<Identity>,
     /// The client's workload, once known.
     pub source_workload: Option<Arc<Workload>>,
@@ -65,7 +66,8 @@ pub struct ConnectionRecord {
     pub destination: Option<SocketAddr>,
     /// The destination's workload, once known.
     pub destination_workload: Option<Arc<Workload>>,
-    /// The identity the destination must prove, once known.
+    /// The destination's identity, once known: the one it must prove
+    /// (outbound), or the served workload's (inbound).
     pub destination_identity: Option<Identity>,
     /// The service it was reached through, if any.
     pub service: Option<Arc<Service>>,
