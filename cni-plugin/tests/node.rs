@@ -68,14 +68,14 @@ spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPor
     );
     let agent =
         Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
-    let tokens = StaticTokens::new().caller(
-        "node-a-token",
-        Authenticated {
-            identity: agent.clone(),
-            node: Some("node-a".into()),
-            pod: None,
-        },
-    );
+    let node_agent = |node: &str| Authenticated {
+        identity: agent.clone(),
+        node: Some(node.into()),
+        pod: None,
+    };
+    let tokens = StaticTokens::new()
+        .caller("node-a-token", node_agent("node-a"))
+        .caller("node-b-token", node_agent("node-b"));
     let ca = CaServer::builder()
         .authority(authority.clone())
         .authenticator(tokens.clone())
@@ -114,18 +114,22 @@ struct DataPlane {
 }
 
 impl DataPlane {
-    async fn start(control: &ControlPlaneParts) -> Self {
+    /// The data plane of `node` (`node-a`, `node-b`: its token names it).
+    async fn start(control: &ControlPlaneParts, node: &str) -> Self {
+        let token = format!("{node}-token");
         let ca = CaClient::builder()
             .address(control.address)
             .server_name("istiod.istio-system.svc")
             .roots(control.authority.roots().iter().cloned())
-            .token("node-a-token")
+            .token(token.clone())
             .build()
             .expect("CA client");
         let xds = XdsClient::builder()
             .channel(ca.channel())
-            .node_id("ztunnel~10.85.0.1~ztunnel-node-a.istio-system~istio-system.svc.cluster.local")
-            .token("node-a-token")
+            .node_id(format!(
+                "ztunnel~10.85.0.1~ztunnel-{node}.istio-system~istio-system.svc.cluster.local"
+            ))
+            .token(token)
             .build()
             .expect("xDS client");
         let state = xds.state();
@@ -145,9 +149,10 @@ impl DataPlane {
         }
     }
 
-    fn node_proxy(&self, node: &Node) -> NodeProxyHandle {
+    fn node_proxy(&self, node: &Node, shortcut: bool) -> NodeProxyHandle {
         let mut config = NodeProxyConfig::default();
         config.zds_socket = node.zds_socket();
+        config.same_node_shortcut = shortcut;
         let mut registry = self.registry.lock().expect("registry");
         *registry = Registry::default();
         NodeProxy::builder()
@@ -193,6 +198,7 @@ async fn add_pod(
     name: &str,
     app: &str,
 ) -> (Pod, IpAddr, Value) {
+    let node_name = format!("node-{}", char::from(b'a' + node.subnet));
     let pod = node.pod(namespace, name);
     let added = node.chain("ADD", &pod, None).await;
     assert!(added.exit_ok, "{added:?}");
@@ -206,7 +212,7 @@ async fn add_pod(
         "apiVersion: v1
 kind: Pod
 metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}
-spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
+spec: {{serviceAccountName: {name}, nodeName: {node_name}, containers: [{{name: c}}]}}
 status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
 "
     );
@@ -289,17 +295,46 @@ spec:
     - source: {principals: [cluster.local/ns/default/sa/shell]}
 ";
 
-both_backends!(pods_on_one_node_are_served_from_inside_their_namespaces);
+both_backends!(
+    pods_on_one_node_take_the_same_node_shortcut,
+    pods_on_one_node_over_hbone,
+    pods_on_two_nodes_reach_each_other_over_hbone,
+);
 
-async fn pods_on_one_node_are_served_from_inside_their_namespaces(backend: Backend) {
+async fn pods_on_one_node_take_the_same_node_shortcut(backend: Backend) {
+    pods_on_one_node(backend, true).await;
+}
+
+async fn pods_on_one_node_over_hbone(backend: Backend) {
+    pods_on_one_node(backend, false).await;
+}
+
+/// Bytes that are not all alike, `len` of them.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Pods of one node served from inside their namespaces: by IP, by VIP and
+/// by name; policy; the node proxy's and the agent's restarts; relabelling;
+/// deletion. With `shortcut`, pod to pod on the node skips HBONE (the
+/// destination's policy, metrics and logs all the same).
+async fn pods_on_one_node(backend: Backend, shortcut: bool) {
     let control = control_plane().await;
-    let data_plane = DataPlane::start(&control).await;
+    let data_plane = DataPlane::start(&control, "node-a").await;
     let mut node = Node::new(backend);
     node.pods
         .set_namespace("other", labels([(DATAPLANE_MODE_LABEL, "ambient")]));
     node.start_agent();
     node.agent().ready(PATIENCE).await.expect("agent ready");
-    let node_proxy = data_plane.node_proxy(&node);
+    let node_proxy = data_plane.node_proxy(&node, shortcut);
     node_proxy.ready(PATIENCE).await.expect("node proxy synced");
 
     let (echo, echo_ip, _) = add_pod(&node, &control, &data_plane, "default", "echo", "echo").await;
@@ -344,6 +379,23 @@ async fn pods_on_one_node_are_served_from_inside_their_namespaces(backend: Backe
         ),
         "{metrics}"
     );
+    // A large transfer arrives whole, and took the path asked for.
+    let large = pattern(4 << 20);
+    let echoed = round_trip(&shell_ns, by_ip, &large).await.expect("large");
+    assert!(echoed == large, "the large transfer came back altered");
+    if shortcut {
+        assert_eq!(
+            node_proxy.pooled_connections(),
+            0,
+            "no HBONE between pods of one node"
+        );
+    } else {
+        assert!(
+            node_proxy.pooled_connections() > 0,
+            "HBONE between the pods"
+        );
+    }
+
     // By name: the pod's DNS is captured and answered from the mesh.
     assert_eq!(dig(&shell, "echo.default.svc.cluster.local").await, VIP);
 
@@ -374,7 +426,7 @@ async fn pods_on_one_node_are_served_from_inside_their_namespaces(backend: Backe
     // The node proxy restarts: every pod is served again from the snapshot.
     node_proxy.shutdown();
     node_proxy.join().await;
-    let node_proxy = data_plane.node_proxy(&node);
+    let node_proxy = data_plane.node_proxy(&node, shortcut);
     node_proxy
         .ready(PATIENCE)
         .await
@@ -454,5 +506,107 @@ async fn pods_on_one_node_are_served_from_inside_their_namespaces(backend: Backe
     node.stop_agent().await;
     let _ = data_plane.xds.drain(PATIENCE).await;
     let _ = data_plane.certs.drain(PATIENCE).await;
+    let _ = control.handle.drain(PATIENCE).await;
+}
+
+/// Joins two node namespaces with a veth pair (`10.86.0.1` ↔ `10.86.0.2`)
+/// and routes each node's pod subnet through the other: as two machines on
+/// one link.
+fn link_nodes(a: &Node, b: &Node) {
+    let (a_name, b_name) = (&a.netns.name, &b.netns.name);
+    let ip = |args: &[&str]| run("ip", args);
+    ip(&[
+        "-n", a_name, "link", "add", "tonode", "type", "veth", "peer", "name", "tonode", "netns",
+        b_name,
+    ]);
+    for (name, own, other_subnet, via) in [
+        (a_name, "10.86.0.1/30", b.subnet, "10.86.0.2"),
+        (b_name, "10.86.0.2/30", a.subnet, "10.86.0.1"),
+    ] {
+        ip(&["-n", name, "addr", "add", own, "dev", "tonode"]);
+        ip(&["-n", name, "link", "set", "tonode", "up"]);
+        let subnet = format!("10.85.{other_subnet}.0/24");
+        ip(&["-n", name, "route", "add", &subnet, "via", via]);
+        // The node routes for its pods (inside its own namespace only).
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+    }
+}
+
+/// Two nodes, each with its agent and node proxy: a pod on one reaches a
+/// pod on the other over HBONE, with each pod's own identity (as the
+/// destination's node proxy counts it).
+async fn pods_on_two_nodes_reach_each_other_over_hbone(backend: Backend) {
+    let control = control_plane().await;
+    let data_plane_a = DataPlane::start(&control, "node-a").await;
+    let data_plane_b = DataPlane::start(&control, "node-b").await;
+    let mut node_a = Node::with_subnet(backend, 0);
+    let mut node_b = Node::with_subnet(backend, 1);
+    node_a.start_agent();
+    node_b.start_agent();
+    let proxy_a = data_plane_a.node_proxy(&node_a, true);
+    let proxy_b = data_plane_b.node_proxy(&node_b, true);
+    proxy_a.ready(PATIENCE).await.expect("node A synced");
+    proxy_b.ready(PATIENCE).await.expect("node B synced");
+
+    // The pods' bridges come with their first pod: link the nodes once
+    // both exist.
+    let (shell, _, _) = add_pod(
+        &node_a,
+        &control,
+        &data_plane_a,
+        "default",
+        "shell",
+        "shell",
+    )
+    .await;
+    let (echo, echo_ip, _) =
+        add_pod(&node_b, &control, &data_plane_b, "default", "echo", "echo").await;
+    link_nodes(&node_a, &node_b);
+    data_plane_a.knows(echo_ip).await;
+    echo_app(&echo.netns.open());
+    let shell_ns = shell.netns.open();
+
+    let by_ip = SocketAddr::new(echo_ip, 8080);
+    let by_vip: SocketAddr = format!("{VIP}:80").parse().expect("VIP");
+    let large = pattern(1 << 20);
+    assert!(round_trip(&shell_ns, by_ip, &large).await.expect("by IP") == large);
+    assert_eq!(
+        round_trip(&shell_ns, by_vip, b"by vip")
+            .await
+            .expect("by VIP"),
+        b"by vip"
+    );
+    assert!(proxy_a.pooled_connections() > 0, "HBONE from node A");
+    let metrics = data_plane_b.metrics();
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("istio_tcp_connections_opened_total")
+                && line.contains("reporter=\"destination\"")
+                && line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/shell\"")
+                && line.contains(
+                    "destination_principal=\"spiffe://cluster.local/ns/default/sa/echo\""
+                )
+        ),
+        "{metrics}"
+    );
+
+    let _ = proxy_a.drain(PATIENCE).await;
+    let _ = proxy_b.drain(PATIENCE).await;
+    node_a.stop_agent().await;
+    node_b.stop_agent().await;
+    for data_plane in [&data_plane_a, &data_plane_b] {
+        let _ = data_plane.xds.drain(PATIENCE).await;
+        let _ = data_plane.certs.drain(PATIENCE).await;
+    }
     let _ = control.handle.drain(PATIENCE).await;
 }

@@ -209,10 +209,17 @@ pub struct Node {
     pub pods: MemoryPods,
     pub backend: Backend,
     pub agent: Option<NodeAgentHandle>,
+    /// Its pods' subnet: `10.85.<subnet>.0/24`.
+    pub subnet: u8,
 }
 
 impl Node {
     pub fn new(backend: Backend) -> Self {
+        Self::with_subnet(backend, 0)
+    }
+
+    /// A node whose pods are on `10.85.<subnet>.0/24`.
+    pub fn with_subnet(backend: Backend, subnet: u8) -> Self {
         let pods = MemoryPods::new();
         pods.set_namespace("default", labels([(DATAPLANE_MODE_LABEL, "ambient")]));
         pods.set_namespace("plain", Labels::new());
@@ -223,6 +230,7 @@ impl Node {
             pods,
             backend,
             agent: None,
+            subnet,
         }
     }
 
@@ -276,7 +284,7 @@ impl Node {
         vec![
             json!({
                 "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-                "ipam": {"type": "host-local", "subnet": "10.85.0.0/24",
+                "ipam": {"type": "host-local", "subnet": format!("10.85.{}.0/24", self.subnet),
                          "routes": [{"dst": "0.0.0.0/0"}],
                          "dataDir": self.dir.path().join("ipam")},
             }),

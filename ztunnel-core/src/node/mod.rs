@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 
 use self::pod::Pod;
 use crate::certs::CertManager;
-use crate::proxy::ZtunnelConfig;
+use crate::proxy::{SameNode, ZtunnelConfig};
 use crate::state::SharedState;
 use crate::telemetry::metrics::Metrics;
 use crate::xds::Demander;
@@ -95,6 +95,7 @@ impl Default for PodListeners {
 /// podDrain: 5s
 /// reconnectInitial: 100ms
 /// reconnectMax: 10s
+/// sameNodeShortcut: true
 /// ```
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
@@ -124,6 +125,10 @@ pub struct NodeProxyConfig {
     /// `reconnectMax`: the longest delay before reconnecting.
     #[serde(with = "mesh_net::config::duration")]
     pub reconnect_max: Duration,
+    /// `sameNodeShortcut`: between two pods of this node, skip TLS and
+    /// HTTP/2 (the destination's policy, metrics and logs all the same; see
+    /// [`crate::proxy::SameNode`]). Default on.
+    pub same_node_shortcut: bool,
 }
 
 impl Default for NodeProxyConfig {
@@ -138,6 +143,7 @@ impl Default for NodeProxyConfig {
             pod_drain: Duration::from_secs(5),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
+            same_node_shortcut: true,
         }
     }
 }
@@ -211,6 +217,7 @@ impl NodeProxyBuilder {
                     .provider
                     .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())),
                 status: watch::Sender::new(NodeStatus::default()),
+                same_node: SameNode::new(),
                 config: self.config,
             }),
         })
@@ -233,6 +240,8 @@ pub(crate) struct NodeProxyShared {
     demander: Option<Demander>,
     provider: Arc<CryptoProvider>,
     status: watch::Sender<NodeStatus>,
+    /// Its pods' instances, for the same-node shortcut.
+    same_node: SameNode,
 }
 
 /// The node proxy's connection to its agent.
@@ -387,6 +396,15 @@ impl NodeProxyHandle {
             .collect();
         pods.sort_by(|a, b| a.uid.cmp(&b.uid));
         pods
+    }
+
+    /// HBONE connections the pods' instances hold open (pooled), in all.
+    pub fn pooled_connections(&self) -> usize {
+        self.pods
+            .lock()
+            .values()
+            .map(|pod| pod.proxy.pooled_connections())
+            .sum()
     }
 
     /// The connection to the agent.

@@ -117,6 +117,9 @@ impl Pod {
         if let Some(demander) = &shared.demander {
             builder = builder.demander(demander.clone());
         }
+        if config.same_node_shortcut {
+            builder = builder.same_node(shared.same_node.clone());
+        }
         builder
             .build()
             .map_err(|err| err.to_string())?

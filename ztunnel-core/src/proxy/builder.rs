@@ -20,6 +20,7 @@ use super::authorize::LiveConnections;
 use super::baggage::BaggageCache;
 use super::context::Context;
 use super::handle::{Tasks, ZtunnelHandle};
+use super::local::SameNode;
 use super::{inbound, outbound, plaintext};
 use crate::certs::CertManager;
 use crate::hbone::{HBONE_PORT, HbonePool};
@@ -178,6 +179,7 @@ pub struct ZtunnelBuilder {
     demander: Option<Demander>,
     handshake_limits: HandshakeLimits,
     sockets: SocketNamespace,
+    same_node: Option<SameNode>,
 }
 
 impl Default for ZtunnelBuilder {
@@ -196,6 +198,7 @@ impl Default for ZtunnelBuilder {
             demander: None,
             handshake_limits: HandshakeLimits::default(),
             sockets: SocketNamespace::process(),
+            same_node: None,
         }
     }
 }
@@ -309,6 +312,14 @@ impl ZtunnelBuilder {
         self
     }
 
+    /// Lists the instance in `same_node`, the registry of its node proxy's
+    /// instances, and takes the same-node shortcut to the others listed
+    /// there (see [`SameNode`]). Default: no shortcut.
+    pub fn same_node(mut self, same_node: SameNode) -> Self {
+        self.same_node = Some(same_node);
+        self
+    }
+
     /// Looks up unknown destinations (and the served workload) on demand,
     /// through an on-demand [`crate::XdsClient`]'s [`Demander`].
     pub fn demander(mut self, demander: Demander) -> Self {
@@ -349,6 +360,7 @@ impl ZtunnelBuilder {
             hbone_port: self.hbone_port,
             pool: HbonePool::in_namespace(self.mark, self.sockets.clone(), &shutdown),
             sockets: self.sockets,
+            same_node: self.same_node,
             live: Arc::new(LiveConnections::default()),
             baggage: BaggageCache::default(),
             metrics: self.metrics,
@@ -403,6 +415,9 @@ impl Ztunnel {
             .chain([context.hbone_port])
             .collect();
         let ctx = Arc::new(context);
+        if let Some(same_node) = &ctx.same_node {
+            same_node.register(&ctx);
+        }
         let limits = self.handshake_limits;
         let accepting = ctx.shutdown.child_token();
         let mut tasks = Tasks::default();

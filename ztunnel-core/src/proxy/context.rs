@@ -18,6 +18,7 @@ use super::baggage::BaggageCache;
 use super::route::workload_identity;
 use crate::certs::{CertError, CertLease, CertManager};
 use crate::hbone::HbonePool;
+use super::local::SameNode;
 use crate::net::socket::SocketNamespace;
 use crate::state::SharedState;
 use crate::telemetry::metrics::Metrics;
@@ -56,6 +57,8 @@ pub(super) struct Context {
     pub(super) mark: Option<u32>,
     /// Where its sockets are made (node mode: in the served pod).
     pub(super) sockets: SocketNamespace,
+    /// The other instances of its node proxy, for the same-node shortcut.
+    pub(super) same_node: Option<SameNode>,
     pub(super) tls: TlsConfigs,
     pub(super) certificate_wait: Duration,
     pub(super) hbone_port: u16,

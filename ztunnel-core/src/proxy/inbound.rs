@@ -10,11 +10,14 @@
 //! itself), 401 when policy denies, 503 when the application cannot be
 //! reached, else 200 with a `baggage` header describing the workload.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::StatusCode;
+use mesh_api::Identity;
+use mesh_api::workload::Workload;
 use mesh_net::Acceptor;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -62,67 +65,24 @@ async fn establish_stream(ctx: Arc<Context>, request: ConnectRequest) -> Option<
         source,
         Some(request.peer().clone()),
     ));
-    let refuse = |request: ConnectRequest, status, recorder: Recorder, error: ConnectionError| {
-        request.refuse(status);
-        recorder.failed(&error);
-    };
     let destination = match request.destination() {
         Ok(destination) => destination,
         Err(err) => {
-            refuse(request, StatusCode::BAD_REQUEST, recorder, err.into());
+            request.refuse(StatusCode::BAD_REQUEST);
+            recorder.failed(&ConnectionError::from(err));
             return None;
         }
     };
-    recorder.record.destination = Some(destination);
-    if ctx.is_own_port(destination.port()) {
-        let error = ConnectionError::SelfCall(destination);
-        refuse(request, StatusCode::BAD_REQUEST, recorder, error);
-        return None;
-    }
-    let inbound = Inbound {
-        peer: Some(request.peer().clone()),
-        source,
-        destination,
-    };
-    let (workload, decision) = {
-        let state = ctx.state.read();
-        recorder.record.source_workload = state.workload_by_ip(&ctx.network, source.ip()).cloned();
-        match local_workload(&state, &ctx.served_uid, &ctx.network, destination.ip()) {
-            Some(workload) => {
-                let decision = inbound.evaluate(&state, &workload);
-                (workload, decision)
-            }
-            None => {
-                drop(state);
-                let error = ConnectionError::NotServed(destination);
-                refuse(request, StatusCode::BAD_REQUEST, recorder, error);
-                return None;
-            }
-        }
-    };
-    recorder.record.destination_identity = ctx.identity_of(Some(&workload)).ok();
-    recorder.record.destination_workload = Some(workload.clone());
-    if !decision.is_allowed() {
-        let error = ConnectionError::Denied {
-            destination,
-            reason: decision.reason,
-        };
-        refuse(request, StatusCode::UNAUTHORIZED, recorder, error);
-        return None;
-    }
-    let registered = ctx.live.register(inbound);
-    let upstream = match socket::connect_in(&ctx.sockets, destination, ctx.mark).await {
-        Ok(upstream) => upstream,
-        Err(source) => {
-            let error = ConnectionError::ApplicationUnreachable {
-                destination,
-                source,
-            };
-            refuse(request, StatusCode::SERVICE_UNAVAILABLE, recorder, error);
+    let peer = Some(request.peer().clone());
+    let admitted = match admit(&ctx, peer, source, destination, &mut recorder.record).await {
+        Ok(admitted) => admitted,
+        Err((status, error)) => {
+            request.refuse(status);
+            recorder.failed(&error);
             return None;
         }
     };
-    let (send, recv) = match request.accept(ctx.baggage.of(&workload)) {
+    let (send, recv) = match request.accept(ctx.baggage.of(&admitted.workload)) {
         Ok(stream) => stream,
         Err(source) => {
             recorder.failed(&ConnectionError::PeerGone {
@@ -134,12 +94,89 @@ async fn establish_stream(ctx: Arc<Context>, request: ConnectRequest) -> Option<
     };
     recorder.opened(ctx.metrics.as_ref());
     Some(InboundStream {
-        upstream,
+        upstream: admitted.upstream,
         send,
         recv,
-        registered,
+        registered: admitted.registered,
         recorder,
     })
+}
+
+/// An inbound connection let in: the workload it is for, its registration
+/// (a policy change can revoke it) and its connection to the application.
+pub(super) struct Admitted {
+    pub(super) workload: Arc<Workload>,
+    pub(super) registered: Registered,
+    pub(super) upstream: TcpStream,
+}
+
+/// Lets in a connection from `peer` at `source` to `destination`, the
+/// checks every inbound connection passes whichever way it came (HBONE, or
+/// the same-node shortcut): not one of the proxy's own ports (a self call),
+/// a workload this instance serves, allowed by policy; then registered and
+/// connected to the application. `record` learns what is found. Refused:
+/// the HBONE status that says so, and why.
+pub(super) async fn admit(
+    ctx: &Context,
+    peer: Option<Identity>,
+    source: SocketAddr,
+    destination: SocketAddr,
+    record: &mut ConnectionRecord,
+) -> Result<Admitted, (StatusCode, ConnectionError)> {
+    record.destination = Some(destination);
+    if ctx.is_own_port(destination.port()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            ConnectionError::SelfCall(destination),
+        ));
+    }
+    let inbound = Inbound {
+        peer,
+        source,
+        destination,
+    };
+    let (workload, decision) = {
+        let state = ctx.state.read();
+        record.source_workload = state.workload_by_ip(&ctx.network, source.ip()).cloned();
+        match local_workload(&state, &ctx.served_uid, &ctx.network, destination.ip()) {
+            Some(workload) => {
+                let decision = inbound.evaluate(&state, &workload);
+                (workload, decision)
+            }
+            None => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    ConnectionError::NotServed(destination),
+                ));
+            }
+        }
+    };
+    record.destination_identity = ctx.identity_of(Some(&workload)).ok();
+    record.destination_workload = Some(workload.clone());
+    if !decision.is_allowed() {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            ConnectionError::Denied {
+                destination,
+                reason: decision.reason,
+            },
+        ));
+    }
+    let registered = ctx.live.register(inbound);
+    match socket::connect_in(&ctx.sockets, destination, ctx.mark).await {
+        Ok(upstream) => Ok(Admitted {
+            workload,
+            registered,
+            upstream,
+        }),
+        Err(source) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ConnectionError::ApplicationUnreachable {
+                destination,
+                source,
+            },
+        )),
+    }
 }
 
 /// An established inbound stream.

@@ -66,6 +66,7 @@ mod context;
 mod error;
 mod handle;
 mod inbound;
+mod local;
 mod outbound;
 mod plaintext;
 pub mod route;
@@ -76,6 +77,7 @@ pub use builder::{BuildError, Listeners, Ztunnel, ZtunnelBuilder, ZtunnelConfig}
 pub use context::IdentityError;
 pub use error::ConnectionError;
 pub use handle::{ServeError, ZtunnelHandle};
+pub use local::SameNode;
 
 #[cfg(doc)]
 use crate::net::socket::listen_with_nodelay;

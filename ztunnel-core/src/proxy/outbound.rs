@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::accept::{Carried, Established, accept_handshakes, accept_loop, run_connection};
 use super::context::Context;
+use super::context::IdentityError;
 use super::error::ConnectionError;
+use super::local::{self, LocalLink};
 use super::route::{Route, Upstream, first_ip, route};
 use super::socks5;
 use crate::hbone::headers::forwarded_for;
@@ -257,7 +259,24 @@ async fn forward(
             record.destination_workload = Some(upstream.workload.clone());
             record.destination_identity.clone_from(&upstream.identity);
             record.service.clone_from(&upstream.service);
-            if upstream.hbone {
+            let same_node = ctx.same_node.as_ref();
+            let local = same_node.and_then(|same| same.get(&upstream.workload.uid));
+            if let (true, Some(to)) = (upstream.hbone, local) {
+                // The same-node shortcut: no TLS, no HTTP/2, the
+                // destination's checks all the same.
+                match record.source_identity.clone() {
+                    Some(identity) => local::connect(to, identity, source, upstream.address)
+                        .await
+                        .map(Link::Local),
+                    None => Err(ConnectionError::Identity {
+                        destination: upstream.address,
+                        source: ctx
+                            .identity_of(record.source_workload.as_deref())
+                            .err()
+                            .unwrap_or_else(|| IdentityError::UnknownWorkload(ctx.served_uid.clone())),
+                    }),
+                }
+            } else if upstream.hbone {
                 let served = record.source_workload.clone();
                 open_hbone(ctx, &mut tcp, source, &upstream, served.as_ref())
                     .await
@@ -317,6 +336,9 @@ enum Link {
     Hbone(HboneStream, u64),
     /// Plain TCP.
     Plain(TcpStream),
+    /// The destination's application, let in by its instance on this node
+    /// (the same-node shortcut).
+    Local(LocalLink),
 }
 
 /// An established outbound connection.
@@ -329,13 +351,34 @@ struct Outbound {
 impl Established for Outbound {
     async fn carry(&mut self) -> Carried {
         let progress = Progress::default();
-        let (copied, early) = match &mut self.link {
-            Link::Plain(upstream) => (copy_plain(&mut self.tcp, upstream, &progress).await, 0),
+        let (error, early) = match &mut self.link {
+            Link::Plain(upstream) => (
+                copy_plain(&mut self.tcp, upstream, &progress)
+                    .await
+                    .err()
+                    .map(ConnectionError::Transfer),
+                0,
+            ),
             Link::Hbone(stream, early) => (
                 copy_bidirectional(&mut self.tcp, &mut stream.send, &mut stream.recv, &progress)
-                    .await,
+                    .await
+                    .err()
+                    .map(ConnectionError::Transfer),
                 *early,
             ),
+            Link::Local(local) => {
+                let error = tokio::select! {
+                    copied = copy_plain(&mut self.tcp, &mut local.upstream, &progress) => {
+                        copied.err().map(ConnectionError::Transfer)
+                    }
+                    // The destination's policy now denies it.
+                    () = local.registered.revoked.cancelled() => Some(ConnectionError::Revoked),
+                    () = local.closed.cancelled() => Some(ConnectionError::Transfer(
+                        std::io::Error::other("the destination's proxy instance stopped"),
+                    )),
+                };
+                (error, 0)
+            }
         };
         // The request flows from the client's connection.
         Carried {
@@ -343,7 +386,7 @@ impl Established for Outbound {
                 request: early + progress.read(),
                 response: progress.written(),
             },
-            error: copied.err().map(ConnectionError::Transfer),
+            error,
         }
     }
 
@@ -353,8 +396,15 @@ impl Established for Outbound {
             match self.link {
                 Link::Plain(upstream) => socket::reset(upstream),
                 Link::Hbone(mut stream, _) => stream.send.send_reset(h2::Reason::CONNECT_ERROR),
+                Link::Local(local) => {
+                    socket::reset(local.upstream);
+                    local.recorder.finish(outcome.bytes, outcome.error.as_ref());
+                }
             }
             socket::reset(self.tcp);
+        } else if let Link::Local(local) = self.link {
+            // The destination's record: the same bytes, seen from its side.
+            local.recorder.finish(outcome.bytes, None::<&ConnectionError>);
         }
         self.recorder.finish(outcome.bytes, outcome.error.as_ref());
     }
