@@ -339,6 +339,13 @@ fn applies_once_replaces_and_removes_cleanly(backend: &Backend) {
     redirection.apply(&pod, &spec).expect("apply");
     assert!(redirection.is_applied(&pod).expect("is_applied"));
     backend.assert_installed_once(&pod, &spec);
+    // The replies' policy route, once per family.
+    for family in ["-4", "-6"] {
+        let rules = output_in(&pod, &["ip", family, "rule", "show", "pref", "32764"]);
+        assert_eq!(rules.matches("fwmark 0x111/0xfff lookup 100").count(), 1, "{rules}");
+        let routes = output_in(&pod, &["ip", family, "route", "show", "table", "100"]);
+        assert!(routes.starts_with("local "), "{routes}");
+    }
     redirection.apply(&pod, &spec).expect("apply again");
     assert!(redirection.is_applied(&pod).expect("is_applied"));
     backend.assert_installed_once(&pod, &spec);
@@ -358,6 +365,10 @@ fn applies_once_replaces_and_removes_cleanly(backend: &Backend) {
     redirection.remove(&pod).expect("remove");
     assert!(!redirection.is_applied(&pod).expect("is_applied"));
     backend.assert_nothing_left(&pod);
+    for family in ["-4", "-6"] {
+        let rules = output_in(&pod, &["ip", family, "rule", "show", "pref", "32764"]);
+        assert!(rules.trim().is_empty(), "{rules}");
+    }
     redirection.remove(&pod).expect("remove again");
     backend.assert_nothing_left(&pod);
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use mesh_net::netns::Netns;
 
 use super::program::{Program, in_netns};
-use super::{MARK_MASK, RedirectError, RedirectSpec, Redirection};
+use super::{MARK_MASK, RedirectError, RedirectSpec, Redirection, reply_route};
 
 /// The backend's name in errors.
 const NAME: &str = "iptables";
@@ -56,6 +56,10 @@ impl IptablesRestore {
     pub const PREROUTING_CHAIN: &'static str = "PODLESS_PREROUTING";
     /// Our chain in the `nat` table that `OUTPUT` jumps to.
     pub const OUTPUT_CHAIN: &'static str = "PODLESS_OUTPUT";
+    /// Our chain in the `mangle` table that `PREROUTING` jumps to.
+    pub const MARK_PREROUTING_CHAIN: &'static str = "PODLESS_MARK_PREROUTING";
+    /// Our chain in the `mangle` table that `OUTPUT` jumps to.
+    pub const MARK_OUTPUT_CHAIN: &'static str = "PODLESS_MARK_OUTPUT";
 
     /// With `iptables-restore`, `iptables-save`, `ip6tables-restore` and
     /// `ip6tables-save` from `PATH`.
@@ -146,6 +150,23 @@ impl IptablesRestore {
         rules
     }
 
+    /// The rules of our two `mangle` chains for `spec`: a connection the
+    /// data plane opened from its own marked socket (arriving through `lo`)
+    /// is connmarked, and the application's replies on it carry that mark,
+    /// which routes them back to the data plane (table
+    /// [`RedirectSpec::reply_table`]) even when it spoofed the client's
+    /// address.
+    pub fn mark_rules(spec: &RedirectSpec) -> String {
+        format!(
+            "-A {pre} -m mark --mark {mark:#x}/{MARK_MASK:#x} -j CONNMARK --set-xmark {reply:#x}/{MARK_MASK:#x}\n\
+             -A {out} -m connmark --mark {reply:#x}/{MARK_MASK:#x} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff\n",
+            pre = Self::MARK_PREROUTING_CHAIN,
+            out = Self::MARK_OUTPUT_CHAIN,
+            mark = spec.mark,
+            reply = spec.reply_mark,
+        )
+    }
+
     /// The families we manage, IPv4 first.
     fn families(&self) -> impl Iterator<Item = &Family> {
         std::iter::once(&self.ipv4).chain(self.ipv6.as_ref())
@@ -173,10 +194,10 @@ impl Family {
         }
     }
 
-    /// What of ours the family's `nat` table holds now.
-    fn read(&self, netns: &Netns) -> Result<Installed, RedirectError> {
-        let saved = self.save().run_ok(netns, &["-t", "nat"], None)?;
-        Ok(Installed::parse(&saved))
+    /// What of ours the family's table of `chains` holds now.
+    fn read(&self, netns: &Netns, chains: &Chains) -> Result<Installed, RedirectError> {
+        let saved = self.save().run_ok(netns, &["-t", chains.table], None)?;
+        Ok(Installed::parse(&saved, chains))
     }
 
     /// Restores `input` with `--noflush`.
@@ -187,7 +208,33 @@ impl Family {
     }
 }
 
-/// The jumps to our chains and the chains, as found in `iptables-save -t nat`.
+/// Our two chains in one table, and the built-in chains that jump to them.
+#[derive(Debug)]
+struct Chains {
+    /// The table (`nat`, `mangle`).
+    table: &'static str,
+    /// Ours, jumped to from `PREROUTING`.
+    prerouting: &'static str,
+    /// Ours, jumped to from `OUTPUT`.
+    output: &'static str,
+}
+
+/// The redirection: `nat`.
+const NAT: Chains = Chains {
+    table: "nat",
+    prerouting: IptablesRestore::PREROUTING_CHAIN,
+    output: IptablesRestore::OUTPUT_CHAIN,
+};
+
+/// The reply routing of transparent connections: `mangle`.
+const MANGLE: Chains = Chains {
+    table: "mangle",
+    prerouting: IptablesRestore::MARK_PREROUTING_CHAIN,
+    output: IptablesRestore::MARK_OUTPUT_CHAIN,
+};
+
+/// The jumps to our chains and the chains, as found in `iptables-save -t
+/// <table>`.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Installed {
     /// `-A PREROUTING -j PODLESS_PREROUTING` lines.
@@ -200,24 +247,32 @@ struct Installed {
     output_chain: bool,
 }
 
-/// The rule in `PREROUTING` that jumps to our chain.
-fn prerouting_jump() -> String {
-    format!("PREROUTING -j {}", IptablesRestore::PREROUTING_CHAIN)
-}
+impl Chains {
+    /// The rule in `PREROUTING` that jumps to our chain.
+    fn prerouting_jump(&self) -> String {
+        format!("PREROUTING -j {}", self.prerouting)
+    }
 
-/// The rule in `OUTPUT` that jumps to our chain.
-fn output_jump() -> String {
-    format!("OUTPUT -j {}", IptablesRestore::OUTPUT_CHAIN)
+    /// The rule in `OUTPUT` that jumps to our chain.
+    fn output_jump(&self) -> String {
+        format!("OUTPUT -j {}", self.output)
+    }
+
+    /// Our chains' declarations (with `--noflush`, a declared chain is
+    /// created or emptied).
+    fn declarations(&self) -> String {
+        format!(":{} - [0:0]\n:{} - [0:0]\n", self.prerouting, self.output)
+    }
 }
 
 impl Installed {
-    fn parse(saved: &str) -> Self {
+    fn parse(saved: &str, chains: &Chains) -> Self {
         let (prerouting_jump, output_jump) = (
-            format!("-A {}", prerouting_jump()),
-            format!("-A {}", output_jump()),
+            format!("-A {}", chains.prerouting_jump()),
+            format!("-A {}", chains.output_jump()),
         );
-        let prerouting_chain = format!(":{} ", IptablesRestore::PREROUTING_CHAIN);
-        let output_chain = format!(":{} ", IptablesRestore::OUTPUT_CHAIN);
+        let prerouting_chain = format!(":{} ", chains.prerouting);
+        let output_chain = format!(":{} ", chains.output);
         let mut installed = Self::default();
         for line in saved.lines().map(str::trim_end) {
             if line == prerouting_jump {
@@ -248,12 +303,12 @@ impl Installed {
 
     /// The restore input that installs `rules` (of [`IptablesRestore::rules`])
     /// over what is there: one jump to each chain in the end.
-    fn apply_input(&self, rules: &str) -> String {
-        let mut input = format!("*nat\n{}", chain_declarations());
+    fn apply_input(&self, chains: &Chains, rules: &str) -> String {
+        let mut input = format!("*{}\n{}", chains.table, chains.declarations());
         input.push_str(rules);
         for (jumps, jump) in [
-            (self.prerouting_jumps, prerouting_jump()),
-            (self.output_jumps, output_jump()),
+            (self.prerouting_jumps, chains.prerouting_jump()),
+            (self.output_jumps, chains.output_jump()),
         ] {
             if jumps == 0 {
                 let _ = writeln!(input, "-A {jump}");
@@ -267,37 +322,24 @@ impl Installed {
     }
 
     /// The restore input that removes the jumps and our chains.
-    fn remove_input(&self) -> String {
-        let mut input = String::from("*nat\n");
+    fn remove_input(&self, chains: &Chains) -> String {
+        let mut input = format!("*{}\n", chains.table);
         for (jumps, jump) in [
-            (self.prerouting_jumps, prerouting_jump()),
-            (self.output_jumps, output_jump()),
+            (self.prerouting_jumps, chains.prerouting_jump()),
+            (self.output_jumps, chains.output_jump()),
         ] {
             for _ in 0..jumps {
                 let _ = writeln!(input, "-D {jump}");
             }
         }
         // Declared (created or emptied), then deleted: absent or not before.
-        input.push_str(&chain_declarations());
-        for chain in [
-            IptablesRestore::PREROUTING_CHAIN,
-            IptablesRestore::OUTPUT_CHAIN,
-        ] {
+        input.push_str(&chains.declarations());
+        for chain in [chains.prerouting, chains.output] {
             let _ = writeln!(input, "-X {chain}");
         }
         input.push_str("COMMIT\n");
         input
     }
-}
-
-/// Our chains' declarations (with `--noflush`, a declared chain is created
-/// or emptied).
-fn chain_declarations() -> String {
-    format!(
-        ":{} - [0:0]\n:{} - [0:0]\n",
-        IptablesRestore::PREROUTING_CHAIN,
-        IptablesRestore::OUTPUT_CHAIN
-    )
 }
 
 impl Redirection for IptablesRestore {
@@ -309,11 +351,14 @@ impl Redirection for IptablesRestore {
         spec.validate()?;
         in_netns(NAME, netns, || {
             for family in self.families() {
-                let installed = family.read(netns)?;
-                let input = installed.apply_input(&Self::rules(spec, family.ipv6));
+                // Both tables in one transaction.
+                let nat = family.read(netns, &NAT)?;
+                let mangle = family.read(netns, &MANGLE)?;
+                let mut input = nat.apply_input(&NAT, &Self::rules(spec, family.ipv6));
+                input.push_str(&mangle.apply_input(&MANGLE, &Self::mark_rules(spec)));
                 family.restore_input(netns, &input)?;
             }
-            Ok(())
+            reply_route::apply(NAME, netns, spec)
         })?;
         tracing::debug!(netns = %netns, "iptables redirect rules applied");
         Ok(())
@@ -322,12 +367,18 @@ impl Redirection for IptablesRestore {
     fn remove(&self, netns: &Netns) -> Result<(), RedirectError> {
         in_netns(NAME, netns, || {
             for family in self.families() {
-                let installed = family.read(netns)?;
-                if installed.any() {
-                    family.restore_input(netns, &installed.remove_input())?;
+                let mut input = String::new();
+                for chains in [&NAT, &MANGLE] {
+                    let installed = family.read(netns, chains)?;
+                    if installed.any() {
+                        input.push_str(&installed.remove_input(chains));
+                    }
+                }
+                if !input.is_empty() {
+                    family.restore_input(netns, &input)?;
                 }
             }
-            Ok(())
+            reply_route::remove(NAME, netns)
         })?;
         tracing::debug!(netns = %netns, "iptables redirect rules removed");
         Ok(())
@@ -338,11 +389,13 @@ impl Redirection for IptablesRestore {
     fn is_applied(&self, netns: &Netns) -> Result<bool, RedirectError> {
         in_netns(NAME, netns, || {
             for family in self.families() {
-                if !family.read(netns)?.complete() {
-                    return Ok(false);
+                for chains in [&NAT, &MANGLE] {
+                    if !family.read(netns, chains)?.complete() {
+                        return Ok(false);
+                    }
                 }
             }
-            Ok(true)
+            reply_route::is_applied(NAME, netns)
         })
     }
 }
@@ -396,7 +449,7 @@ mod tests {
 -A OUTPUT -j PODLESS_OUTPUT -m comment --comment other
 COMMIT
 ";
-        let installed = Installed::parse(saved);
+        let installed = Installed::parse(saved, &NAT);
         assert_eq!(
             installed,
             Installed {
@@ -408,7 +461,7 @@ COMMIT
         );
         assert!(installed.complete());
         assert_eq!(
-            installed.apply_input("RULES\n"),
+            installed.apply_input(&NAT, "RULES\n"),
             "*nat
 :PODLESS_PREROUTING - [0:0]
 :PODLESS_OUTPUT - [0:0]
@@ -418,11 +471,11 @@ COMMIT
 "
         );
 
-        let empty = Installed::parse("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n");
+        let empty = Installed::parse("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", &NAT);
         assert!(!empty.any());
         assert!(!empty.complete());
         assert_eq!(
-            empty.apply_input(""),
+            empty.apply_input(&NAT, ""),
             "*nat
 :PODLESS_PREROUTING - [0:0]
 :PODLESS_OUTPUT - [0:0]
@@ -443,7 +496,7 @@ COMMIT
         };
         assert!(installed.any());
         assert_eq!(
-            installed.remove_input(),
+            installed.remove_input(&NAT),
             "*nat
 -D PREROUTING -j PODLESS_PREROUTING
 -D PREROUTING -j PODLESS_PREROUTING

@@ -18,11 +18,18 @@
 //!   capture is off); TCP to 127.0.0.0/8 or ::1 → leave it; other TCP →
 //!   redirect to the outbound port (15001).
 //!
+//! - replies (`mangle`): a connection the data plane opens from its marked
+//!   socket inside the pod (it arrives through `lo`) gets the connection
+//!   mark 0x111; the application's packets on it carry that mark again, and
+//!   a policy route (`ip rule fwmark 0x111/0xfff lookup 100`, `ip route add
+//!   local 0.0.0.0/0 dev lo table 100`, and IPv6's) delivers them locally.
+//!   This matters to a data plane that connects to the application with the
+//!   client's address as its own (ztunnel's default); podless's own does
+//!   not, and is indifferent to it.
+//!
 //! Inbound traffic is redirected with `REDIRECT`, not with Istio's
 //! `TPROXY`: the data plane reads the original destination with
-//! `SO_ORIGINAL_DST` on both sides, so neither the connmark 0x111 nor the
-//! policy route to table 100 (`ip rule fwmark 0x111/0xfff lookup 100`) of
-//! WIRE.md §6 is installed.
+//! `SO_ORIGINAL_DST` on both sides (ztunnel does too).
 //!
 //! The backends run their programs (`nft`, `iptables-restore`, ...) inside
 //! the namespace with [`Netns::run`]: they block, and async callers use
@@ -31,6 +38,7 @@
 mod iptables;
 mod nftables;
 mod program;
+mod reply_route;
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -69,6 +77,15 @@ pub struct RedirectSpec {
     /// whose connections into the pod are not redirected; `None` redirects
     /// them too.
     pub probe_source: Option<Ipv4Addr>,
+    /// The connection mark (0x111, under [`MARK_MASK`]) given to
+    /// connections the data plane opens from its marked sockets inside the
+    /// pod, and restored onto the application's replies, so replies to a
+    /// data plane that spoofed the client's address (ztunnel's default)
+    /// come back to it.
+    pub reply_mark: u32,
+    /// The routing table those replies are looked up in (100), holding one
+    /// local route.
+    pub reply_table: u32,
 }
 
 impl Default for RedirectSpec {
@@ -80,6 +97,8 @@ impl Default for RedirectSpec {
             dns_port: Some(15053),
             mark: mesh_net::PROXY_MARK,
             probe_source: Some(Ipv4Addr::new(169, 254, 7, 127)),
+            reply_mark: 0x111,
+            reply_table: 100,
         }
     }
 }
@@ -99,12 +118,25 @@ impl RedirectSpec {
                 reason: format!("{field} is 0"),
             });
         }
-        if self.mark == 0 || self.mark & !MARK_MASK != 0 {
+        for (field, mark) in [("mark", self.mark), ("replyMark", self.reply_mark)] {
+            if mark == 0 || mark & !MARK_MASK != 0 {
+                return Err(RedirectError::InvalidSpec {
+                    reason: format!(
+                        "{field} {mark:#x} is not a non-zero value within the mask {MARK_MASK:#x}"
+                    ),
+                });
+            }
+        }
+        if self.mark == self.reply_mark {
             return Err(RedirectError::InvalidSpec {
-                reason: format!(
-                    "mark {:#x} is not a non-zero value within the mask {MARK_MASK:#x}",
-                    self.mark
-                ),
+                reason: format!("mark and replyMark are both {:#x}", self.mark),
+            });
+        }
+        // 0 is unspecified; 253 to 255 are the kernel's default, main and
+        // local tables.
+        if self.reply_table == 0 || (253..=255).contains(&self.reply_table) {
+            return Err(RedirectError::InvalidSpec {
+                reason: format!("replyTable {} is one of the kernel's", self.reply_table),
             });
         }
         Ok(())

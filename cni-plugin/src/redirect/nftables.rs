@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use mesh_net::netns::Netns;
 
 use super::program::{Program, in_netns};
-use super::{MARK_MASK, RedirectError, RedirectSpec, Redirection};
+use super::{MARK_MASK, RedirectError, RedirectSpec, Redirection, reply_route};
 
 /// The backend's name in errors.
 const NAME: &str = "nftables";
@@ -71,9 +71,21 @@ impl Nftables {
             spec.outbound_port
         );
 
+        let reply = spec.reply_mark;
+        let mark_prerouting = format!(
+            "\t\ttype filter hook prerouting priority mangle; policy accept;\n\
+             \t\tmeta mark & {MARK_MASK:#x} == {:#x} ct mark set ct mark & {:#x} | {reply:#x}\n",
+            spec.mark, !MARK_MASK
+        );
+        let mark_output = format!(
+            "\t\ttype route hook output priority mangle; policy accept;\n\
+             \t\tct mark & {MARK_MASK:#x} == {reply:#x} meta mark set ct mark\n"
+        );
         format!(
             "table inet {table} {{\n\tchain prerouting {{\n{prerouting}\t}}\n\n\
-             \tchain output {{\n{output}\t}}\n}}\n",
+             \tchain output {{\n{output}\t}}\n\n\
+             \tchain mark_prerouting {{\n{mark_prerouting}\t}}\n\n\
+             \tchain mark_output {{\n{mark_output}\t}}\n}}\n",
             table = Self::TABLE
         )
     }
@@ -110,7 +122,8 @@ impl Redirection for Nftables {
         spec.validate()?;
         let script = format!("{}{}", Self::delete_script(), Self::table(spec));
         in_netns(NAME, netns, || {
-            self.program().run_ok(netns, &["-f", "-"], Some(&script))
+            self.program().run_ok(netns, &["-f", "-"], Some(&script))?;
+            reply_route::apply(NAME, netns, spec)
         })?;
         tracing::debug!(netns = %netns, "nftables redirect rules applied");
         Ok(())
@@ -119,7 +132,8 @@ impl Redirection for Nftables {
     fn remove(&self, netns: &Netns) -> Result<(), RedirectError> {
         let script = Self::delete_script();
         in_netns(NAME, netns, || {
-            self.program().run_ok(netns, &["-f", "-"], Some(&script))
+            self.program().run_ok(netns, &["-f", "-"], Some(&script))?;
+            reply_route::remove(NAME, netns)
         })?;
         tracing::debug!(netns = %netns, "nftables redirect rules removed");
         Ok(())
@@ -131,7 +145,7 @@ impl Redirection for Nftables {
                 .program()
                 .run(netns, &["list", "table", "inet", Self::TABLE], None)?;
             if ran.success() {
-                Ok(true)
+                reply_route::is_applied(NAME, netns)
             } else if ran.stderr().contains("No such file or directory") {
                 // The table is not there (ENOENT, in the C locale).
                 Ok(false)
@@ -168,6 +182,16 @@ mod tests {
 \t\tip6 daddr ::1 return
 \t\tmeta l4proto tcp redirect to :15001
 \t}
+
+\tchain mark_prerouting {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111
+\t}
+
+\tchain mark_output {
+\t\ttype route hook output priority mangle; policy accept;
+\t\tct mark & 0xfff == 0x111 meta mark set ct mark
+\t}
 }
 "
         );
@@ -182,8 +206,11 @@ mod tests {
             inbound_plaintext_port: 2,
             hbone_port: 3,
             mark: 0x10,
+            reply_mark: 0x20,
+            reply_table: 7,
         };
         let table = Nftables::table(&spec);
+        assert!(table.contains("ct mark set ct mark & 0xfffff000 | 0x20"), "{table}");
         assert!(!table.contains("dport 53"), "{table}");
         assert!(!table.contains("saddr"), "{table}");
         assert!(table.contains("redirect to :1\n"), "{table}");

@@ -1,0 +1,279 @@
+//! A real ztunnel (istio/ztunnel, built outside this repository) in shared
+//! mode as the node's data plane, driven by our node agent over ZDS: it takes
+//! the pods the CNI chain captures, opens their listeners inside their
+//! namespaces, gets its configuration from our control plane and each pod's
+//! certificate from our CA (by impersonation), and carries pod-to-pod
+//! traffic by pod IP and by service VIP.
+//!
+//! Skipped unless `PODLESS_ZTUNNEL` names the binary (release, `testing`
+//! feature). Needs root, as CI runs.
+
+#[macro_use]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_api::Identity;
+use mesh_ca::{Authenticated, Authority, CaServer, StaticTokens};
+use mesh_net::netns::Netns;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use xds_server::{
+    Authenticators, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
+};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const VIP: &str = "10.96.0.10";
+const TOKEN: &str = "ztunnel-node-a-token";
+
+/// A process started inside a namespace, its output kept, killed on drop.
+struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(netns: &str, dir: &Path, env: &[(&str, String)], program: &Path) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(program)
+            .current_dir(dir)
+            .env_clear()
+            .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ztunnel");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().expect("lines").push(line);
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn round_trip(netns: &Netns, target: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
+    let socket = netns.enter(tokio::net::TcpSocket::new_v4).expect("enter")?;
+    let mut stream: TcpStream = tokio::time::timeout(PATIENCE, socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut echoed = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut echoed))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    Ok(echoed)
+}
+
+fn echo_app(netns: &Netns) {
+    let listener = netns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:8080"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+}
+
+both_backends!(a_real_ztunnel_in_shared_mode_serves_the_pods_our_agent_captures);
+
+#[allow(clippy::print_stderr)]
+async fn a_real_ztunnel_in_shared_mode_serves_the_pods_our_agent_captures(backend: Backend) {
+    // A test given a binary by a variable: the test reads it, no library.
+    let Some(ztunnel) = std::env::var_os("PODLESS_ZTUNNEL").map(PathBuf::from) else {
+        eprintln!("PODLESS_ZTUNNEL is not set: skipped (give it a real ztunnel binary)");
+        return;
+    };
+    let mut node = Node::new(backend);
+    // The control plane listens inside the node's namespace, on its
+    // loopback, where the node's ztunnel finds it.
+    let node_ns = node.netns.open();
+    let listener = node_ns
+        .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
+    let address = listener.local_addr().expect("address");
+
+    let store = Store::new(MeshConfig::default());
+    let manifest = format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}
+"
+    );
+    for object in parse_manifest(&manifest).expect("YAML").objects {
+        store.apply(object).expect("valid");
+    }
+    let material = mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
+        .expect("CA material");
+    let authority = Arc::new(
+        Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
+    );
+    let agent =
+        Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
+    let tokens = StaticTokens::new().caller(
+        TOKEN,
+        Authenticated {
+            identity: agent.clone(),
+            node: Some("node-a".into()),
+            pod: None,
+        },
+    );
+    let ca = CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(tokens.clone())
+        .node_agent(agent)
+        .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
+        .build()
+        .expect("CA");
+    let xds = XdsServer::builder()
+        .store(store.clone())
+        .authenticators(Authenticators::new().with(tokens))
+        .build()
+        .expect("xDS");
+    let control_plane = ControlPlane::builder()
+        .xds(xds)
+        .ca(ca)
+        .build()
+        .expect("control plane")
+        .spawn(listener)
+        .expect("spawned");
+
+    node.start_agent();
+    let dir = node.dir.path().join("ztunnel");
+    let tokens_dir = dir.join("var/run/secrets/tokens");
+    std::fs::create_dir_all(&tokens_dir).expect("dirs");
+    std::fs::write(tokens_dir.join("istio-token"), TOKEN).expect("token");
+    let root = dir.join("root.pem");
+    let pem: String = authority
+        .roots()
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+        .collect();
+    std::fs::write(&root, pem).expect("root");
+    let url = format!("https://{address}");
+    let root = root.display().to_string();
+    let daemon = Daemon::start(
+        &node.netns.name,
+        &dir,
+        &[
+            ("XDS_ADDRESS", url.clone()),
+            ("CA_ADDRESS", url),
+            ("XDS_ROOT_CA", root.clone()),
+            ("CA_ROOT_CA", root),
+            ("NODE_NAME", "node-a".into()),
+            ("POD_NAME", "ztunnel-node-a".into()),
+            ("POD_NAMESPACE", "istio-system".into()),
+            ("CLUSTER_ID", "Kubernetes".into()),
+            ("PROXY_MODE", "shared".into()),
+            ("INPOD_UDS", node.zds_socket().display().to_string()),
+            ("RUST_LOG", "info".into()),
+        ],
+        &ztunnel,
+    );
+    let mut view = node.agent().watch();
+    tokio::time::timeout(PATIENCE, view.wait_for(|view| view.data_planes == 1))
+        .await
+        .unwrap_or_else(|_| panic!("ztunnel never connected to the agent:\n{}", daemon.output()))
+        .expect("agent running");
+
+    let mut ips = Vec::new();
+    let mut pods = Vec::new();
+    for (name, app) in [("echo", "echo"), ("shell", "shell")] {
+        let pod = node.pod("default", name);
+        let added = node.chain("ADD", &pod, None).await;
+        assert!(added.exit_ok, "{added:?}\n{}", daemon.output());
+        let ip: IpAddr = added.json()["ips"][0]["address"]
+            .as_str()
+            .and_then(|cidr| cidr.split('/').next())
+            .and_then(|ip| ip.parse().ok())
+            .expect("an address");
+        let manifest = format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}
+spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
+status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
+"
+        );
+        for object in parse_manifest(&manifest).expect("YAML").objects {
+            store.apply(object).expect("valid");
+        }
+        ips.push(ip);
+        pods.push(pod);
+    }
+    echo_app(&pods[0].netns.open());
+    let shell = pods[1].netns.open();
+    // ztunnel learns of the pods' addresses over xDS: retry until it does.
+    for target in [
+        SocketAddr::new(ips[0], 8080),
+        format!("{VIP}:80").parse().expect("VIP"),
+    ] {
+        let start = Instant::now();
+        loop {
+            match round_trip(&shell, target, b"through a real ztunnel").await {
+                Ok(echoed) if echoed == b"through a real ztunnel" => break,
+                other => assert!(
+                    start.elapsed() < PATIENCE,
+                    "to {target}: {other:?}\n{}",
+                    daemon.output()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let output = daemon.output();
+    assert!(
+        output.contains("spiffe://cluster.local/ns/default/sa/shell"),
+        "ztunnel's access log names the source identity:\n{output}"
+    );
+    for pod in &pods {
+        node.chain("DEL", pod, None).await;
+    }
+    drop(daemon);
+    node.stop_agent().await;
+    let _ = control_plane.drain(PATIENCE).await;
+}
