@@ -11,16 +11,20 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use mesh_benches::load::{
+    BYPASS_MARK, Latency, ROUND_TRIPS, RR_WARM_UP, bulk, connect, connection_rate, on, open_many,
+    request_response, runtime_in, serve_echo, serve_sink,
+};
 use mesh_benches::process::{
     CpuTimes, context_switches, cpu_times, machine_busy, minor_faults, resident_bytes,
 };
 use mesh_benches::stats::{median, percentile};
 use netns::{Netns, Process, Topology, example, install_redirect_except, ztunnel_run_args};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 
 const CONTROL_PLANE_IP: &str = "10.77.0.1";
 const CONTROL_PLANE: &str = "10.77.0.1:15012";
@@ -30,8 +34,6 @@ const ECHO: u16 = 8080;
 const SINK: u16 = 8081;
 const PLAIN_ECHO: u16 = 9090;
 const PLAIN_SINK: u16 = 9091;
-/// The mark that keeps plain-baseline client sockets out of the redirect.
-const BYPASS_MARK: u32 = 1337;
 
 struct Options {
     rounds: usize,
@@ -142,187 +144,6 @@ metadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}
         pod("client", "client", &Topology::workload_ip(0), "client"),
         pod("server", "server", &Topology::workload_ip(1), "server"),
     )
-}
-
-/// A multi-threaded runtime whose threads live in `netns`.
-fn runtime_in(netns: &Netns) -> tokio::runtime::Runtime {
-    let path = format!("/var/run/netns/{}", netns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        // Worker threads are created from this thread: they inherit its namespace.
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-    })
-    .join()
-    .expect("runtime thread")
-}
-
-/// Runs `future` on one of `runtime`'s workers (inside its namespace), not on
-/// the calling thread as `block_on` alone would.
-fn on<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
-    future: impl Future<Output = T> + Send + 'static,
-) -> T {
-    runtime
-        .block_on(runtime.spawn(future))
-        .expect("the task finished")
-}
-
-async fn serve_echo(listener: TcpListener) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            return;
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let (mut reader, mut writer) = stream.split();
-            let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            let _ = writer.shutdown().await;
-        });
-    }
-}
-
-/// Reads until EOF, then answers with the byte count.
-async fn serve_sink(listener: TcpListener) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            let mut buffer = vec![0u8; 256 << 10];
-            let mut total = 0u64;
-            loop {
-                match stream.read(&mut buffer).await {
-                    Ok(0) => break,
-                    Ok(n) => total += n as u64,
-                    Err(_) => return,
-                }
-            }
-            let _ = stream.write_all(&total.to_be_bytes()).await;
-        });
-    }
-}
-
-async fn connect(to: SocketAddr, bypass: bool) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    if bypass {
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &BYPASS_MARK)
-            .map_err(std::io::Error::from)?;
-    }
-    socket.set_nodelay(true)?;
-    socket.connect(to).await
-}
-
-/// Sends for `seconds` on each of `streams` connections: the bytes received
-/// and the time taken.
-async fn bulk(to: SocketAddr, bypass: bool, streams: usize, seconds: u64) -> (u64, Duration) {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for _ in 0..streams {
-        tasks.push(tokio::spawn(async move {
-            let mut stream = connect(to, bypass).await.expect("connect");
-            let chunk = vec![0x5au8; 256 << 10];
-            while Instant::now() < deadline {
-                stream.write_all(&chunk).await.expect("send");
-            }
-            stream.shutdown().await.expect("shutdown");
-            let mut count = [0u8; 8];
-            stream.read_exact(&mut count).await.expect("count");
-            u64::from_be_bytes(count)
-        }));
-    }
-    let mut total = 0u64;
-    for task in tasks {
-        total += task.await.expect("stream");
-    }
-    (total, started.elapsed())
-}
-
-/// Round trips measured in the request/response test.
-const ROUND_TRIPS: usize = 5000;
-/// Round trips made before those measured.
-const RR_WARM_UP: usize = 200;
-
-/// A round-trip latency distribution.
-#[derive(Clone, Copy, Debug, Default)]
-struct Latency {
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    p999: Duration,
-}
-
-/// 1 KiB request/response on one connection.
-async fn request_response(to: SocketAddr, bypass: bool, count: usize) -> Latency {
-    let mut stream = connect(to, bypass).await.expect("connect");
-    let request = vec![7u8; 1024];
-    let mut response = vec![0u8; 1024];
-    let mut samples = Vec::with_capacity(count);
-    for i in 0..count + RR_WARM_UP {
-        let started = Instant::now();
-        stream.write_all(&request).await.expect("request");
-        stream.read_exact(&mut response).await.expect("response");
-        if i >= RR_WARM_UP {
-            samples.push(started.elapsed());
-        }
-    }
-    let at = |p: f64| percentile(&samples, p).expect("samples");
-    Latency {
-        p50: at(50.0),
-        p90: at(90.0),
-        p99: at(99.0),
-        p999: at(99.9),
-    }
-}
-
-/// Connect, 1-byte echo, close, from `parallel` loops for `seconds`:
-/// connections per second.
-/// Returns how many connections completed, and in what time.
-async fn connection_rate(
-    to: SocketAddr,
-    bypass: bool,
-    parallel: usize,
-    seconds: u64,
-) -> (u64, Duration) {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(seconds);
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..parallel {
-        let done = done.clone();
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let mut stream = connect(to, bypass).await.expect("connect");
-                stream.write_all(b"x").await.expect("write");
-                let mut byte = [0u8; 1];
-                stream.read_exact(&mut byte).await.expect("echo");
-                drop(stream);
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("loop");
-    }
-    (done.load(Ordering::Relaxed), started.elapsed())
-}
-
-/// Opens `count` connections through the mesh, each with one exchange.
-async fn open_many(to: SocketAddr, count: usize) -> Vec<TcpStream> {
-    let mut open = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut stream = connect(to, false).await.expect("connect");
-        stream.write_all(b"x").await.expect("write");
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).await.expect("echo");
-        open.push(stream);
-    }
-    open
 }
 
 fn raise_open_files_limit() {
@@ -806,7 +627,7 @@ fn main() {
         &["--serve-apps"],
         "serving",
     );
-    let client = runtime_in(&topology.workloads[0]);
+    let client = runtime_in(&format!("/var/run/netns/{}", topology.workloads[0].name));
     let server_ip = Topology::workload_ip(1);
     let at = |port: u16| -> SocketAddr { format!("{server_ip}:{port}").parse().expect("addr") };
 

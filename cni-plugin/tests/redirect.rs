@@ -342,7 +342,11 @@ fn applies_once_replaces_and_removes_cleanly(backend: &Backend) {
     // The replies' policy route, once per family.
     for family in ["-4", "-6"] {
         let rules = output_in(&pod, &["ip", family, "rule", "show", "pref", "32764"]);
-        assert_eq!(rules.matches("fwmark 0x111/0xfff lookup 100").count(), 1, "{rules}");
+        assert_eq!(
+            rules.matches("fwmark 0x111/0xfff lookup 100").count(),
+            1,
+            "{rules}"
+        );
         let routes = output_in(&pod, &["ip", family, "route", "show", "table", "100"]);
         assert!(routes.starts_with("local "), "{routes}");
     }

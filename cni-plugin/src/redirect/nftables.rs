@@ -210,7 +210,10 @@ mod tests {
             reply_table: 7,
         };
         let table = Nftables::table(&spec);
-        assert!(table.contains("ct mark set ct mark & 0xfffff000 | 0x20"), "{table}");
+        assert!(
+            table.contains("ct mark set ct mark & 0xfffff000 | 0x20"),
+            "{table}"
+        );
         assert!(!table.contains("dport 53"), "{table}");
         assert!(!table.contains("saddr"), "{table}");
         assert!(table.contains("redirect to :1\n"), "{table}");

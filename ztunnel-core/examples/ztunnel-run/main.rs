@@ -1,5 +1,7 @@
 //! One proxy instance in dedicated mode, run inside the workload's network
-//! namespace (next to redirect rules such as WIRE.md §6):
+//! namespace (next to redirect rules such as WIRE.md §6), or with `--node`
+//! a node proxy serving every pod a node agent hands over by ZDS (node mode:
+//! `--zds-socket PATH`, or the `node` section of the file):
 //!
 //! ```text
 //! cargo run -p ztunnel-core --example ztunnel-run -- \
@@ -76,7 +78,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use ztunnel_core::net::socket::listen_with_nodelay;
 use ztunnel_core::{
-    CertManager, CertManagerConfig, Listeners, XdsClient, XdsClientConfig, Ztunnel, ZtunnelConfig,
+    CertManager, CertManagerConfig, Listeners, NodeProxy, NodeProxyConfig, XdsClient,
+    XdsClientConfig, Ztunnel, ZtunnelConfig,
 };
 
 use clap::{CommandFactory, Parser};
@@ -95,7 +98,7 @@ use batched_stderr::BatchedStderr;
 #[command(
     name = "ztunnel-run",
     version,
-    about = "One podless proxy instance (dedicated mode) for one workload, inside its network namespace",
+    about = "One podless proxy instance (dedicated mode) for one workload, inside its network namespace; or, with --node, a node proxy serving every pod a node agent hands over (node mode)",
     long_about = "One podless proxy instance (dedicated mode) for one workload.
 
 Run it inside the workload's network namespace, next to redirect rules
@@ -138,10 +141,19 @@ Everything may also come from one YAML (or JSON) file, `--config FILE`:
   certificates:                       # ztunnel_core::CertManagerConfig
     impersonate: true                 # here true unless said (library: false)
     renewal: {ttl: null, initialBackoff: 1s, maxBackoff: 150s}  # ttl: --cert-ttl
+  node: null        # --node, --zds-socket: node mode (ztunnel_core::NodeProxyConfig):
+                    # {zdsSocket: /var/run/ztunnel/ztunnel.sock, sameNodeShortcut: true, ...}
 
 Every field is optional (the defaults are shown); unknown fields are
 refused. A flag given on the command line overrides the file; the control
-plane, root, token and workload uid are required from one or the other.
+plane, root, token and (in dedicated mode) workload uid are required from
+one or the other.
+
+With --node (or a `node` section), it is a node proxy instead: it follows
+the node agent's ZDS socket and serves each pod the agent hands over from
+inside the pod's network namespace, with the pod's own certificate (asked
+for by impersonation); it prints `ready` once the agent's snapshot is
+served.
 examples/ztunnel-run/sample-config.yaml has it all."
 )]
 struct Args {
@@ -229,6 +241,17 @@ struct Args {
     /// receiving every address; `xds.onDemand` in the file.
     #[arg(long)]
     on_demand: bool,
+    /// Node mode: serve every pod the node agent hands over by ZDS, each
+    /// from inside its own network namespace, instead of one workload (no
+    /// workload uid then; the dedicated listeners are not bound); the `node`
+    /// section in the file.
+    #[arg(long)]
+    node: bool,
+    /// Node mode's ZDS socket, where the node agent listens [default:
+    /// /var/run/ztunnel/ztunnel.sock]; implies --node; `node.zdsSocket` in
+    /// the file.
+    #[arg(long, value_name = "PATH")]
+    zds_socket: Option<PathBuf>,
 }
 
 /// The name istiod's serving certificate carries, and xds-serve's by default.
@@ -259,6 +282,9 @@ struct RunConfig {
     /// `true` here, whether the section is given or not: a node agent's
     /// token, certificates asked for on the workload's behalf).
     certificates: CertManagerConfig,
+    /// `node`: node mode, when present (`ztunnel_core::NodeProxyConfig`;
+    /// `proxy` is then its pods' template, in `node.proxy`).
+    node: Option<NodeProxyConfig>,
 }
 
 impl Default for RunConfig {
@@ -275,6 +301,7 @@ impl Default for RunConfig {
             proxy: ZtunnelConfig::default(),
             xds: XdsClientConfig::default(),
             certificates,
+            node: None,
         }
     }
 }
@@ -416,6 +443,8 @@ fn settings(args: Args) -> Result<Settings, String> {
         readiness,
         worker_threads,
         on_demand,
+        node,
+        zds_socket,
     } = args;
     /// A flag given replaces the file's value.
     fn set<T>(field: &mut T, flag: Option<T>) {
@@ -453,6 +482,10 @@ fn settings(args: Args) -> Result<Settings, String> {
     set(&mut listeners.readiness, readiness);
     if on_demand {
         config.xds.on_demand = true;
+    }
+    if node || zds_socket.is_some() {
+        let node = config.node.get_or_insert_with(NodeProxyConfig::default);
+        set(&mut node.zds_socket, zds_socket);
     }
     Ok(Settings { config, token })
 }
@@ -605,6 +638,79 @@ async fn run(config: RunConfig, token: String) -> Result<(), String> {
     Ok(())
 }
 
+/// Node mode: the xDS client and the certificate manager of the node, and the
+/// node proxy following the agent's ZDS socket (the admin, metrics and
+/// readiness listeners are dedicated mode's only, for now). Prints `ready`
+/// once the agent's first snapshot is served.
+async fn run_node(config: RunConfig, token: String) -> Result<(), String> {
+    let root = config.root.ok_or_else(|| missing("--root", "root"))?;
+    let roots = CertificateDer::pem_file_iter(&root)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|err| format!("root {}: {err}", root.display()))?;
+    let control_plane = config
+        .control_plane
+        .ok_or_else(|| missing("--control-plane", "controlPlane"))?;
+    let mut node = config.node.unwrap_or_default();
+    node.proxy = config.proxy;
+    let mut ca = CaClient::builder()
+        .address(control_plane)
+        .server_name(config.control_plane_name.clone())
+        .roots(roots)
+        .token(token.clone());
+    // The node proxy's own connections start in its namespace, not a pod's:
+    // marked all the same, as the pods' rules expect of the data plane.
+    if let Some(mark) = node.proxy.socket_mark {
+        ca = ca.socket_mark(mark);
+    }
+    let ca = ca.build().map_err(|err| err.to_string())?;
+    let mut xds_config = config.xds;
+    if xds_config.node_id.is_none() {
+        xds_config.node_id = Some("ztunnel~0.0.0.0~ztunnel.istio-system~cluster.local".into());
+    }
+    let xds = XdsClient::builder()
+        .config(xds_config)
+        .channel(ca.channel())
+        .token(token)
+        .build()
+        .map_err(|err| err.to_string())?;
+    let state = xds.state();
+    let demander = xds.demander();
+    let certs = CertManager::builder()
+        .config(config.certificates)
+        .client(ca)
+        .build()
+        .map_err(|err| err.to_string())?;
+    let xds = xds.spawn();
+    let zds = node.zds_socket.clone();
+    let mut builder = NodeProxy::builder()
+        .config(node)
+        .state(state)
+        .certificates(certs.clone());
+    if let Some(demander) = demander {
+        builder = builder.demander(demander);
+    }
+    let handle = builder.build().map_err(|err| err.to_string())?.spawn();
+    println!("following zds {}", zds.display());
+    if let Err(err) = handle.ready(Duration::from_secs(60)).await {
+        return Err(format!("not ready: {err}"));
+    }
+    println!("ready");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|err| err.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    let drained = handle.drain(Duration::from_secs(5)).await;
+    xds.shutdown();
+    certs.shutdown();
+    tracing::info!("{drained}");
+    handle.join().await;
+    xds.join().await.map_err(|err| err.to_string())?;
+    certs.join().await;
+    Ok(())
+}
+
 /// Lets the proxy hold many connections: two descriptors each, beyond the
 /// usual 1024. (A binary's choice; the library never changes limits.)
 fn raise_open_files_limit() {
@@ -656,7 +762,7 @@ fn main() -> ExitCode {
         ),
         (config.root.is_none(), "--root", "root"),
         (
-            config.proxy.workload_uid.is_none(),
+            config.proxy.workload_uid.is_none() && config.node.is_none(),
             "--workload-uid",
             "proxy.workloadUid",
         ),
@@ -699,7 +805,11 @@ fn main() -> ExitCode {
         }
     };
     runtime.spawn(log.clone().flush_periodically());
-    let outcome = runtime.block_on(run(config, token));
+    let outcome = if config.node.is_some() {
+        runtime.block_on(run_node(config, token))
+    } else {
+        runtime.block_on(run(config, token))
+    };
     log.flush();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,12 +1,13 @@
-//! A real ztunnel (istio/ztunnel, built outside this repository) in shared
-//! mode as the node's data plane, driven by our node agent over ZDS: it takes
+//! The node's data plane as a process of its own, driven by our node agent
+//! over ZDS: `ztunnel-run --node` (podless's), and a real ztunnel
+//! (istio/ztunnel, built outside this repository) in shared mode. Each takes
 //! the pods the CNI chain captures, opens their listeners inside their
 //! namespaces, gets its configuration from our control plane and each pod's
 //! certificate from our CA (by impersonation), and carries pod-to-pod
 //! traffic by pod IP and by service VIP.
 //!
-//! Skipped unless `PODLESS_ZTUNNEL` names the binary (release, `testing`
-//! feature). Needs root, as CI runs.
+//! The real ztunnel's test is skipped unless `PODLESS_ZTUNNEL` names its
+//! binary (release, `testing` feature). Needs root, as CI runs.
 
 #[macro_use]
 mod support;
@@ -39,10 +40,17 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(netns: &str, dir: &Path, env: &[(&str, String)], program: &Path) -> Self {
+    fn start(
+        netns: &str,
+        dir: &Path,
+        env: &[(&str, String)],
+        program: &Path,
+        args: &[String],
+    ) -> Self {
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(program)
+            .args(args)
             .current_dir(dir)
             .env_clear()
             .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
@@ -111,7 +119,23 @@ fn echo_app(netns: &Netns) {
     });
 }
 
-both_backends!(a_real_ztunnel_in_shared_mode_serves_the_pods_our_agent_captures);
+both_backends!(
+    ztunnel_run_in_node_mode_serves_the_pods_our_agent_captures,
+    a_real_ztunnel_in_shared_mode_serves_the_pods_our_agent_captures,
+);
+
+/// Which data plane serves the node.
+enum DataPlane {
+    /// `ztunnel-run --node`.
+    Ours(PathBuf),
+    /// A real ztunnel in shared mode.
+    RealZtunnel(PathBuf),
+}
+
+async fn ztunnel_run_in_node_mode_serves_the_pods_our_agent_captures(backend: Backend) {
+    let ztunnel_run = test_support::example("ztunnel-core", "ztunnel-run");
+    serves_the_pods_our_agent_captures(backend, DataPlane::Ours(ztunnel_run)).await;
+}
 
 #[allow(clippy::print_stderr)]
 async fn a_real_ztunnel_in_shared_mode_serves_the_pods_our_agent_captures(backend: Backend) {
@@ -120,6 +144,10 @@ async fn a_real_ztunnel_in_shared_mode_serves_the_pods_our_agent_captures(backen
         eprintln!("PODLESS_ZTUNNEL is not set: skipped (give it a real ztunnel binary)");
         return;
     };
+    serves_the_pods_our_agent_captures(backend, DataPlane::RealZtunnel(ztunnel)).await;
+}
+
+async fn serves_the_pods_our_agent_captures(backend: Backend, data_plane: DataPlane) {
     let mut node = Node::new(backend);
     // The control plane listens inside the node's namespace, on its
     // loopback, where the node's ztunnel finds it.
@@ -196,28 +224,54 @@ spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPor
     std::fs::write(&root, pem).expect("root");
     let url = format!("https://{address}");
     let root = root.display().to_string();
-    let daemon = Daemon::start(
-        &node.netns.name,
-        &dir,
-        &[
-            ("XDS_ADDRESS", url.clone()),
-            ("CA_ADDRESS", url),
-            ("XDS_ROOT_CA", root.clone()),
-            ("CA_ROOT_CA", root),
-            ("NODE_NAME", "node-a".into()),
-            ("POD_NAME", "ztunnel-node-a".into()),
-            ("POD_NAMESPACE", "istio-system".into()),
-            ("CLUSTER_ID", "Kubernetes".into()),
-            ("PROXY_MODE", "shared".into()),
-            ("INPOD_UDS", node.zds_socket().display().to_string()),
-            ("RUST_LOG", "info".into()),
-        ],
-        &ztunnel,
-    );
+    let token = tokens_dir.join("istio-token").display().to_string();
+    let daemon = match data_plane {
+        DataPlane::Ours(program) => Daemon::start(
+            &node.netns.name,
+            &dir,
+            &[],
+            &program,
+            &[
+                "--node".into(),
+                "--zds-socket".into(),
+                node.zds_socket().display().to_string(),
+                "--control-plane".into(),
+                address.to_string(),
+                "--root".into(),
+                root,
+                "--token-file".into(),
+                token,
+            ],
+        ),
+        DataPlane::RealZtunnel(program) => Daemon::start(
+            &node.netns.name,
+            &dir,
+            &[
+                ("XDS_ADDRESS", url.clone()),
+                ("CA_ADDRESS", url),
+                ("XDS_ROOT_CA", root.clone()),
+                ("CA_ROOT_CA", root),
+                ("NODE_NAME", "node-a".into()),
+                ("POD_NAME", "ztunnel-node-a".into()),
+                ("POD_NAMESPACE", "istio-system".into()),
+                ("CLUSTER_ID", "Kubernetes".into()),
+                ("PROXY_MODE", "shared".into()),
+                ("INPOD_UDS", node.zds_socket().display().to_string()),
+                ("RUST_LOG", "info".into()),
+            ],
+            &program,
+            &[],
+        ),
+    };
     let mut view = node.agent().watch();
     tokio::time::timeout(PATIENCE, view.wait_for(|view| view.data_planes == 1))
         .await
-        .unwrap_or_else(|_| panic!("ztunnel never connected to the agent:\n{}", daemon.output()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "the data plane never connected to the agent:\n{}",
+                daemon.output()
+            )
+        })
         .expect("agent running");
 
     let mut ips = Vec::new();
@@ -265,11 +319,19 @@ status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let output = daemon.output();
-    assert!(
-        output.contains("spiffe://cluster.local/ns/default/sa/shell"),
-        "ztunnel's access log names the source identity:\n{output}"
-    );
+    // The access log (written in batches) names the source's identity.
+    let start = Instant::now();
+    while !daemon
+        .output()
+        .contains("spiffe://cluster.local/ns/default/sa/shell")
+    {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the access log never named the source identity:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for pod in &pods {
         node.chain("DEL", pod, None).await;
     }
