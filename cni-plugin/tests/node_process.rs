@@ -12,11 +12,9 @@
 #[macro_use]
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_api::Identity;
@@ -32,60 +30,6 @@ use xds_server::{
 const PATIENCE: Duration = Duration::from_secs(30);
 const VIP: &str = "10.96.0.10";
 const TOKEN: &str = "ztunnel-node-a-token";
-
-/// A process started inside a namespace, its output kept, killed on drop.
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(
-        netns: &str,
-        dir: &Path,
-        env: &[(&str, String)],
-        program: &Path,
-        args: &[String],
-    ) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(program)
-            .args(args)
-            .current_dir(dir)
-            .env_clear()
-            .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ztunnel");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        for stream in [
-            Box::new(stdout) as Box<dyn std::io::Read + Send>,
-            Box::new(stderr),
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines").push(line);
-                }
-            });
-        }
-        Self { child, lines }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().expect("lines").join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn round_trip(netns: &Netns, target: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
     let socket = netns.enter(tokio::net::TcpSocket::new_v4).expect("enter")?;

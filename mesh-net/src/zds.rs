@@ -171,6 +171,17 @@ impl ZdsSocket {
     }
 }
 
+impl ZdsSocket {
+    /// Waits until the socket has something to read: a message, or the
+    /// peer's close (for a side that expects nothing unprompted, that its
+    /// peer went away).
+    pub async fn readable(&self) -> io::Result<()> {
+        let mut guard = self.socket.as_async_fd().readable().await?;
+        guard.retain_ready();
+        Ok(())
+    }
+}
+
 impl AsFd for ZdsSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
@@ -362,6 +373,40 @@ mod tests {
             .await
             .unwrap_err();
         assert!(missing.to_string().contains("nobody.sock"), "{missing}");
+    }
+
+    proptest::proptest! {
+        /// Any request goes through a socket unchanged, with its descriptor.
+        #[test]
+        fn any_request_arrives_as_sent(
+            uid in ".{0,200}",
+            name in "[a-z0-9.-]{0,63}",
+            namespace in "[a-z0-9-]{0,63}",
+            service_account in "[a-z0-9-]{0,63}",
+            with_fd in proptest::bool::ANY,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .expect("runtime");
+            let request = WorkloadRequest {
+                payload: Some(workload_request::Payload::Add(AddWorkload {
+                    uid,
+                    workload_info: Some(WorkloadInfo { name, namespace, service_account }),
+                })),
+            };
+            let file = tempfile_with("namespace");
+            let received = runtime.block_on(async {
+                let (agent, data_plane) = ZdsSocket::pair().expect("pair");
+                agent
+                    .send(&request, with_fd.then(|| file.as_fd()))
+                    .await
+                    .expect("send");
+                data_plane.recv::<WorkloadRequest>().await.expect("recv")
+            });
+            proptest::prop_assert_eq!(&received.message, &request);
+            proptest::prop_assert_eq!(received.fd.is_some(), with_fd);
+        }
     }
 
     fn tempfile_with(text: &str) -> File {

@@ -31,7 +31,7 @@ pub use mesh_net::auth::{
 pub use object::{Kind, Manifest, Object, ObjectError, ObjectKey, parse_manifest};
 pub use server::{BuildError, ServeError, XdsHandle, XdsServer, XdsServerBuilder, XdsServerConfig};
 pub use source::{ConfigSource, ManifestDir, SourceError};
-pub use store::{Batch, Store, StoreStats};
+pub use store::{Batch, PodEnrollment, Store, StoreStats};
 pub use translate::{DATAPLANE_MODE_LABEL, MeshConfig};
 
 // What an embedder needs from the crates in the API, at matching versions.

@@ -424,7 +424,13 @@ impl Agent {
             .map_err(|err| err.to_string())
     }
 
-    fn publish(&self) {
+    /// A data plane had something to say while idle (its close): dropped.
+    pub(crate) async fn data_plane_spoke(&mut self, socket: &Arc<mesh_net::zds::ZdsSocket>) {
+        self.data_planes.spoke(socket).await;
+        self.publish();
+    }
+
+    pub(crate) fn publish(&self) {
         let pods = self
             .held
             .values()

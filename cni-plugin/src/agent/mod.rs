@@ -33,6 +33,8 @@ mod core;
 mod plugin_server;
 mod pods;
 mod records;
+#[cfg(feature = "xds-store")]
+mod store_pods;
 mod zds_server;
 
 use std::path::PathBuf;
@@ -47,6 +49,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use pods::{DATAPLANE_MODE_LABEL, Labels, MemoryPods, PodInfo, PodSource, enrolled, labels};
+#[cfg(feature = "xds-store")]
+pub use store_pods::StorePods;
 
 use self::core::{Agent, Event};
 use self::records::Records;
@@ -266,8 +270,13 @@ impl NodeAgent {
             loop {
                 // Stopping cuts short what is in progress: a pod half set up
                 // is set up again by the runtime's retry (ADD is idempotent).
+                let sockets = agent.data_planes.sockets();
                 let work = async {
                     tokio::select! {
+                        socket = zds_server::readable(&sockets) => {
+                            agent.data_plane_spoke(&socket).await;
+                            true
+                        }
                         event = inbox.recv() => match event {
                             Some(event) => {
                                 agent.handle(event).await;

@@ -4,7 +4,10 @@
 //! and signalling every change, so running pods are enrolled and released
 //! live.
 //!
-//! [`MemoryPods`] is filled by the embedder (a k3s fork's informers, tests).
+//! [`MemoryPods`] is filled by the embedder (a k3s fork's informers, tests);
+//! with the `xds-store` feature, `StorePods` reads a control plane's
+//! `xds_server::Store`, fed in memory, by a manifest directory or (feature
+//! `kube`) by Kubernetes.
 //! A pod is asked about at its CNI ADD, before it has an IP: a source must
 //! know pods from their creation, not only once they are workloads.
 

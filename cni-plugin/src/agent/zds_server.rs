@@ -11,6 +11,8 @@ use mesh_api::zds::{
     AddWorkload, DelWorkload, SnapshotSent, Version, WorkloadInfo, WorkloadRequest,
     WorkloadResponse, ZdsHello, workload_request::Payload, workload_response,
 };
+use std::sync::Arc;
+
 use mesh_net::netns::Netns;
 use mesh_net::zds::ZdsSocket;
 
@@ -35,7 +37,7 @@ pub(crate) enum AddError {
 /// replaces the other).
 #[derive(Debug)]
 pub(crate) struct DataPlanes {
-    connected: Vec<ZdsSocket>,
+    connected: Vec<Arc<ZdsSocket>>,
     ack_timeout: Duration,
 }
 
@@ -93,8 +95,30 @@ impl DataPlanes {
         request(&socket, &sent, None, self.ack_timeout)
             .await
             .map_err(|err| format!("snapshot end: {err}"))?;
-        self.connected.push(socket);
+        self.connected.push(Arc::new(socket));
         Ok(())
+    }
+
+    /// The connected sockets, to watch while the agent is idle (see
+    /// [`readable`], [`DataPlanes::spoke`]).
+    pub(crate) fn sockets(&self) -> Vec<Arc<ZdsSocket>> {
+        self.connected.clone()
+    }
+
+    /// `socket` looked readable while the agent was idle: either stale
+    /// readiness (after the last ack; reading finds nothing and clears it),
+    /// or its peer closed (or broke the protocol by speaking out of turn),
+    /// and it is dropped.
+    pub(crate) async fn spoke(&mut self, socket: &Arc<ZdsSocket>) {
+        // One read attempt, without waiting.
+        let said = tokio::time::timeout(Duration::ZERO, socket.recv::<WorkloadResponse>()).await;
+        match said {
+            Err(_) => return,
+            Ok(Err(mesh_net::zds::ZdsError::Closed)) => tracing::info!("a node proxy disconnected"),
+            Ok(other) => tracing::warn!("a node proxy spoke out of turn ({other:?}): dropped"),
+        }
+        self.connected
+            .retain(|connected| !Arc::ptr_eq(connected, socket));
     }
 
     /// Tells every data plane to serve a pod. Succeeds if at least one is
@@ -168,6 +192,22 @@ fn add(workload: &Workload<'_>) -> WorkloadRequest {
             workload_info: Some(workload.info.clone()),
         })),
     }
+}
+
+/// Waits until one of `sockets` is readable; which one. Never returns for
+/// none.
+pub(crate) async fn readable(sockets: &[Arc<ZdsSocket>]) -> Arc<ZdsSocket> {
+    if sockets.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = sockets.iter().map(|socket| {
+        Box::pin(async move {
+            // An error reads as readable: the recv that follows says what.
+            let _ = socket.readable().await;
+            socket.clone()
+        })
+    });
+    futures::future::select_all(waits).await.0
 }
 
 /// How a request failed.

@@ -4,21 +4,15 @@
 //! process, and a ZDS peer standing for the node's data plane.
 //!
 //! Written for tests that use some of it each.
+//! Also the node bench's (`benches/benches/node.rs`), which sets
+//! [`Node::plugin`] to a release build of the plugin.
 #![allow(dead_code, unreachable_pub)]
-// The CNI plugin as a container runtime calls it: a conflist chaining
-//! Debian's `bridge` and `host-local` (containernetworking-plugins, under
-//! /usr/lib/cni) and `podless-cni`, each run through `CNI_COMMAND` and stdin
-//! inside a "node" network namespace, for pods in namespaces of their own;
-//! the node agent in this process, and a ZDS peer standing for the node's
-//! data plane (it acks, and checks the namespace it is handed).
-//!
-//! Needs root (namespaces, nftables, iptables), as CI runs. Every check runs
-//! with both redirection backends.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Arc;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cni_plugin::agent::{
@@ -36,7 +30,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
-pub const PLUGIN: &str = env!("CARGO_BIN_EXE_podless-cni");
+/// The plugin cargo built with this package's tests (elsewhere: from `PATH`).
+pub const PLUGIN: &str = match option_env!("CARGO_BIN_EXE_podless-cni") {
+    Some(path) => path,
+    None => "podless-cni",
+};
 pub const CNI_BIN: &str = "/usr/lib/cni";
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -69,17 +67,14 @@ impl TestNetns {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
+        let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
     }
 }
 
 pub fn run(program: &str, args: &[&str]) {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .expect("run");
+    let output = Command::new(program).args(args).output().expect("run");
     assert!(
         output.status.success(),
         "{program} {args:?}: {}",
@@ -211,6 +206,8 @@ pub struct Node {
     pub agent: Option<NodeAgentHandle>,
     /// Its pods' subnet: `10.85.<subnet>.0/24`.
     pub subnet: u8,
+    /// The `podless-cni` program the runtime runs.
+    pub plugin: PathBuf,
 }
 
 impl Node {
@@ -231,6 +228,7 @@ impl Node {
             backend,
             agent: None,
             subnet,
+            plugin: PathBuf::from(PLUGIN),
         }
     }
 
@@ -302,7 +300,7 @@ impl Node {
     /// configuration on stdin, inside the node's namespace.
     pub async fn call(&self, plugin: &str, env: &[(&str, &str)], stdin: &Value) -> Called {
         let program = if plugin == "podless-cni" {
-            PathBuf::from(PLUGIN)
+            self.plugin.clone()
         } else {
             Path::new(CNI_BIN).join(plugin)
         };
@@ -433,4 +431,58 @@ macro_rules! both_backends {
             async fn $name() { super::$name(super::Backend::Iptables).await })*
         }
     };
+}
+
+/// A process started inside a namespace, its output kept, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(
+        netns: &str,
+        dir: &Path,
+        env: &[(&str, String)],
+        program: &Path,
+        args: &[String],
+    ) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(program)
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ztunnel");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().expect("lines").push(line);
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -36,6 +36,20 @@ pub struct Store {
 struct Shared {
     state: RwLock<State>,
     revision: watch::Sender<u64>,
+    /// Counts batches: every change of objects, whether it changed a
+    /// resource or not (a pod without an IP yet, say).
+    objects: watch::Sender<u64>,
+}
+
+/// A pod as a node agent asks about it (see [`Store::pod_enrollment`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PodEnrollment {
+    /// Its service account.
+    pub service_account: String,
+    /// Whether it is in the mesh: its `istio.io/dataplane-mode` label,
+    /// else its namespace's (`ambient` enrolls, `none` opts out).
+    pub enrolled: bool,
 }
 
 /// How many objects and resources the store holds.
@@ -66,6 +80,7 @@ impl Store {
             shared: Arc::new(Shared {
                 state: RwLock::new(State::new(config, capacity)),
                 revision: watch::Sender::new(0),
+                objects: watch::Sender::new(0),
             }),
         }
     }
@@ -102,6 +117,26 @@ impl Store {
         if let Some(revision) = committed {
             self.shared.revision.send_replace(revision);
         }
+        self.shared.objects.send_modify(|count| *count += 1);
+    }
+
+    /// A pod as a node agent asks about it, from its creation (with or
+    /// without an IP): its service account and whether it is enrolled, the
+    /// same rule that gives its workload HBONE. `None` if the pod, or its
+    /// namespace, is not known (yet).
+    pub fn pod_enrollment(&self, namespace: &str, name: &str) -> Option<PodEnrollment> {
+        self.read()
+            .pod_enrollment(namespace, name)
+            .map(|(service_account, enrolled)| PodEnrollment {
+                service_account,
+                enrolled,
+            })
+    }
+
+    /// A receiver whose value changes with every change of the store's
+    /// objects (each [`Store::apply`], [`Store::delete`], [`Store::batch`]).
+    pub fn object_changes(&self) -> watch::Receiver<u64> {
+        self.shared.objects.subscribe()
     }
 
     /// Counts of what the store holds.

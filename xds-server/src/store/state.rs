@@ -19,7 +19,7 @@ use crate::translate::pod::{
     NamedPorts, PodFacts, Share, WorkloadContext, pod_facts, uid, workload,
 };
 use crate::translate::service::{ServiceFacts, selector_matches, service_facts};
-use crate::translate::{Labels, MeshConfig};
+use crate::translate::{Labels, MeshConfig, enrollment};
 
 /// Every resource of a type, framed and concatenated in chunks, at a revision:
 /// what a client that has nothing is sent. Shared by all clients syncing at
@@ -38,11 +38,22 @@ pub(crate) struct Change {
     pub(crate) name: Arc<str>,
 }
 
+/// What node agents ask of a pod, kept for every pod from its creation
+/// (workloads need an IP; a pod is asked about at its CNI ADD, before it has
+/// one).
+#[derive(Debug)]
+struct PodMeta {
+    service_account: Box<str>,
+    /// Its own `istio.io/dataplane-mode`: enrolled, opted out, or unsaid.
+    mode: Option<bool>,
+}
+
 /// A namespace's pods, services and selector policies.
 #[derive(Debug, Default)]
 struct NamespaceState {
     labels: Option<Labels>,
     pods: BTreeMap<Box<str>, PodFacts>,
+    pod_meta: BTreeMap<Box<str>, PodMeta>,
     services: BTreeMap<Box<str>, ServiceFacts>,
     /// Selector policies by name.
     selector_policies: BTreeMap<Box<str>, Selector>,
@@ -206,6 +217,19 @@ impl State {
             })
     }
 
+    /// A pod's service account and whether it is enrolled (its label, else
+    /// its namespace's); `None` if the pod or its namespace is unknown.
+    pub(crate) fn pod_enrollment(&self, namespace: &str, name: &str) -> Option<(String, bool)> {
+        let state = self.namespaces.get(namespace)?;
+        let namespace_labels = state.labels.as_ref()?;
+        let meta = state.pod_meta.get(name)?;
+        let enrolled = meta
+            .mode
+            .or_else(|| enrollment(Some(namespace_labels)))
+            .unwrap_or(false);
+        Some((meta.service_account.to_string(), enrolled))
+    }
+
     pub(crate) fn counts(&self) -> (usize, usize, usize) {
         let pods = self.namespaces.values().map(|ns| ns.pods.len()).sum();
         let services = self.namespaces.values().map(|ns| ns.services.len()).sum();
@@ -256,6 +280,22 @@ impl Batch<'_> {
             Object::Pod(pod) => {
                 let facts = pod_facts(&pod, &mut self.state.shared).map_err(error)?;
                 let namespace = self.namespace_name(&key.namespace);
+                let meta = PodMeta {
+                    service_account: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|spec| spec.service_account_name.as_deref())
+                        .filter(|account| !account.is_empty())
+                        .unwrap_or("default")
+                        .into(),
+                    mode: enrollment(pod.metadata.labels.as_ref()),
+                };
+                self.state
+                    .namespaces
+                    .entry(namespace.clone())
+                    .or_default()
+                    .pod_meta
+                    .insert(key.name.as_str().into(), meta);
                 self.remove_pod_facts(&namespace, &key.name);
                 if let Some(facts) = facts {
                     self.state
@@ -355,7 +395,13 @@ impl Batch<'_> {
             }
             Kind::Pod => {
                 let namespace = self.namespace_name(&key.namespace);
-                let known = self.remove_pod_facts(&namespace, &key.name);
+                let had_meta = self
+                    .state
+                    .namespaces
+                    .get_mut(&namespace)
+                    .and_then(|ns| ns.pod_meta.remove(key.name.as_str()))
+                    .is_some();
+                let known = self.remove_pod_facts(&namespace, &key.name) || had_meta;
                 self.refresh_pod(&namespace, &key.name);
                 known
             }
