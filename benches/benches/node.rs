@@ -378,6 +378,8 @@ async fn first_byte(netns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream>
 #[derive(Default)]
 struct PodFigures {
     add_to_first_byte: Vec<Duration>,
+    /// Each plugin's ADD (`bridge`, `host-local` within it, ours).
+    plugin_add: std::collections::BTreeMap<String, Vec<Duration>>,
     idle_one_pod: Vec<u64>,
     per_pod: Vec<f64>,
     per_connection: Vec<f64>,
@@ -423,6 +425,11 @@ async fn pods_round(
             }
         }
         figures.add_to_first_byte.push(started.elapsed());
+    }
+    for (name, took) in cluster.node.timings.lock().expect("timings").drain(..) {
+        if name.starts_with("ADD") {
+            figures.plugin_add.entry(name).or_default().push(took);
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = cluster.rss();
@@ -530,6 +537,17 @@ async fn run(options: &Options, plugin: &Path, ztunnel_run: &Path) {
                 m(&figures.per_pod) / 1024.0,
                 m(&figures.per_connection) / 1024.0,
             );
+        }
+        for (carrier, figures) in carriers.iter().zip(&figures) {
+            for (name, took) in &figures.plugin_add {
+                let at = |p| percentile(took, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+                println!(
+                    "  {:<8} of which {name}: p50 {:6.1} ms  p99 {:6.1} ms",
+                    carrier.name(),
+                    at(50.0),
+                    at(99.0)
+                );
+            }
         }
         if let [ours, theirs] = &figures[..] {
             println!(

@@ -237,6 +237,10 @@ impl Agent {
             };
         }
         if let Err(err) = self.apply_rules(&held.netns).await {
+            // Whatever part went in comes out: the pod starts no half-captured.
+            if let Err(remove) = self.remove_rules(&held.netns).await {
+                tracing::warn!("pod {}: removing its rules: {remove}", held.record.pod);
+            }
             return AgentResponse::Failed { message: err };
         }
         match self.data_planes.add(&workload(&uid, &held)).await {
@@ -340,6 +344,11 @@ impl Agent {
             held.record.service_account = info.service_account;
         }
         if let Err(err) = self.apply_rules(&netns).await {
+            // Left as it was (uncaptured, its traffic flowing); tried again
+            // at the next reconcile.
+            if let Err(remove) = self.remove_rules(&netns).await {
+                tracing::warn!("pod {uid}: removing its rules: {remove}");
+            }
             tracing::warn!("pod {uid}: enrolled, but its rules failed: {err}");
             return;
         }
@@ -426,8 +435,9 @@ impl Agent {
 
     /// A data plane had something to say while idle (its close): dropped.
     pub(crate) async fn data_plane_spoke(&mut self, socket: &Arc<mesh_net::zds::ZdsSocket>) {
-        self.data_planes.spoke(socket).await;
-        self.publish();
+        if self.data_planes.spoke(socket).await {
+            self.publish();
+        }
     }
 
     pub(crate) fn publish(&self) {

@@ -108,17 +108,18 @@ impl DataPlanes {
     /// `socket` looked readable while the agent was idle: either stale
     /// readiness (after the last ack; reading finds nothing and clears it),
     /// or its peer closed (or broke the protocol by speaking out of turn),
-    /// and it is dropped.
-    pub(crate) async fn spoke(&mut self, socket: &Arc<ZdsSocket>) {
+    /// and it is dropped (then `true`).
+    pub(crate) async fn spoke(&mut self, socket: &Arc<ZdsSocket>) -> bool {
         // One read attempt, without waiting.
         let said = tokio::time::timeout(Duration::ZERO, socket.recv::<WorkloadResponse>()).await;
         match said {
-            Err(_) => return,
+            Err(_) => return false,
             Ok(Err(mesh_net::zds::ZdsError::Closed)) => tracing::info!("a node proxy disconnected"),
             Ok(other) => tracing::warn!("a node proxy spoke out of turn ({other:?}): dropped"),
         }
         self.connected
             .retain(|connected| !Arc::ptr_eq(connected, socket));
+        true
     }
 
     /// Tells every data plane to serve a pod. Succeeds if at least one is

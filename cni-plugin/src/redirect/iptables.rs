@@ -350,6 +350,9 @@ impl Redirection for IptablesRestore {
     fn apply(&self, netns: &Netns, spec: &RedirectSpec) -> Result<(), RedirectError> {
         spec.validate()?;
         in_netns(NAME, netns, || {
+            // The route first: it does nothing until the rules mark replies,
+            // so a failure here leaves the pod as it was.
+            reply_route::apply(NAME, netns, spec, self.ipv6.is_some())?;
             for family in self.families() {
                 // Both tables in one transaction.
                 let nat = family.read(netns, &NAT)?;
@@ -358,7 +361,7 @@ impl Redirection for IptablesRestore {
                 input.push_str(&mangle.apply_input(&MANGLE, &Self::mark_rules(spec)));
                 family.restore_input(netns, &input)?;
             }
-            reply_route::apply(NAME, netns, spec)
+            Ok(())
         })?;
         tracing::debug!(netns = %netns, "iptables redirect rules applied");
         Ok(())
@@ -378,7 +381,7 @@ impl Redirection for IptablesRestore {
                     family.restore_input(netns, &input)?;
                 }
             }
-            reply_route::remove(NAME, netns)
+            reply_route::remove(NAME, netns, self.ipv6.is_some())
         })?;
         tracing::debug!(netns = %netns, "iptables redirect rules removed");
         Ok(())

@@ -5,10 +5,14 @@
 //! connection's mark) are looked up in table [`RedirectSpec::reply_table`],
 //! whose one route delivers everything locally (WIRE.md §6:
 //! `ip rule add fwmark 0x111/0xfff lookup 100`,
-//! `ip route add local 0.0.0.0/0 dev lo table 100`), for IPv4 and IPv6.
+//! `ip route add local 0.0.0.0/0 dev lo table 100`), for IPv4 and, where the
+//! namespace has it, IPv6.
 //!
-//! Run with `ip` inside the namespace (call these inside `Netns::run`).
-//! Idempotent: the rule is added only where missing, the route replaced.
+//! Run with `ip` inside the namespace (call these inside `Netns::run`), one
+//! process per family: a pod's ADD waits for them. Idempotent: the route is
+//! replaced, the rule added unless there. The rule is told apart by its
+//! priority (Istio's 32764) and its form (`fwmark ... lookup ...`); a rule
+//! of another form there is left alone.
 
 use std::path::Path;
 
@@ -17,7 +21,7 @@ use mesh_net::netns::Netns;
 use super::program::Program;
 use super::{MARK_MASK, RedirectError, RedirectSpec};
 
-/// The rule's priority (Istio's), which also identifies it.
+/// The rule's priority (Istio's).
 const PRIORITY: &str = "32764";
 
 /// The two families: `ip`'s flag and the "everything" prefix.
@@ -30,70 +34,96 @@ fn ip(backend: &'static str) -> Program<'static> {
     }
 }
 
-/// Whether IPv6 is off in the namespace (then only IPv4 is routed).
-fn no_ipv6(stderr: &str) -> bool {
-    stderr.contains("Address family not supported")
+/// The families to route: IPv4, and IPv6 unless it is left alone (`ipv6`
+/// false) or off in the namespace (the calling thread's).
+fn families(ipv6: bool) -> impl Iterator<Item = (&'static str, &'static str)> {
+    let ipv6_on = ipv6
+        && std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+            .is_ok_and(|disabled| disabled.trim() == "0");
+    FAMILIES
+        .into_iter()
+        .filter(move |(family, _)| *family == "-4" || ipv6_on)
 }
 
-/// Installs the rule and the route.
+/// Our rules among `ip rule show pref 32764`'s lines: their mark and table.
+fn our_rules(listing: &str) -> Vec<(String, String)> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let after = |key: &str| {
+                let at = words.iter().position(|word| *word == key)?;
+                words.get(at + 1).map(|word| (*word).to_owned())
+            };
+            Some((after("fwmark")?, after("lookup")?))
+        })
+        .collect()
+}
+
+/// Installs the route, then the rule (`ipv6`: IPv6 too, where it is on):
+/// one `ip -batch` per family. A rule already there answers "File exists",
+/// which is fine (the kernel refuses a duplicate rule); a rule of ours left
+/// by an earlier spec (another mark or table) stays until [`remove`].
 pub(super) fn apply(
     backend: &'static str,
     netns: &Netns,
     spec: &RedirectSpec,
+    ipv6: bool,
 ) -> Result<(), RedirectError> {
     let ip = ip(backend);
-    let table = spec.reply_table.to_string();
+    let table = spec.reply_table;
     let mark = format!("{:#x}/{MARK_MASK:#x}", spec.reply_mark);
-    for (family, everything) in FAMILIES {
-        let rules = ip.run(netns, &[family, "rule", "show", "pref", PRIORITY], None)?;
-        if !rules.success() && family == "-6" && no_ipv6(&rules.stderr()) {
-            continue;
+    for (family, everything) in families(ipv6) {
+        let script = format!(
+            "route replace local {everything} dev lo table {table}\n\
+             rule add fwmark {mark} pref {PRIORITY} lookup {table}\n"
+        );
+        let ran = ip.run(netns, &[family, "-force", "-batch", "-"], Some(&script))?;
+        if !ran.success() && !only_already_there(&ran.stderr()) {
+            return Err(ran.failed());
         }
-        let rules = rules.ok()?;
-        let wanted = format!("fwmark {mark} lookup {table}");
-        if !rules.contains(&wanted) {
-            if !rules.trim().is_empty() {
-                // Ours, from a spec with another mark or table.
-                ip.run_ok(netns, &[family, "rule", "del", "pref", PRIORITY], None)?;
-            }
-            ip.run_ok(
-                netns,
-                &[
-                    family, "rule", "add", "fwmark", &mark, "pref", PRIORITY, "lookup", &table,
-                ],
-                None,
-            )?;
-        }
-        ip.run_ok(
-            netns,
-            &[
-                family, "route", "replace", "local", everything, "dev", "lo", "table", &table,
-            ],
-            None,
-        )?;
     }
     Ok(())
 }
 
-/// Removes the rule and the routes of the table it named (absent is fine).
-pub(super) fn remove(backend: &'static str, netns: &Netns) -> Result<(), RedirectError> {
+/// Whether every failure `ip -batch` reported is a rule already there.
+fn only_already_there(stderr: &str) -> bool {
+    let mut failed = 0;
+    let mut existed = 0;
+    for line in stderr
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+    {
+        if line == "RTNETLINK answers: File exists" {
+            existed += 1;
+        } else if line.starts_with("Command failed") {
+            failed += 1;
+        } else {
+            return false;
+        }
+    }
+    existed == failed
+}
+
+/// Removes our rules and the routes of the tables they named (absent is
+/// fine).
+pub(super) fn remove(
+    backend: &'static str,
+    netns: &Netns,
+    ipv6: bool,
+) -> Result<(), RedirectError> {
     let ip = ip(backend);
-    for (family, _) in FAMILIES {
-        let rules = ip.run(netns, &[family, "rule", "show", "pref", PRIORITY], None)?;
-        if !rules.success() && family == "-6" && no_ipv6(&rules.stderr()) {
-            continue;
-        }
-        let rules = rules.ok()?;
-        if rules.trim().is_empty() {
-            continue;
-        }
-        ip.run_ok(netns, &[family, "rule", "del", "pref", PRIORITY], None)?;
-        let table = rules
-            .split_whitespace()
-            .skip_while(|word| *word != "lookup")
-            .nth(1)
-            .map(str::to_owned);
-        if let Some(table) = table {
+    for (family, _) in families(ipv6) {
+        let listing = ip.run_ok(netns, &[family, "rule", "show", "pref", PRIORITY], None)?;
+        for (mark, table) in our_rules(&listing) {
+            ip.run_ok(
+                netns,
+                &[
+                    family, "rule", "del", "pref", PRIORITY, "fwmark", &mark, "lookup", &table,
+                ],
+                None,
+            )?;
             let flushed = ip.run(netns, &[family, "route", "flush", "table", &table], None)?;
             if !flushed.success() && !flushed.stderr().contains("FIB table does not exist") {
                 return Err(flushed.failed());
@@ -103,8 +133,39 @@ pub(super) fn remove(backend: &'static str, netns: &Netns) -> Result<(), Redirec
     Ok(())
 }
 
-/// Whether the IPv4 rule is there.
+/// Whether our IPv4 rule is there.
 pub(super) fn is_applied(backend: &'static str, netns: &Netns) -> Result<bool, RedirectError> {
-    let rules = ip(backend).run_ok(netns, &["-4", "rule", "show", "pref", PRIORITY], None)?;
-    Ok(!rules.trim().is_empty())
+    let listing = ip(backend).run_ok(netns, &["-4", "rule", "show", "pref", PRIORITY], None)?;
+    Ok(!our_rules(&listing).is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_rules_are_read_by_their_words() {
+        let listing = "32764:\tfrom all fwmark 0x111/0xfff lookup 100\n\
+                       32764:\tfrom all fwmark 0x111/0xfff lookup 1000\n\
+                       32764:\tfrom 10.0.0.0/8 lookup main\n";
+        assert_eq!(
+            our_rules(listing),
+            vec![
+                ("0x111/0xfff".to_owned(), "100".to_owned()),
+                ("0x111/0xfff".to_owned(), "1000".to_owned()),
+            ]
+        );
+        assert!(our_rules("").is_empty());
+    }
+
+    #[test]
+    fn only_a_rule_already_there_is_fine() {
+        assert!(only_already_there(
+            "RTNETLINK answers: File exists\nCommand failed -:2\n"
+        ));
+        assert!(only_already_there(""));
+        assert!(!only_already_there(
+            "Error: Nexthop device is not up.\nCommand failed -:1\n"
+        ));
+    }
 }

@@ -208,6 +208,8 @@ pub struct Node {
     pub subnet: u8,
     /// The `podless-cni` program the runtime runs.
     pub plugin: PathBuf,
+    /// How long each plugin call of the chains took (`ADD bridge`, ...).
+    pub timings: Mutex<Vec<(String, Duration)>>,
 }
 
 impl Node {
@@ -229,6 +231,7 @@ impl Node {
             agent: None,
             subnet,
             plugin: PathBuf::from(PLUGIN),
+            timings: Mutex::default(),
         }
     }
 
@@ -362,7 +365,12 @@ impl Node {
                 object.insert("prevResult".into(), result.clone());
             }
             let kind = plugin["type"].as_str().expect("type").to_owned();
+            let started = std::time::Instant::now();
             let called = self.call(&kind, &env, &conf).await;
+            self.timings
+                .lock()
+                .expect("timings")
+                .push((format!("{command} {kind}"), started.elapsed()));
             if !called.exit_ok {
                 return called;
             }

@@ -651,7 +651,11 @@ async fn run_node(config: RunConfig, token: String) -> Result<(), String> {
         .control_plane
         .ok_or_else(|| missing("--control-plane", "controlPlane"))?;
     let mut node = config.node.unwrap_or_default();
-    node.proxy = config.proxy;
+    // The pods' instances take the top-level `proxy` section (as dedicated
+    // mode's instance does), unless the `node` section has its own.
+    if node.proxy == ZtunnelConfig::default() {
+        node.proxy = config.proxy;
+    }
     let mut ca = CaClient::builder()
         .address(control_plane)
         .server_name(config.control_plane_name.clone())
@@ -681,6 +685,11 @@ async fn run_node(config: RunConfig, token: String) -> Result<(), String> {
         .build()
         .map_err(|err| err.to_string())?;
     let xds = xds.spawn();
+    // Pods are served once the mesh's configuration is in: a restarted node
+    // proxy resumes the agent's pods knowing where their traffic goes.
+    xds.ready(Duration::from_secs(60))
+        .await
+        .map_err(|err| format!("not ready: {err}"))?;
     let zds = node.zds_socket.clone();
     let mut builder = NodeProxy::builder()
         .config(node)

@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 
 use super::authorize::LiveConnections;
 use super::baggage::BaggageCache;
+use super::local::SameNode;
 use super::route::workload_identity;
 use crate::certs::{CertError, CertLease, CertManager};
 use crate::hbone::HbonePool;
-use super::local::SameNode;
 use crate::net::socket::SocketNamespace;
 use crate::state::SharedState;
 use crate::telemetry::metrics::Metrics;

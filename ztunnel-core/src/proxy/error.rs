@@ -136,4 +136,13 @@ pub enum ConnectionError {
     /// Policy now denies the connection: closed.
     #[error("closed: policy now denies it")]
     Revoked,
+    /// The destination's instance on this node (the same-node shortcut) is
+    /// not who the destination should be, or cannot be reached now.
+    #[error("destination {destination} on this node: {problem}")]
+    LocalPeer {
+        /// Where it was going.
+        destination: SocketAddr,
+        /// What was wrong.
+        problem: String,
+    },
 }

@@ -264,16 +264,24 @@ async fn forward(
             if let (true, Some(to)) = (upstream.hbone, local) {
                 // The same-node shortcut: no TLS, no HTTP/2, the
                 // destination's checks all the same.
-                match record.source_identity.clone() {
-                    Some(identity) => local::connect(to, identity, source, upstream.address)
-                        .await
-                        .map(Link::Local),
-                    None => Err(ConnectionError::Identity {
+                match (
+                    record.source_identity.clone(),
+                    expected_identities(&upstream),
+                ) {
+                    (_, Err(error)) => Err(error),
+                    (Some(identity), Ok(expected)) => {
+                        local::connect(ctx, to, identity, &expected, source, upstream.address)
+                            .await
+                            .map(|link| Link::Local(Box::new(link)))
+                    }
+                    (None, Ok(_)) => Err(ConnectionError::Identity {
                         destination: upstream.address,
                         source: ctx
                             .identity_of(record.source_workload.as_deref())
                             .err()
-                            .unwrap_or_else(|| IdentityError::UnknownWorkload(ctx.served_uid.clone())),
+                            .unwrap_or_else(|| {
+                                IdentityError::UnknownWorkload(ctx.served_uid.clone())
+                            }),
                     }),
                 }
             } else if upstream.hbone {
@@ -337,8 +345,9 @@ enum Link {
     /// Plain TCP.
     Plain(TcpStream),
     /// The destination's application, let in by its instance on this node
-    /// (the same-node shortcut).
-    Local(LocalLink),
+    /// (the same-node shortcut). Boxed: it carries the destination's
+    /// record, and every outbound connection's task holds a `Link`.
+    Local(Box<LocalLink>),
 }
 
 /// An established outbound connection.
@@ -396,18 +405,40 @@ impl Established for Outbound {
             match self.link {
                 Link::Plain(upstream) => socket::reset(upstream),
                 Link::Hbone(mut stream, _) => stream.send.send_reset(h2::Reason::CONNECT_ERROR),
-                Link::Local(local) => {
-                    socket::reset(local.upstream);
-                    local.recorder.finish(outcome.bytes, outcome.error.as_ref());
+                Link::Local(mut local) => {
+                    local.finish(outcome.bytes, outcome.error.as_ref());
+                    // Reset when dropped, as `socket::reset` does.
+                    let _ = local.upstream.set_zero_linger();
                 }
             }
             socket::reset(self.tcp);
-        } else if let Link::Local(local) = self.link {
+        } else if let Link::Local(mut local) = self.link {
             // The destination's record: the same bytes, seen from its side.
-            local.recorder.finish(outcome.bytes, None::<&ConnectionError>);
+            local.finish(outcome.bytes, None);
         }
         self.recorder.finish(outcome.bytes, outcome.error.as_ref());
     }
+}
+
+/// Who `upstream` may be: the workload's own identity, or any its service
+/// vouches for; a destination without an identity cannot be reached in the
+/// mesh.
+fn expected_identities(upstream: &Upstream) -> Result<Vec<Identity>, ConnectionError> {
+    let Some(identity) = upstream.identity.clone() else {
+        return Err(ConnectionError::NoPeerIdentity {
+            workload: upstream.workload.uid.clone(),
+            destination: upstream.address,
+        });
+    };
+    let mut expected = vec![identity];
+    if let Some(service) = &upstream.service {
+        expected.extend(service.subject_alt_names.iter().filter_map(|san| {
+            Identity::parse_uri(san)
+                .or_else(|_| Identity::from_principal(san))
+                .ok()
+        }));
+    }
+    Ok(expected)
 }
 
 /// Opens the CONNECT stream to `upstream` for the served workload (`served`,
@@ -421,21 +452,7 @@ async fn open_hbone(
     served: Option<&Arc<Workload>>,
 ) -> Result<(HboneStream, u64), ConnectionError> {
     let destination = upstream.address;
-    let Some(identity) = upstream.identity.clone() else {
-        return Err(ConnectionError::NoPeerIdentity {
-            workload: upstream.workload.uid.clone(),
-            destination,
-        });
-    };
-    // The workload's own identity, or any the service vouches for.
-    let mut expected = vec![identity];
-    if let Some(service) = &upstream.service {
-        expected.extend(service.subject_alt_names.iter().filter_map(|san| {
-            Identity::parse_uri(san)
-                .or_else(|_| Identity::from_principal(san))
-                .ok()
-        }));
-    }
+    let expected = expected_identities(upstream)?;
     let hbone = |source| ConnectionError::Hbone {
         destination,
         source,
