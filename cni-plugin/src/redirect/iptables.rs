@@ -350,18 +350,19 @@ impl Redirection for IptablesRestore {
     fn apply(&self, netns: &Netns, spec: &RedirectSpec) -> Result<(), RedirectError> {
         spec.validate()?;
         in_netns(NAME, netns, || {
-            // The route first: it does nothing until the rules mark replies,
-            // so a failure here leaves the pod as it was.
-            reply_route::apply(NAME, netns, spec, self.ipv6.is_some())?;
-            for family in self.families() {
-                // Both tables in one transaction.
-                let nat = family.read(netns, &NAT)?;
-                let mangle = family.read(netns, &MANGLE)?;
-                let mut input = nat.apply_input(&NAT, &Self::rules(spec, family.ipv6));
-                input.push_str(&mangle.apply_input(&MANGLE, &Self::mark_rules(spec)));
-                family.restore_input(netns, &input)?;
-            }
-            Ok(())
+            // The route and the rules at once (a pod's ADD waits for both);
+            // a failure of either is the caller's to undo with `remove`.
+            reply_route::alongside(NAME, netns, spec, self.ipv6.is_some(), || {
+                for family in self.families() {
+                    // Both tables in one transaction.
+                    let nat = family.read(netns, &NAT)?;
+                    let mangle = family.read(netns, &MANGLE)?;
+                    let mut input = nat.apply_input(&NAT, &Self::rules(spec, family.ipv6));
+                    input.push_str(&mangle.apply_input(&MANGLE, &Self::mark_rules(spec)));
+                    family.restore_input(netns, &input)?;
+                }
+                Ok(())
+            })
         })?;
         tracing::debug!(netns = %netns, "iptables redirect rules applied");
         Ok(())

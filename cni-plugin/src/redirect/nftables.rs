@@ -134,10 +134,13 @@ impl Redirection for Nftables {
         spec.validate()?;
         let script = format!("{}{}", Self::flush_script(), Self::table(spec));
         in_netns(NAME, netns, || {
-            // The route first: it does nothing until the rules mark replies,
-            // so a failure here leaves the pod as it was.
-            reply_route::apply(NAME, netns, spec, true)?;
-            self.program().run_ok(netns, &["-f", "-"], Some(&script))
+            // The route and the rules at once (a pod's ADD waits for both);
+            // a failure of either is the caller's to undo with `remove`.
+            reply_route::alongside(NAME, netns, spec, true, || {
+                self.program()
+                    .run_ok(netns, &["-f", "-"], Some(&script))
+                    .map(drop)
+            })
         })?;
         tracing::debug!(netns = %netns, "nftables redirect rules applied");
         Ok(())

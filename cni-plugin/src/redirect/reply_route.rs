@@ -73,17 +73,50 @@ pub(super) fn apply(
     let ip = ip(backend);
     let table = spec.reply_table;
     let mark = format!("{:#x}/{MARK_MASK:#x}", spec.reply_mark);
-    for (family, everything) in families(ipv6) {
+    let one = |family: &str, everything: &str| {
         let script = format!(
             "route replace local {everything} dev lo table {table}\n\
              rule add fwmark {mark} pref {PRIORITY} lookup {table}\n"
         );
         let ran = ip.run(netns, &[family, "-force", "-batch", "-"], Some(&script))?;
-        if !ran.success() && !only_already_there(&ran.stderr()) {
-            return Err(ran.failed());
+        if ran.success() || only_already_there(&ran.stderr()) {
+            Ok(())
+        } else {
+            Err(ran.failed())
         }
-    }
-    Ok(())
+    };
+    // The families at once, each on its own thread (inside the namespace).
+    std::thread::scope(|scope| {
+        let running: Vec<_> = families(ipv6)
+            .map(|(family, everything)| scope.spawn(move || one(family, everything)))
+            .collect();
+        running.into_iter().try_for_each(|thread| {
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    })
+}
+
+/// Runs [`apply`] and `rules` at the same time (the route's `ip`
+/// processes beside the firewall's): both errors are reported, the rules'
+/// first. Called on a thread inside the namespace: the threads it starts
+/// begin there too.
+pub(super) fn alongside(
+    backend: &'static str,
+    netns: &Netns,
+    spec: &RedirectSpec,
+    ipv6: bool,
+    rules: impl FnOnce() -> Result<(), RedirectError> + Send,
+) -> Result<(), RedirectError> {
+    std::thread::scope(|scope| {
+        let route = scope.spawn(|| apply(backend, netns, spec, ipv6));
+        let rules = rules();
+        let route = route
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        rules.and(route)
+    })
 }
 
 /// Whether every failure `ip -batch` reported is a rule already there.
