@@ -28,22 +28,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cni_plugin::agent::Labels;
-use mesh_api::Identity;
 use mesh_benches::load::{
     Latency, ROUND_TRIPS, bulk, connection_rate, on, request_response, runtime_in, serve_echo,
     serve_sink,
 };
 use mesh_benches::process::resident_bytes;
 use mesh_benches::stats::{median, percentile};
-use mesh_ca::{Authenticated, Authority, CaServer, StaticTokens};
 use mesh_net::netns::Netns;
-use support::{Backend, Daemon, Node, Pod};
+use support::{Backend, ControlPlaneParts, Daemon, Node, Pod, control_plane, listener_in};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use xds_server::{
-    Authenticators, ControlPlane, ControlPlaneHandle, MeshConfig, Store, StoreNodeAuthorizer,
-    XdsServer, parse_manifest,
-};
 
 const TOKEN: &str = "bench-node-a";
 const ECHO: u16 = 8080;
@@ -134,10 +128,8 @@ impl Carrier {
 /// loopback) and its data plane process.
 struct Cluster {
     node: Node,
-    store: Store,
     dir: PathBuf,
-    address: SocketAddr,
-    control_plane: ControlPlaneHandle,
+    control: ControlPlaneParts,
     data_plane: Option<Daemon>,
     /// Pods held (kept alive).
     pods: Vec<(Pod, IpAddr)>,
@@ -149,75 +141,26 @@ impl Cluster {
         node.plugin = plugin.to_owned();
         node.pods
             .set_namespace("plain", Labels::from([("app".to_owned(), "x".to_owned())]));
-        let listener = node
-            .netns
-            .open()
-            .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("enter")
-            .expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let listener = TcpListener::from_std(listener).expect("listener");
-        let address = listener.local_addr().expect("address");
-        let store = Store::new(MeshConfig::default());
         let manifest = "apiVersion: v1
 kind: Namespace
 metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
 ";
-        for object in parse_manifest(manifest).expect("YAML").objects {
-            store.apply(object).expect("valid");
-        }
-        let material =
-            mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
-                .expect("CA material");
-        let authority = Arc::new(
-            Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
-        );
-        let agent = Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel")
-            .expect("identity");
-        let tokens = StaticTokens::new().caller(
-            TOKEN,
-            Authenticated {
-                identity: agent.clone(),
-                node: Some("node-a".into()),
-                pod: None,
-            },
-        );
-        let ca = CaServer::builder()
-            .authority(authority.clone())
-            .authenticator(tokens.clone())
-            .node_agent(agent)
-            .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
-            .build()
-            .expect("CA");
-        let xds = XdsServer::builder()
-            .store(store.clone())
-            .authenticators(Authenticators::new().with(tokens))
-            .build()
-            .expect("xDS");
-        let control_plane = ControlPlane::builder()
-            .xds(xds)
-            .ca(ca)
-            .build()
-            .expect("control plane")
-            .spawn(listener)
-            .expect("spawned");
+        let control = control_plane(
+            listener_in(&node.netns.open()),
+            manifest,
+            &[(TOKEN, "node-a")],
+        )
+        .await;
         let dir = node.dir.path().join("data-plane");
         let tokens_dir = dir.join("var/run/secrets/tokens");
         std::fs::create_dir_all(&tokens_dir).expect("dirs");
         std::fs::write(tokens_dir.join("istio-token"), TOKEN).expect("token");
-        let pem: String = authority
-            .roots()
-            .iter()
-            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
-            .collect();
-        std::fs::write(dir.join("root.pem"), pem).expect("root");
+        control.write_root(&dir.join("root.pem"));
         node.start_agent();
         Self {
             node,
-            store,
             dir,
-            address,
-            control_plane,
+            control,
             data_plane: None,
             pods: Vec::new(),
         }
@@ -245,7 +188,7 @@ metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
                         "--zds-socket".into(),
                         zds,
                         "--control-plane".into(),
-                        self.address.to_string(),
+                        self.control.address.to_string(),
                         "--root".into(),
                         root,
                         "--token-file".into(),
@@ -254,7 +197,7 @@ metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
                 )
             }
             Carrier::Ztunnel => {
-                let url = format!("https://{}", self.address);
+                let url = format!("https://{}", self.control.address);
                 Daemon::start(
                     &self.node.netns.name,
                     &self.dir,
@@ -319,9 +262,7 @@ spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}
 status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
 "
         );
-        for object in parse_manifest(&manifest).expect("YAML").objects {
-            self.store.apply(object).expect("valid");
-        }
+        self.control.apply(&manifest);
         self.pods.push((pod, ip));
         (self.pods.len() - 1, ip)
     }
@@ -345,7 +286,7 @@ status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
         self.delete_pods().await;
         self.stop().await;
         self.node.stop_agent().await;
-        let _ = self.control_plane.drain(Duration::from_secs(5)).await;
+        let _ = self.control.handle.drain(Duration::from_secs(5)).await;
     }
 }
 

@@ -16,33 +16,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cni_plugin::agent::{DATAPLANE_MODE_LABEL, labels};
-use mesh_api::Identity;
-use mesh_ca::{Authenticated, Authority, CaClient, CaServer, RenewalConfig, StaticTokens};
+use mesh_ca::{CaClient, RenewalConfig};
 use mesh_net::netns::Netns;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use xds_server::{
-    Authenticators, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
-};
+use xds_server::parse_manifest;
 use ztunnel_core::node::{NodeProxy, NodeProxyConfig, NodeProxyHandle};
 use ztunnel_core::{CertManager, SharedState, XdsClient};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.10";
 
-/// The control plane in this process, on loopback.
-struct ControlPlaneParts {
-    store: Store,
-    authority: Arc<Authority>,
-    address: SocketAddr,
-    handle: xds_server::ControlPlaneHandle,
-}
-
+/// The control plane in this process, on loopback, for nodes `node-a` and
+/// `node-b`.
 async fn control_plane() -> ControlPlaneParts {
-    let store = Store::new(MeshConfig::default());
     let manifest = format!(
         "apiVersion: v1
 kind: Namespace
@@ -58,50 +48,12 @@ metadata: {{name: echo, namespace: default}}
 spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}
 "
     );
-    for object in parse_manifest(&manifest).expect("YAML").objects {
-        store.apply(object).expect("valid");
-    }
-    let material = mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
-        .expect("CA material");
-    let authority = Arc::new(
-        Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
-    );
-    let agent =
-        Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
-    let node_agent = |node: &str| Authenticated {
-        identity: agent.clone(),
-        node: Some(node.into()),
-        pod: None,
-    };
-    let tokens = StaticTokens::new()
-        .caller("node-a-token", node_agent("node-a"))
-        .caller("node-b-token", node_agent("node-b"));
-    let ca = CaServer::builder()
-        .authority(authority.clone())
-        .authenticator(tokens.clone())
-        .node_agent(agent)
-        .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
-        .build()
-        .expect("CA");
-    let xds = XdsServer::builder()
-        .store(store.clone())
-        .authenticators(Authenticators::new().with(tokens))
-        .build()
-        .expect("xDS");
-    let handle = ControlPlane::builder()
-        .xds(xds)
-        .ca(ca)
-        .build()
-        .expect("control plane")
-        .spawn(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
-        .expect("spawned");
-    handle.ready(PATIENCE).await.expect("control plane ready");
-    ControlPlaneParts {
-        store,
-        authority,
-        address: handle.local_addr(),
-        handle,
-    }
+    support::control_plane(
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        &manifest,
+        &[("node-a-token", "node-a"), ("node-b-token", "node-b")],
+    )
+    .await
 }
 
 /// The node's data plane: an xDS client, an impersonating certificate

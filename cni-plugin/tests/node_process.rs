@@ -14,18 +14,12 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_api::Identity;
-use mesh_ca::{Authenticated, Authority, CaServer, StaticTokens};
 use mesh_net::netns::Netns;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use xds_server::{
-    Authenticators, ControlPlane, MeshConfig, Store, StoreNodeAuthorizer, XdsServer, parse_manifest,
-};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const VIP: &str = "10.96.0.10";
@@ -95,16 +89,6 @@ async fn serves_the_pods_our_agent_captures(backend: Backend, data_plane: DataPl
     let mut node = Node::new(backend);
     // The control plane listens inside the node's namespace, on its
     // loopback, where the node's ztunnel finds it.
-    let node_ns = node.netns.open();
-    let listener = node_ns
-        .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("enter")
-        .expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let listener = TcpListener::from_std(listener).expect("tokio listener");
-    let address = listener.local_addr().expect("address");
-
-    let store = Store::new(MeshConfig::default());
     let manifest = format!(
         "apiVersion: v1
 kind: Namespace
@@ -116,43 +100,13 @@ metadata: {{name: echo, namespace: default}}
 spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}
 "
     );
-    for object in parse_manifest(&manifest).expect("YAML").objects {
-        store.apply(object).expect("valid");
-    }
-    let material = mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
-        .expect("CA material");
-    let authority = Arc::new(
-        Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
-    );
-    let agent =
-        Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel").expect("identity");
-    let tokens = StaticTokens::new().caller(
-        TOKEN,
-        Authenticated {
-            identity: agent.clone(),
-            node: Some("node-a".into()),
-            pod: None,
-        },
-    );
-    let ca = CaServer::builder()
-        .authority(authority.clone())
-        .authenticator(tokens.clone())
-        .node_agent(agent)
-        .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
-        .build()
-        .expect("CA");
-    let xds = XdsServer::builder()
-        .store(store.clone())
-        .authenticators(Authenticators::new().with(tokens))
-        .build()
-        .expect("xDS");
-    let control_plane = ControlPlane::builder()
-        .xds(xds)
-        .ca(ca)
-        .build()
-        .expect("control plane")
-        .spawn(listener)
-        .expect("spawned");
+    let control = control_plane(
+        listener_in(&node.netns.open()),
+        &manifest,
+        &[(TOKEN, "node-a")],
+    )
+    .await;
+    let address = control.address;
 
     node.start_agent();
     let dir = node.dir.path().join("ztunnel");
@@ -160,12 +114,7 @@ spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPor
     std::fs::create_dir_all(&tokens_dir).expect("dirs");
     std::fs::write(tokens_dir.join("istio-token"), TOKEN).expect("token");
     let root = dir.join("root.pem");
-    let pem: String = authority
-        .roots()
-        .iter()
-        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
-        .collect();
-    std::fs::write(&root, pem).expect("root");
+    control.write_root(&root);
     let url = format!("https://{address}");
     let root = root.display().to_string();
     let token = tokens_dir.join("istio-token").display().to_string();
@@ -237,9 +186,7 @@ spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}
 status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
 "
         );
-        for object in parse_manifest(&manifest).expect("YAML").objects {
-            store.apply(object).expect("valid");
-        }
+        control.apply(&manifest);
         ips.push(ip);
         pods.push(pod);
     }
@@ -281,5 +228,5 @@ status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
     }
     drop(daemon);
     node.stop_agent().await;
-    let _ = control_plane.drain(PATIENCE).await;
+    let _ = control.handle.drain(PATIENCE).await;
 }

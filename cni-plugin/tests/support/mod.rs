@@ -494,3 +494,100 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A control plane in this process (xDS and the CA on one TLS port, its
+/// store holding `manifest`), node agents authenticated by `tokens`
+/// (`(token, node)`), impersonation checked against the store.
+pub struct ControlPlaneParts {
+    pub store: xds_server::Store,
+    pub authority: Arc<mesh_ca::Authority>,
+    pub address: std::net::SocketAddr,
+    pub handle: xds_server::ControlPlaneHandle,
+}
+
+pub async fn control_plane(
+    listener: tokio::net::TcpListener,
+    manifest: &str,
+    tokens: &[(&str, &str)],
+) -> ControlPlaneParts {
+    use xds_server::{Authenticators, ControlPlane, StoreNodeAuthorizer, XdsServer};
+    let store = xds_server::Store::new(xds_server::MeshConfig::default());
+    for object in xds_server::parse_manifest(manifest).expect("YAML").objects {
+        store.apply(object).expect("valid");
+    }
+    let material = mesh_ca::CaMaterial::self_signed("cluster.local", Duration::from_secs(86400))
+        .expect("CA material");
+    let authority = Arc::new(
+        mesh_ca::Authority::new(&material, "cluster.local", Default::default()).expect("authority"),
+    );
+    let agent = mesh_api::Identity::parse_uri("spiffe://cluster.local/ns/istio-system/sa/ztunnel")
+        .expect("identity");
+    let mut callers = mesh_ca::StaticTokens::new();
+    for (token, node) in tokens {
+        callers = callers.caller(
+            token,
+            mesh_ca::Authenticated {
+                identity: agent.clone(),
+                node: Some((*node).into()),
+                pod: None,
+            },
+        );
+    }
+    let ca = mesh_ca::CaServer::builder()
+        .authority(authority.clone())
+        .authenticator(callers.clone())
+        .node_agent(agent)
+        .node_authorizer(StoreNodeAuthorizer::new(store.clone()))
+        .build()
+        .expect("CA");
+    let xds = XdsServer::builder()
+        .store(store.clone())
+        .authenticators(Authenticators::new().with(callers))
+        .build()
+        .expect("xDS");
+    let handle = ControlPlane::builder()
+        .xds(xds)
+        .ca(ca)
+        .build()
+        .expect("control plane")
+        .spawn(listener)
+        .expect("spawned");
+    handle.ready(WAIT).await.expect("control plane ready");
+    ControlPlaneParts {
+        store,
+        authority,
+        address: handle.local_addr(),
+        handle,
+    }
+}
+
+impl ControlPlaneParts {
+    /// Writes the mesh's root certificates to `path` (PEM).
+    pub fn write_root(&self, path: &Path) {
+        let pem: String = self
+            .authority
+            .roots()
+            .iter()
+            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+            .collect();
+        std::fs::write(path, pem).expect("root");
+    }
+
+    /// Applies `manifest` to the store.
+    pub fn apply(&self, manifest: &str) {
+        for object in xds_server::parse_manifest(manifest).expect("YAML").objects {
+            self.store.apply(object).expect("valid");
+        }
+    }
+}
+
+/// A listener on the loopback of `netns` (where a node's data plane, run
+/// inside it, finds a control plane of this process).
+pub fn listener_in(netns: &Netns) -> tokio::net::TcpListener {
+    let listener = netns
+        .enter(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    tokio::net::TcpListener::from_std(listener).expect("listener")
+}
