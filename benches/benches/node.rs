@@ -247,6 +247,15 @@ metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
     /// Adds a pod through the CNI chain and tells the control plane its IP.
     async fn add(&mut self, namespace: &str, name: &str) -> (usize, IpAddr) {
         let pod = self.node.pod(namespace, name);
+        // Scheduled first, as a kubelet's pods are: known to the control
+        // plane before their sandbox (and IP) exists.
+        self.control.apply(&format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
+spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
+"
+        ));
         let added = self.node.chain("ADD", &pod, None).await;
         assert!(added.exit_ok, "{added:?}");
         let ip: IpAddr = added.json()["ips"][0]["address"]

@@ -152,6 +152,15 @@ async fn add_pod(
 ) -> (Pod, IpAddr, Value) {
     let node_name = format!("node-{}", char::from(b'a' + node.subnet));
     let pod = node.pod(namespace, name);
+    // Scheduled first, as a kubelet's pods are: known to the control plane
+    // before their sandbox (and IP) exists.
+    control.apply(&format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}
+spec: {{serviceAccountName: {name}, nodeName: {node_name}, containers: [{{name: c}}]}}
+"
+    ));
     let added = node.chain("ADD", &pod, None).await;
     assert!(added.exit_ok, "{added:?}");
     let result = added.json();

@@ -44,6 +44,8 @@ pub(crate) struct Change {
 #[derive(Debug)]
 struct PodMeta {
     service_account: Box<str>,
+    /// The node it is scheduled to.
+    node: Option<Box<str>>,
     /// Its own `istio.io/dataplane-mode`: enrolled, opted out, or unsaid.
     mode: Option<bool>,
 }
@@ -207,10 +209,12 @@ impl State {
         if identity.trust_domain() != self.config.trust_domain {
             return false;
         }
+        // Every pod scheduled to the node, with an IP or not yet: a node
+        // proxy asks for a pod's certificate as the pod starts.
         self.namespaces
             .get(identity.namespace())
             .is_some_and(|namespace| {
-                namespace.pods.values().any(|pod| {
+                namespace.pod_meta.values().any(|pod| {
                     pod.node.as_deref() == Some(node)
                         && *pod.service_account == *identity.service_account()
                 })
@@ -288,6 +292,12 @@ impl Batch<'_> {
                         .filter(|account| !account.is_empty())
                         .unwrap_or("default")
                         .into(),
+                    node: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|spec| spec.node_name.as_deref())
+                        .filter(|node| !node.is_empty())
+                        .map(Box::from),
                     mode: enrollment(pod.metadata.labels.as_ref()),
                 };
                 self.state

@@ -74,12 +74,17 @@ impl Pod {
         };
         let started = Self::start_proxy(shared, &info, identity, &sockets, listeners);
         match started {
-            Ok(proxy) => Ok(Self {
-                info,
-                sockets,
-                proxy,
-                dns,
-            }),
+            Ok(proxy) => {
+                // The pod's certificate is asked for now, not on its first
+                // connection.
+                proxy.prefetch_certificate();
+                Ok(Self {
+                    info,
+                    sockets,
+                    proxy,
+                    dns,
+                })
+            }
             Err(err) => {
                 // Nothing of the pod is left running (its sockets would hold
                 // its namespace, and its ports for the next try).

@@ -156,6 +156,20 @@ impl ZtunnelHandle {
         self.ctx.pool.connection_count()
     }
 
+    /// Starts fetching the served workload's certificate now, in the
+    /// background, rather than on its first connection (a node proxy does
+    /// so as a pod is added, as ztunnel does). Nothing happens if the
+    /// served identity is not known yet; a failure is the first
+    /// connection's to report.
+    pub fn prefetch_certificate(&self) {
+        let ctx = self.ctx.clone();
+        if let Ok(identity) = ctx.served_identity() {
+            tokio::spawn(async move {
+                let _ = ctx.certificate(&identity, ctx.certificate_wait).await;
+            });
+        }
+    }
+
     /// Waits up to `wait` until the served workload is known and has its
     /// certificate: the instance can then carry traffic both ways. Otherwise
     /// why not (unknown workload, no identity, no certificate, stopped).
