@@ -228,12 +228,6 @@ impl std::fmt::Display for Failure {
     }
 }
 
-impl From<Failure> for String {
-    fn from(failure: Failure) -> Self {
-        failure.to_string()
-    }
-}
-
 async fn request(
     socket: &ZdsSocket,
     message: &WorkloadRequest,

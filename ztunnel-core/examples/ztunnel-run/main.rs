@@ -521,47 +521,70 @@ fn read_token(path: &Path) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-async fn run(config: RunConfig, token: String) -> Result<(), String> {
-    let root = config.root.ok_or_else(|| missing("--root", "root"))?;
+/// What both modes take from the control plane: the xDS client (not yet
+/// spawned) keeping the state, and the certificate manager over the CA.
+struct ControlPlaneParts {
+    xds: XdsClient,
+    certs: CertManager,
+}
+
+/// Connects to the control plane of `config` (its root, address and name)
+/// with `token`, from sockets carrying `mark`; `node_id` is the xDS node id
+/// unless the file gives one.
+fn control_plane_parts(
+    config: &RunConfig,
+    token: String,
+    mark: Option<u32>,
+    node_id: String,
+) -> Result<ControlPlaneParts, String> {
+    let root = config
+        .root
+        .clone()
+        .ok_or_else(|| missing("--root", "root"))?;
     let roots = CertificateDer::pem_file_iter(&root)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(|err| format!("root {}: {err}", root.display()))?;
     let control_plane = config
         .control_plane
         .ok_or_else(|| missing("--control-plane", "controlPlane"))?;
-    let workload_uid = config
-        .proxy
-        .workload_uid
-        .clone()
-        .ok_or_else(|| missing("--workload-uid", "proxy.workloadUid"))?;
     let mut ca = CaClient::builder()
         .address(control_plane)
         .server_name(config.control_plane_name.clone())
         .roots(roots)
         .token(token.clone());
     // The control plane's connections must not be captured by the redirect
-    // rules around this proxy: they carry the proxy's own mark.
-    if let Some(mark) = config.proxy.socket_mark {
+    // rules around the proxy: they carry the proxy's own mark.
+    if let Some(mark) = mark {
         ca = ca.socket_mark(mark);
     }
     let ca = ca.build().map_err(|err| err.to_string())?;
-    let mut xds_config = config.xds;
-    if xds_config.node_id.is_none() {
-        xds_config.node_id = Some(format!("ztunnel~0.0.0.0~{workload_uid}~cluster.local"));
-    }
+    let mut xds_config = config.xds.clone();
+    xds_config.node_id.get_or_insert(node_id);
     let xds = XdsClient::builder()
         .config(xds_config)
         .channel(ca.channel())
         .token(token)
         .build()
         .map_err(|err| err.to_string())?;
-    let state = xds.state();
-    let demander = xds.demander();
     let certs = CertManager::builder()
         .config(config.certificates)
         .client(ca)
         .build()
         .map_err(|err| err.to_string())?;
+    Ok(ControlPlaneParts { xds, certs })
+}
+
+async fn run(config: RunConfig, token: String) -> Result<(), String> {
+    let workload_uid = config
+        .proxy
+        .workload_uid
+        .clone()
+        .ok_or_else(|| missing("--workload-uid", "proxy.workloadUid"))?;
+    let mark = config.proxy.socket_mark;
+    let node_id = format!("ztunnel~0.0.0.0~{workload_uid}~cluster.local");
+    let ControlPlaneParts { xds, certs } = control_plane_parts(&config, token, mark, node_id)?;
+    let state = xds.state();
+    let demander = xds.demander();
     let xds = xds.spawn();
 
     let mut registry = Registry::default();
@@ -642,48 +665,20 @@ async fn run(config: RunConfig, token: String) -> Result<(), String> {
 /// node proxy following the agent's ZDS socket (the admin, metrics and
 /// readiness listeners are dedicated mode's only, for now). Prints `ready`
 /// once the agent's first snapshot is served.
-async fn run_node(config: RunConfig, token: String) -> Result<(), String> {
-    let root = config.root.ok_or_else(|| missing("--root", "root"))?;
-    let roots = CertificateDer::pem_file_iter(&root)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|err| format!("root {}: {err}", root.display()))?;
-    let control_plane = config
-        .control_plane
-        .ok_or_else(|| missing("--control-plane", "controlPlane"))?;
-    let mut node = config.node.unwrap_or_default();
+async fn run_node(mut config: RunConfig, token: String) -> Result<(), String> {
+    let mut node = config.node.take().unwrap_or_default();
     // The pods' instances take the top-level `proxy` section (as dedicated
     // mode's instance does), unless the `node` section has its own.
     if node.proxy == ZtunnelConfig::default() {
-        node.proxy = config.proxy;
+        node.proxy = config.proxy.clone();
     }
-    let mut ca = CaClient::builder()
-        .address(control_plane)
-        .server_name(config.control_plane_name.clone())
-        .roots(roots)
-        .token(token.clone());
     // The node proxy's own connections start in its namespace, not a pod's:
     // marked all the same, as the pods' rules expect of the data plane.
-    if let Some(mark) = node.proxy.socket_mark {
-        ca = ca.socket_mark(mark);
-    }
-    let ca = ca.build().map_err(|err| err.to_string())?;
-    let mut xds_config = config.xds;
-    if xds_config.node_id.is_none() {
-        xds_config.node_id = Some("ztunnel~0.0.0.0~ztunnel.istio-system~cluster.local".into());
-    }
-    let xds = XdsClient::builder()
-        .config(xds_config)
-        .channel(ca.channel())
-        .token(token)
-        .build()
-        .map_err(|err| err.to_string())?;
+    let mark = node.proxy.socket_mark;
+    let node_id = "ztunnel~0.0.0.0~ztunnel.istio-system~cluster.local".to_owned();
+    let ControlPlaneParts { xds, certs } = control_plane_parts(&config, token, mark, node_id)?;
     let state = xds.state();
     let demander = xds.demander();
-    let certs = CertManager::builder()
-        .config(config.certificates)
-        .client(ca)
-        .build()
-        .map_err(|err| err.to_string())?;
     let xds = xds.spawn();
     // Pods are served once the mesh's configuration is in: a restarted node
     // proxy resumes the agent's pods knowing where their traffic goes.
