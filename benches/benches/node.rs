@@ -246,32 +246,10 @@ metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
 
     /// Adds a pod through the CNI chain and tells the control plane its IP.
     async fn add(&mut self, namespace: &str, name: &str) -> (usize, IpAddr) {
-        let pod = self.node.pod(namespace, name);
-        // Scheduled first, as a kubelet's pods are: known to the control
-        // plane before their sandbox (and IP) exists.
-        self.control.apply(&format!(
-            "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
-spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
-"
-        ));
-        let added = self.node.chain("ADD", &pod, None).await;
-        assert!(added.exit_ok, "{added:?}");
-        let ip: IpAddr = added.json()["ips"][0]["address"]
-            .as_str()
-            .and_then(|cidr| cidr.split('/').next())
-            .and_then(|ip| ip.parse().ok())
-            .expect("an address");
-        let manifest = format!(
-            "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
-spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
-status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
-"
-        );
-        self.control.apply(&manifest);
+        let (pod, ip, _) = self
+            .node
+            .add_pod(&self.control, namespace, name, name)
+            .await;
         self.pods.push((pod, ip));
         (self.pods.len() - 1, ip)
     }

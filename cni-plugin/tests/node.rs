@@ -17,12 +17,11 @@ use std::time::Duration;
 
 use cni_plugin::agent::{DATAPLANE_MODE_LABEL, labels};
 use mesh_ca::{CaClient, RenewalConfig};
-use mesh_net::netns::Netns;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use xds_server::parse_manifest;
 use ztunnel_core::node::{NodeProxy, NodeProxyConfig, NodeProxyHandle};
 use ztunnel_core::{CertManager, SharedState, XdsClient};
@@ -140,8 +139,7 @@ impl DataPlane {
     }
 }
 
-/// Adds a pod through the CNI chain, then tells the control plane its IP
-/// (as a kubelet would report it).
+/// A pod through the CNI chain, once the node's data plane knows its IP.
 async fn add_pod(
     node: &Node,
     control: &ControlPlaneParts,
@@ -150,78 +148,9 @@ async fn add_pod(
     name: &str,
     app: &str,
 ) -> (Pod, IpAddr, Value) {
-    let node_name = format!("node-{}", char::from(b'a' + node.subnet));
-    let pod = node.pod(namespace, name);
-    // Scheduled first, as a kubelet's pods are: known to the control plane
-    // before their sandbox (and IP) exists.
-    control.apply(&format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}
-spec: {{serviceAccountName: {name}, nodeName: {node_name}, containers: [{{name: c}}]}}
-"
-    ));
-    let added = node.chain("ADD", &pod, None).await;
-    assert!(added.exit_ok, "{added:?}");
-    let result = added.json();
-    let ip: IpAddr = result["ips"][0]["address"]
-        .as_str()
-        .and_then(|cidr| cidr.split('/').next())
-        .and_then(|ip| ip.parse().ok())
-        .expect("an address");
-    let manifest = format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}
-spec: {{serviceAccountName: {name}, nodeName: {node_name}, containers: [{{name: c}}]}}
-status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
-"
-    );
-    for object in parse_manifest(&manifest).expect("YAML").objects {
-        control.store.apply(object).expect("valid");
-    }
+    let (pod, ip, result) = node.add_pod(control, namespace, name, app).await;
     data_plane.knows(ip).await;
     (pod, ip, result)
-}
-
-/// An echo server on 0.0.0.0:8080 inside `netns`.
-fn echo_app(netns: &Netns) {
-    let listener = netns
-        .enter(|| std::net::TcpListener::bind("0.0.0.0:8080"))
-        .expect("enter")
-        .expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let listener = TcpListener::from_std(listener).expect("tokio listener");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-}
-
-/// Connects from inside `netns` to `target`.
-async fn connect_from(netns: &Netns, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = netns.enter(tokio::net::TcpSocket::new_v4).expect("enter")?;
-    tokio::time::timeout(PATIENCE, socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::other("connect timed out"))?
-}
-
-/// Sends `message` from `netns` to `target` and reads back the echo; the
-/// error if the connection failed.
-async fn round_trip(netns: &Netns, target: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut stream = connect_from(netns, target).await?;
-    stream.write_all(message).await?;
-    stream.shutdown().await?;
-    let mut echoed = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut echoed))
-        .await
-        .map_err(|_| std::io::Error::other("read timed out"))??;
-    Ok(echoed)
 }
 
 /// Runs `dig` inside the pod: the redirect rules send it to the pod's DNS

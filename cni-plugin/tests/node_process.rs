@@ -12,50 +12,15 @@
 #[macro_use]
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mesh_net::netns::Netns;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const VIP: &str = "10.96.0.10";
 const TOKEN: &str = "ztunnel-node-a-token";
-
-async fn round_trip(netns: &Netns, target: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
-    let socket = netns.enter(tokio::net::TcpSocket::new_v4).expect("enter")?;
-    let mut stream: TcpStream = tokio::time::timeout(PATIENCE, socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::other("connect timed out"))??;
-    stream.write_all(message).await?;
-    stream.shutdown().await?;
-    let mut echoed = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut echoed))
-        .await
-        .map_err(|_| std::io::Error::other("read timed out"))??;
-    Ok(echoed)
-}
-
-fn echo_app(netns: &Netns) {
-    let listener = netns
-        .enter(|| std::net::TcpListener::bind("0.0.0.0:8080"))
-        .expect("enter")
-        .expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let listener = TcpListener::from_std(listener).expect("tokio listener");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                let _ = writer.shutdown().await;
-            });
-        }
-    });
-}
 
 both_backends!(
     ztunnel_run_in_node_mode_serves_the_pods_our_agent_captures,
@@ -169,24 +134,8 @@ spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPor
 
     let mut ips = Vec::new();
     let mut pods = Vec::new();
-    for (name, app) in [("echo", "echo"), ("shell", "shell")] {
-        let pod = node.pod("default", name);
-        let added = node.chain("ADD", &pod, None).await;
-        assert!(added.exit_ok, "{added:?}\n{}", daemon.output());
-        let ip: IpAddr = added.json()["ips"][0]["address"]
-            .as_str()
-            .and_then(|cidr| cidr.split('/').next())
-            .and_then(|ip| ip.parse().ok())
-            .expect("an address");
-        let manifest = format!(
-            "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}
-spec: {{serviceAccountName: {name}, nodeName: node-a, containers: [{{name: c}}]}}
-status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}
-"
-        );
-        control.apply(&manifest);
+    for name in ["echo", "shell"] {
+        let (pod, ip, _) = node.add_pod(&control, "default", name, name).await;
         ips.push(ip);
         pods.push(pod);
     }

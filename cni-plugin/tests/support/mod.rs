@@ -591,3 +591,92 @@ pub fn listener_in(netns: &Netns) -> tokio::net::TcpListener {
     listener.set_nonblocking(true).expect("nonblocking");
     tokio::net::TcpListener::from_std(listener).expect("listener")
 }
+
+/// How long a connection from a pod may take to connect or to be echoed.
+pub const ROUND_TRIP_WAIT: Duration = Duration::from_secs(20);
+
+impl Node {
+    /// A pod of this node (`node-a` for subnet 0, `node-b` for 1, ...) as a
+    /// kubelet brings one up: scheduled (the control plane knows it, with no
+    /// IP), its sandbox through the CNI chain, then its IP reported. The
+    /// pod, its IP and the chain's result.
+    pub async fn add_pod(
+        &self,
+        control: &ControlPlaneParts,
+        namespace: &str,
+        name: &str,
+        app: &str,
+    ) -> (Pod, std::net::IpAddr, Value) {
+        let node_name = format!("node-{}", char::from(b'a' + self.subnet));
+        let pod = self.pod(namespace, name);
+        let object = format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}
+spec: {{serviceAccountName: {name}, nodeName: {node_name}, containers: [{{name: c}}]}}
+"
+        );
+        control.apply(&object);
+        let added = self.chain("ADD", &pod, None).await;
+        assert!(added.exit_ok, "{added:?}");
+        let result = added.json();
+        let ip: std::net::IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|cidr| cidr.split('/').next())
+            .and_then(|ip| ip.parse().ok())
+            .expect("an address");
+        control.apply(&format!(
+            "{object}status: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}\n"
+        ));
+        (pod, ip, result)
+    }
+}
+
+/// An echo server on 0.0.0.0:8080 inside `netns`.
+pub fn echo_app(netns: &Netns) {
+    use tokio::io::AsyncWriteExt;
+    let listener = netns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:8080"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Connects from inside `netns` to `target`.
+pub async fn connect_from(
+    netns: &Netns,
+    target: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = netns.enter(tokio::net::TcpSocket::new_v4).expect("enter")?;
+    tokio::time::timeout(ROUND_TRIP_WAIT, socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))?
+}
+
+/// Sends `message` from `netns` to `target` and reads back the echo; the
+/// error if the connection failed.
+pub async fn round_trip(
+    netns: &Netns,
+    target: std::net::SocketAddr,
+    message: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = connect_from(netns, target).await?;
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut echoed = Vec::new();
+    tokio::time::timeout(ROUND_TRIP_WAIT, stream.read_to_end(&mut echoed))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    Ok(echoed)
+}
