@@ -35,7 +35,9 @@ use mesh_benches::load::{
 use mesh_benches::process::resident_bytes;
 use mesh_benches::stats::{median, percentile};
 use mesh_net::netns::Netns;
-use support::{Backend, ControlPlaneParts, Daemon, Node, Pod, control_plane, listener_in};
+use support::{
+    Backend, ControlPlaneParts, Daemon, Node, Pod, control_plane, listener_in, real_ztunnel_env,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -197,23 +199,11 @@ metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
                 )
             }
             Carrier::Ztunnel => {
-                let url = format!("https://{}", self.control.address);
+                let env = real_ztunnel_env(self.control.address, &root, &zds, "warn");
                 Daemon::start(
                     &self.node.netns.name,
                     &self.dir,
-                    &[
-                        ("XDS_ADDRESS", url.clone()),
-                        ("CA_ADDRESS", url),
-                        ("XDS_ROOT_CA", root.clone()),
-                        ("CA_ROOT_CA", root),
-                        ("NODE_NAME", "node-a".into()),
-                        ("POD_NAME", "ztunnel-node-a".into()),
-                        ("POD_NAMESPACE", "istio-system".into()),
-                        ("CLUSTER_ID", "Kubernetes".into()),
-                        ("PROXY_MODE", "shared".into()),
-                        ("INPOD_UDS", zds),
-                        ("RUST_LOG", "warn".into()),
-                    ],
+                    &env,
                     ztunnel.expect("--ztunnel"),
                     &[],
                 )

@@ -80,7 +80,6 @@ spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPor
     std::fs::write(tokens_dir.join("istio-token"), TOKEN).expect("token");
     let root = dir.join("root.pem");
     control.write_root(&root);
-    let url = format!("https://{address}");
     let root = root.display().to_string();
     let token = tokens_dir.join("istio-token").display().to_string();
     let daemon = match data_plane {
@@ -104,19 +103,12 @@ spec: {{clusterIP: {VIP}, selector: {{app: echo}}, ports: [{{port: 80, targetPor
         DataPlane::RealZtunnel(program) => Daemon::start(
             &node.netns.name,
             &dir,
-            &[
-                ("XDS_ADDRESS", url.clone()),
-                ("CA_ADDRESS", url),
-                ("XDS_ROOT_CA", root.clone()),
-                ("CA_ROOT_CA", root),
-                ("NODE_NAME", "node-a".into()),
-                ("POD_NAME", "ztunnel-node-a".into()),
-                ("POD_NAMESPACE", "istio-system".into()),
-                ("CLUSTER_ID", "Kubernetes".into()),
-                ("PROXY_MODE", "shared".into()),
-                ("INPOD_UDS", node.zds_socket().display().to_string()),
-                ("RUST_LOG", "info".into()),
-            ],
+            &real_ztunnel_env(
+                address,
+                &root,
+                &node.zds_socket().display().to_string(),
+                "info",
+            ),
             &program,
             &[],
         ),

@@ -680,3 +680,28 @@ pub async fn round_trip(
         .map_err(|_| std::io::Error::other("read timed out"))??;
     Ok(echoed)
 }
+
+/// The environment of a real ztunnel in shared mode serving `node-a`: its
+/// control plane and CA at `address` (root certificates in `root`), its
+/// agent's ZDS socket at `zds`, logging at `log`.
+pub fn real_ztunnel_env(
+    address: std::net::SocketAddr,
+    root: &str,
+    zds: &str,
+    log: &str,
+) -> Vec<(&'static str, String)> {
+    let url = format!("https://{address}");
+    vec![
+        ("XDS_ADDRESS", url.clone()),
+        ("CA_ADDRESS", url),
+        ("XDS_ROOT_CA", root.to_owned()),
+        ("CA_ROOT_CA", root.to_owned()),
+        ("NODE_NAME", "node-a".into()),
+        ("POD_NAME", "ztunnel-node-a".into()),
+        ("POD_NAMESPACE", "istio-system".into()),
+        ("CLUSTER_ID", "Kubernetes".into()),
+        ("PROXY_MODE", "shared".into()),
+        ("INPOD_UDS", zds.to_owned()),
+        ("RUST_LOG", log.to_owned()),
+    ]
+}
